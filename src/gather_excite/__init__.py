@@ -1,0 +1,7 @@
+"""Gather-Excite (Hu, Shen, Albanie, Sun, Vedaldi, NeurIPS 2018) in PyTorch."""
+
+from .layers import GatherExcite, SqueezeExcite, create_context, list_context_specs
+
+__version__ = "0.1.0"
+
+__all__ = ["GatherExcite", "SqueezeExcite", "__version__", "create_context", "list_context_specs"]

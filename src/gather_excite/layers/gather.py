@@ -1,0 +1,129 @@
+"""Gather operators: aggregate each channel over the paper's selection window.
+
+The selection operator of Section 2, iota(u, e), is a (2e-1) x (2e-1) window centred
+on e*u. Every gather here maps an H x W map to ceil(H/e) x ceil(W/e) (or 1 x 1 for
+global extent) and never mixes channels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._validate import check_extent, pair
+
+__all__ = ["PoolGather", "ConvGather", "GlobalConvGather", "resample_kernel", "BN_MOMENTUM"]
+
+# The authors' Caffe BN uses a running-average decay of 0.95, i.e. PyTorch momentum 0.05.
+BN_MOMENTUM = 0.05
+
+
+class PoolGather(nn.Module):
+    """Average or max pooling over the selection window (GE-θ− gather).
+
+    For extent e this is ``kernel=2e-1, stride=e, padding=e-1`` with the padding
+    excluded from the mean; for global extent (``extent=None``) the spatial mean/max.
+    """
+
+    def __init__(self, extent: int | None = None, *, mode: str = "avg") -> None:
+        super().__init__()
+        if mode not in ("avg", "max"):
+            raise ValueError(f"mode must be 'avg' or 'max', got {mode!r}")
+        self.extent = check_extent(extent)
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.extent is None:
+            if self.mode == "avg":
+                # Accumulate in float32 so a low-precision input cannot overflow the sum.
+                return x.mean((2, 3), keepdim=True, dtype=torch.float32).to(x.dtype)
+            return x.amax((2, 3), keepdim=True)
+        e = self.extent
+        if self.mode == "avg":
+            return F.avg_pool2d(x, 2 * e - 1, stride=e, padding=e - 1, ceil_mode=False,
+                                count_include_pad=False)
+        return F.max_pool2d(x, 2 * e - 1, stride=e, padding=e - 1)
+
+    def extra_repr(self) -> str:
+        return f"extent={self.extent}, mode={self.mode!r}"
+
+
+class ConvGather(nn.Module):
+    """GE-θ gather with extent e: log2(e) chained 3x3 stride-2 depthwise convs.
+
+    Each conv has no bias and is followed by BatchNorm; a ReLU sits between
+    consecutive (conv, BN) pairs but not after the last one.
+    """
+
+    def __init__(self, channels: int, extent: int) -> None:
+        super().__init__()
+        extent = check_extent(extent)
+        if extent is None:
+            raise ValueError("ConvGather needs a finite extent; use GlobalConvGather for global extent")
+        self.extent = extent
+        layers: list[nn.Module] = []
+        for i in range(int(math.log2(extent))):
+            if i > 0:
+                layers.append(nn.ReLU(inplace=True))
+            layers.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels, bias=False))
+            layers.append(nn.BatchNorm2d(channels, momentum=BN_MOMENTUM))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def resample_kernel(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resample a depthwise kernel ``(C, 1, h, w)`` to ``size``, keeping each channel's sum.
+
+    The kernel is resized bilinearly (anti-aliased when shrinking) and scaled by the
+    area ratio ``h*w / (H*W)``, which keeps the sum of a smooth kernel; the small residual
+    is then spread evenly so that every channel's sum equals the learned kernel's exactly.
+    A global kernel then responds to a spatially constant map as it did at its training
+    size, and the gather stays a weighted spatial average at any resolution.
+    """
+    h, w = weight.shape[-2:]
+    if (h, w) == tuple(size):
+        return weight
+    out_h, out_w = size
+    shrink = out_h < h or out_w < w
+    resized = F.interpolate(weight.float(), size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    resized = resized * (h * w / (out_h * out_w))
+    residual = weight.float().sum((2, 3), keepdim=True) - resized.sum((2, 3), keepdim=True)
+    return (resized + residual / (out_h * out_w)).to(weight.dtype)
+
+
+class GlobalConvGather(nn.Module):
+    """GE-θ gather with global extent: one depthwise conv whose kernel covers the map, then BN.
+
+    The kernel is tied to ``feature_size``. At another input size the learned kernel is
+    resampled to that size (see :func:`resample_kernel`) so the gather stays global;
+    ``strict_size=True`` raises a ``ValueError`` naming both sizes instead.
+    """
+
+    def __init__(self, channels: int, feature_size: int | tuple[int, int], *, strict_size: bool = False) -> None:
+        super().__init__()
+        self.feature_size = pair(feature_size, "feature_size")
+        self.strict_size = strict_size
+        self.conv = nn.Conv2d(channels, channels, self.feature_size, groups=channels, bias=False)
+        self.bn = nn.BatchNorm2d(channels, momentum=BN_MOMENTUM)
+
+    def kernel_for(self, size: tuple[int, int]) -> torch.Tensor:
+        """The depthwise kernel to apply to an input of spatial ``size``."""
+        if size != self.feature_size and self.strict_size:
+            raise ValueError(
+                f"input feature size {size[0]}x{size[1]} differs from the global gather's "
+                f"feature_size {self.feature_size[0]}x{self.feature_size[1]} and strict_size=True"
+            )
+        return resample_kernel(self.conv.weight, size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = (x.shape[-2], x.shape[-1])
+        return self.bn(F.conv2d(x, self.kernel_for(size), groups=x.shape[1]))
+
+    def extra_repr(self) -> str:
+        return f"feature_size={self.feature_size}, strict_size={self.strict_size}"
+

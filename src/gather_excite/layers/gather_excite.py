@@ -1,0 +1,156 @@
+"""The Gather-Excite operator pair (Section 3) and the Squeeze-and-Excitation block."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._validate import check_extent, check_input, check_positive_int
+from .gather import ConvGather, GlobalConvGather, PoolGather
+
+__all__ = ["GatherExcite", "SqueezeExcite", "GateProbe", "ExciteMLP"]
+
+GATHERS = ("avg", "max", "conv")
+EXCITES = ("plain", "mlp")
+
+
+class GateProbe(nn.Identity):
+    """Hook point that every excite gate passes through, shape ``(N, C, H', W')`` in [0, 1].
+
+    A forward hook on it reads the gate; a hook that returns a tensor replaces the gate,
+    which steers the module (e.g. a gate channel set to 0 zeroes that channel of the gated
+    output). With no hooks the module's output is unchanged.
+    """
+
+
+class ExciteMLP(nn.Module):
+    """SE excite subnetwork: 1x1 conv C -> C/r (bias), ReLU, 1x1 conv C/r -> C (bias)."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        check_positive_int(reduction, "reduction")
+        hidden = max(1, channels // reduction)
+        self.fc1 = nn.Conv2d(channels, hidden, 1, bias=True)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _excite(x: torch.Tensor, logits: torch.Tensor, probe: GateProbe) -> torch.Tensor:
+    """``x * sigmoid(nearest_resize(logits))`` with the gate passed through ``probe``.
+
+    The sigmoid is taken in float32: the gate lies in [0, 1] whatever the input's dtype, so
+    the product cannot overflow under low-precision autocast.
+    """
+    gate = probe(torch.sigmoid(logits.float()))
+    if gate.shape[-2:] != x.shape[-2:] and gate.shape[-2:] != (1, 1):
+        gate = F.interpolate(gate, size=x.shape[-2:], mode="nearest")
+    return x * gate.to(x.dtype)
+
+
+class GatherExcite(nn.Module):
+    """Gather-Excite operator: ``y = x * sigmoid(interp(excite(gather(x))))``.
+
+    The paper's variants (Section 3):
+
+    * GE-θ−: ``gather="avg", excite="plain"`` (no parameters),
+    * GE-θ: ``gather="conv", excite="plain"``,
+    * GE-θ+: ``gather="conv", excite="mlp"``,
+    * SE: ``extent=None, gather="avg", excite="mlp"`` (see also :class:`SqueezeExcite`).
+
+    Args:
+        channels: number of input channels C.
+        extent: extent ratio e, a power of two >= 2, or ``None`` for global extent.
+        gather: ``"avg"`` / ``"max"`` pooling over the (2e-1)x(2e-1) stride-e window with
+            the padding excluded from the mean, or ``"conv"`` for log2(e) chained 3x3
+            stride-2 depthwise convs (+BN), or one global depthwise conv (+BN).
+        excite: ``"plain"`` (nearest resize + sigmoid + multiply) or ``"mlp"`` (the SE
+            subnetwork before the resize; with ``gather="conv"`` a ReLU precedes it).
+        feature_size: the input's spatial size ``int`` or ``(h, w)``; required by the
+            global depthwise conv, whose kernel has this size.
+        reduction: channel reduction of the MLP excite.
+        strict_size: global conv gather only. By default an input of another size than
+            ``feature_size`` is handled by resampling the learned kernel to that size
+            (bilinear, rescaled to keep each channel's sum), so the gather stays global and
+            a spatially constant map gets the same gate. ``True`` raises a ``ValueError``.
+
+    The gate passes through ``self.gate`` (a :class:`GateProbe`) where hooks may read or
+    replace it. Works at any input size: extent e maps H x W to ceil(H/e) x ceil(W/e).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        extent: int | None = None,
+        *,
+        gather: str = "avg",
+        excite: str = "plain",
+        feature_size: int | tuple[int, int] | None = None,
+        reduction: int = 16,
+        strict_size: bool = False,
+    ) -> None:
+        super().__init__()
+        self.channels = check_positive_int(channels, "channels")
+        self.extent = check_extent(extent)
+        if gather not in GATHERS:
+            raise ValueError(f"gather must be one of {GATHERS}, got {gather!r}")
+        if excite not in EXCITES:
+            raise ValueError(f"excite must be one of {EXCITES}, got {excite!r}")
+        self.gather_mode = gather
+        self.excite_mode = excite
+        if gather == "conv":
+            if self.extent is None:
+                if feature_size is None:
+                    raise ValueError(
+                        "gather='conv' with global extent (extent=None) needs feature_size, the "
+                        "input's spatial size (int or (h, w)), to size its depthwise kernel"
+                    )
+                self.gather = GlobalConvGather(channels, feature_size, strict_size=strict_size)
+            else:
+                self.gather = ConvGather(channels, self.extent)
+        else:
+            self.gather = PoolGather(self.extent, mode=gather)
+        if excite == "mlp":
+            # The authors' GE-θ+ has a ReLU between the gather's last BN and the MLP.
+            self.pre_mlp = nn.ReLU() if gather == "conv" else nn.Identity()
+            self.mlp = ExciteMLP(channels, reduction)
+        else:
+            self.pre_mlp = None
+            self.mlp = None
+        self.gate = GateProbe()
+
+    def gate_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The gathered (and, for ``excite="mlp"``, transformed) map before the sigmoid."""
+        logits = self.gather(x)
+        if self.mlp is not None:
+            logits = self.mlp(self.pre_mlp(logits))
+        return logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.channels)
+        return _excite(x, self.gate_logits(x), self.gate)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, extent={self.extent}, gather={self.gather_mode!r}, excite={self.excite_mode!r}"
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-Excitation block: ``x * sigmoid(fc2(relu(fc1(mean_hw(x)))))``.
+
+    The Gather-Excite view: global average gather + MLP excite, i.e.
+    ``GatherExcite(channels, excite="mlp")`` with the same weights.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        self.channels = check_positive_int(channels, "channels")
+        self.mlp = ExciteMLP(channels, reduction)
+        self.gate = GateProbe()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.channels)
+        squeezed = x.mean((2, 3), keepdim=True, dtype=torch.float32).to(x.dtype)
+        return _excite(x, self.mlp(squeezed), self.gate)
