@@ -16,7 +16,7 @@ from torch import nn
 
 from .gather_excite import GatherExcite, SqueezeExcite
 
-__all__ = ["CONTEXT_SPECS", "list_context_specs", "get_context", "create_context", "ContextArg"]
+__all__ = ["CONTEXT_SPECS", "ContextArg", "create_context", "get_context", "list_context_specs"]
 
 ContextArg = str | type[nn.Module] | Callable[..., nn.Module] | None
 

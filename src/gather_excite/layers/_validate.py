@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_extent", "check_input", "pair", "check_positive_int"]
+__all__ = ["accumulate_dtype", "check_extent", "check_input", "check_positive_int", "pair"]
 
 
 def check_positive_int(value: object, name: str) -> int:
@@ -45,3 +45,8 @@ def check_input(x: object, channels: int) -> None:
         raise ValueError(f"input must be a 4D tensor (N, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] != channels:
         raise ValueError(f"input has {x.shape[1]} channels but the module was built with channels={channels}")
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/bfloat16 (so sums and the gate cannot overflow), else ``dtype`` itself."""
+    return torch.promote_types(dtype, torch.float32)

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import check_extent, pair
+from ._validate import accumulate_dtype, check_extent, pair
 
-__all__ = ["PoolGather", "ConvGather", "GlobalConvGather", "resample_kernel", "BN_MOMENTUM"]
+__all__ = ["BN_MOMENTUM", "ConvGather", "GlobalConvGather", "PoolGather", "resample_kernel"]
 
 # The authors' Caffe BN uses a running-average decay of 0.95, i.e. PyTorch momentum 0.05.
 BN_MOMENTUM = 0.05
@@ -38,8 +38,8 @@ class PoolGather(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.extent is None:
             if self.mode == "avg":
-                # Accumulate in float32 so a low-precision input cannot overflow the sum.
-                return x.mean((2, 3), keepdim=True, dtype=torch.float32).to(x.dtype)
+                # Accumulate half/bf16 in float32 so the sum cannot overflow.
+                return x.mean((2, 3), keepdim=True, dtype=accumulate_dtype(x.dtype)).to(x.dtype)
             return x.amax((2, 3), keepdim=True)
         e = self.extent
         if self.mode == "avg":

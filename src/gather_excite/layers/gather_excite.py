@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import check_extent, check_input, check_positive_int
+from ._validate import accumulate_dtype, check_extent, check_input, check_positive_int
 from .gather import ConvGather, GlobalConvGather, PoolGather
 
-__all__ = ["GatherExcite", "SqueezeExcite", "GateProbe", "ExciteMLP"]
+__all__ = ["ExciteMLP", "GateProbe", "GatherExcite", "SqueezeExcite"]
 
 GATHERS = ("avg", "max", "conv")
 EXCITES = ("plain", "mlp")
@@ -42,10 +42,10 @@ class ExciteMLP(nn.Module):
 def _excite(x: torch.Tensor, logits: torch.Tensor, probe: GateProbe) -> torch.Tensor:
     """``x * sigmoid(nearest_resize(logits))`` with the gate passed through ``probe``.
 
-    The sigmoid is taken in float32: the gate lies in [0, 1] whatever the input's dtype, so
+    The sigmoid is taken in at least float32: the gate lies in [0, 1] whatever the input's dtype, so
     the product cannot overflow under low-precision autocast.
     """
-    gate = probe(torch.sigmoid(logits.float()))
+    gate = probe(torch.sigmoid(logits.to(accumulate_dtype(logits.dtype))))
     if gate.shape[-2:] != x.shape[-2:] and gate.shape[-2:] != (1, 1):
         gate = F.interpolate(gate, size=x.shape[-2:], mode="nearest")
     return x * gate.to(x.dtype)
@@ -134,7 +134,10 @@ class GatherExcite(nn.Module):
         return _excite(x, self.gate_logits(x), self.gate)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, extent={self.extent}, gather={self.gather_mode!r}, excite={self.excite_mode!r}"
+        return (
+            f"channels={self.channels}, extent={self.extent}, "
+            f"gather={self.gather_mode!r}, excite={self.excite_mode!r}"
+        )
 
 
 class SqueezeExcite(nn.Module):
@@ -152,5 +155,5 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels)
-        squeezed = x.mean((2, 3), keepdim=True, dtype=torch.float32).to(x.dtype)
+        squeezed = x.mean((2, 3), keepdim=True, dtype=accumulate_dtype(x.dtype)).to(x.dtype)
         return _excite(x, self.mlp(squeezed), self.gate)
