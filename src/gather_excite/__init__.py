@@ -1,7 +1,16 @@
 """Gather-Excite (Hu, Shen, Albanie, Sun, Vedaldi, NeurIPS 2018) in PyTorch."""
 
 from .layers import GatherExcite, SqueezeExcite, create_context, list_context_specs
+from .models import create_model, list_models
 
 __version__ = "0.1.0"
 
-__all__ = ["GatherExcite", "SqueezeExcite", "__version__", "create_context", "list_context_specs"]
+__all__ = [
+    "GatherExcite",
+    "SqueezeExcite",
+    "__version__",
+    "create_context",
+    "create_model",
+    "list_context_specs",
+    "list_models",
+]

@@ -1,0 +1,48 @@
+"""Feature maps that every backbone exposes: ``feature_info`` and its residual units by stage.
+
+Every backbone has ``feature_info``: one dict per exposed feature map, with ``module`` (the
+dotted name of the submodule that outputs it), ``num_chs``, ``reduction`` (its stride w.r.t.
+the input) and ``stage`` (the paper's label, e.g. ``"conv4_x"``), after timm's idea; and
+``stage_names``, the paper's stage labels mapped to the ``nn.Sequential`` whose children are
+that stage's residual units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TypedDict
+
+from torch import nn
+
+__all__ = ["FeatureInfo", "feature", "residual_units"]
+
+
+class FeatureInfo(TypedDict):
+    """One exposed feature map of a backbone."""
+
+    module: str
+    num_chs: int
+    reduction: int
+    stage: str
+
+
+def feature(module: str, *, num_chs: int, reduction: int, stage: str) -> FeatureInfo:
+    """A ``feature_info`` entry."""
+    return FeatureInfo(module=module, num_chs=num_chs, reduction=reduction, stage=stage)
+
+
+def residual_units(model: nn.Module, stage: str | None = None) -> Iterator[tuple[str, nn.Module]]:
+    """``(dotted name, unit)`` of every residual unit, in forward order, optionally of one ``stage``.
+
+    Each unit has a ``context`` attribute (``nn.Identity`` when the model has no context module).
+    """
+    stage_names: dict[str, str] | None = getattr(model, "stage_names", None)
+    if not isinstance(stage_names, dict):
+        raise TypeError(f"model must expose stage_names (a dict), got {type(model).__name__}")
+    if stage is not None and stage not in stage_names:
+        raise ValueError(f"stage must be one of {sorted(stage_names)}, got {stage!r}")
+    for label, path in stage_names.items():
+        if stage is not None and label != stage:
+            continue
+        for child, unit in model.get_submodule(path).named_children():
+            yield f"{path}.{child}", unit

@@ -1,0 +1,87 @@
+"""Model names: ``<context spec>_<backbone>``, e.g. ``ge_theta_e8_resnet50``; a bare backbone is the baseline.
+
+The context specs are those of :mod:`gather_excite.layers` (``se``, ``ge_theta_minus``,
+``ge_theta``, ``ge_theta_plus`` at global extent and with ``_e2``/``_e4``/``_e8``); the backbones
+are the paper's networks plus ResNet-20/56 for quick CIFAR-style runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable
+
+from torch import nn
+
+from .cifar_resnet import cifar_resnet20, cifar_resnet56, cifar_resnet110
+from .preact_resnet import cifar_resnet164
+from .resnet import resnet50, resnet101, resnet152
+from .shufflenet import shufflenet_g3
+from .wide_resnet import wrn16_8
+
+__all__ = ["BACKBONES", "CONTEXT_NAMES", "MODELS", "create_model", "list_models", "split_model_name"]
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "resnet50": resnet50,
+    "resnet101": resnet101,
+    "resnet152": resnet152,
+    "shufflenet_g3": shufflenet_g3,
+    "cifar_resnet20": cifar_resnet20,
+    "cifar_resnet56": cifar_resnet56,
+    "cifar_resnet110": cifar_resnet110,
+    "cifar_resnet164": cifar_resnet164,
+    "wrn16_8": wrn16_8,
+}
+
+CONTEXT_NAMES: tuple[str, ...] = (
+    "se",
+    *(
+        f"{variant}{suffix}"
+        for variant in ("ge_theta_minus", "ge_theta", "ge_theta_plus")
+        for suffix in ("", "_e2", "_e4", "_e8")
+    ),
+)
+
+# model name -> (backbone, context spec or None)
+MODELS: dict[str, tuple[str, str | None]] = {}
+for _backbone in BACKBONES:
+    MODELS[_backbone] = (_backbone, None)
+    for _context in CONTEXT_NAMES:
+        MODELS[f"{_context}_{_backbone}"] = (_backbone, _context)
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered model names, sorted, optionally filtered by an ``fnmatch`` pattern (e.g. ``"*resnet50"``)."""
+    if pattern is not None and not isinstance(pattern, str):
+        raise TypeError(f"pattern must be an fnmatch pattern str or None, got {pattern!r}")
+    names = sorted(MODELS)
+    return names if pattern is None else fnmatch.filter(names, pattern)
+
+
+def split_model_name(name: str) -> tuple[str, str | None]:
+    """``(backbone, context spec or None)`` of a registered model name."""
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str, got {type(name).__name__} ({name!r})")
+    try:
+        return MODELS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, MODELS, n=5, cutoff=0.5)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown model name {name!r}.{hint} See gather_excite.list_models().") from None
+
+
+def create_model(name: str, num_classes: int = 1000, **kwargs: object) -> nn.Module:
+    """Build a registered model; ``kwargs`` go to the backbone (``in_chans``, ``input_size``, ...).
+
+    A baseline name accepts a ``context_layer`` keyword (any spec, class or partial); a name
+    that already names a context module does not.
+    """
+    backbone, context = split_model_name(name)
+    if context is not None:
+        if "context_layer" in kwargs:
+            raise ValueError(
+                f"model name {name!r} already fixes context_layer={context!r}; pass context_layer "
+                f"only with a baseline name such as {backbone!r}"
+            )
+        kwargs["context_layer"] = context
+    return BACKBONES[backbone](num_classes=num_classes, **kwargs)

@@ -1,0 +1,164 @@
+"""CIFAR ResNets of He et al. (2016): basic units, widths 16/32/64, depth 6n+2 (ResNet-20/56/110).
+
+Downsampling units use the original paper's parameter-free shortcut ("option A"): subsample
+with stride 2 and zero-pad the new channels, so every parameter sits on a residual branch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import create_context
+from ..layers._registry import ContextArg
+from ..layers.fused import bn_context
+from ._builder import check_input_size, check_int, conv_out_size, init_backbone
+from ._features import FeatureInfo, feature
+
+__all__ = ["BasicUnit", "CifarResNet", "PadShortcut", "cifar_resnet20", "cifar_resnet56", "cifar_resnet110"]
+
+
+class PadShortcut(nn.Module):
+    """Parameter-free shortcut: take every ``stride``-th pixel, zero-pad the extra channels."""
+
+    def __init__(self, in_chs: int, out_chs: int, *, stride: int) -> None:
+        super().__init__()
+        if out_chs < in_chs:
+            raise ValueError(f"out_chs must be >= in_chs for a zero-padding shortcut, got {in_chs} -> {out_chs}")
+        self.stride = stride
+        self.extra = out_chs - in_chs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra))
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, extra_channels={self.extra}"
+
+
+class BasicUnit(nn.Module):
+    """3x3 -> 3x3 residual unit; ``context`` acts on the branch after ``bn2``, before the sum."""
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        *,
+        stride: int = 1,
+        context_layer: ContextArg = None,
+        feature_size: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_chs)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_chs)
+        self.context = create_context(context_layer, out_chs, feature_size=feature_size)
+        self.shortcut = (
+            PadShortcut(in_chs, out_chs, stride=stride) if stride != 1 or in_chs != out_chs else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = bn_context(self.bn2, self.context, self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32x32 images with basic units and one pluggable context module.
+
+    Args:
+        depth: 6n+2 layers (n units per stage): 20, 56, 110, ...
+        width: channels of the first stage (16 in the paper); the others double it.
+        num_classes, in_chans: classifier outputs and input channels.
+        input_size: the image size (int or ``(h, w)``) the global-extent gathers are sized for.
+        context_layer: the context module of every unit (spec string, class, partial, or None).
+        zero_init_residual: start every branch's last BatchNorm scale at zero.
+    """
+
+    def __init__(
+        self,
+        depth: int = 110,
+        *,
+        width: int = 16,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        input_size: int | tuple[int, int] = 32,
+        context_layer: ContextArg = None,
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        check_int(depth, "depth", minimum=8)
+        if (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}")
+        check_int(width, "width")
+        check_int(num_classes, "num_classes")
+        check_int(in_chans, "in_chans")
+        units_per_stage = (depth - 2) // 6
+        self.num_classes = num_classes
+        self.input_size = check_input_size(input_size)
+
+        self.conv1 = nn.Conv2d(in_chans, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        size = self.input_size
+        self.feature_info: list[FeatureInfo] = [feature("relu", num_chs=width, reduction=1, stage="conv1")]
+
+        in_chs, reduction = width, 1
+        self.stage_names: dict[str, str] = {}
+        for index in range(3):
+            label = f"stage{index + 1}"
+            out_chs = width * 2**index
+            stride = 1 if index == 0 else 2
+            size = conv_out_size(size, kernel=3, stride=stride, padding=1)
+            reduction *= stride
+            units = []
+            for unit_index in range(units_per_stage):
+                units.append(
+                    BasicUnit(
+                        in_chs,
+                        out_chs,
+                        stride=stride if unit_index == 0 else 1,
+                        context_layer=context_layer,
+                        feature_size=size,
+                    )
+                )
+                in_chs = out_chs
+            self.add_module(label, nn.Sequential(*units))
+            self.stage_names[label] = label
+            self.feature_info.append(feature(label, num_chs=out_chs, reduction=reduction, stage=label))
+        self.num_features = in_chs
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_chs, num_classes)
+        zero_init = [u.bn2 for u in self.modules() if isinstance(u, BasicUnit)] if zero_init_residual else ()
+        init_backbone(self, zero_init=zero_init)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage3 feature map."""
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.stage3(self.stage2(self.stage1(x)))
+
+    def forward_head(self, x: torch.Tensor, *, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pooling and the classifier (or the pooled features if ``pre_logits``)."""
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def cifar_resnet20(**kwargs: object) -> CifarResNet:
+    """ResNet-20 (3 basic units a stage)."""
+    return CifarResNet(20, **kwargs)
+
+
+def cifar_resnet56(**kwargs: object) -> CifarResNet:
+    """ResNet-56 (9 basic units a stage)."""
+    return CifarResNet(56, **kwargs)
+
+
+def cifar_resnet110(**kwargs: object) -> CifarResNet:
+    """ResNet-110 (18 basic units a stage), the paper's Table 5 network."""
+    return CifarResNet(110, **kwargs)

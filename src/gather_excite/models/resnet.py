@@ -1,0 +1,173 @@
+"""ImageNet ResNet-50/101/152 (bottleneck units) with a context module in every chosen unit.
+
+The authors' layout is the original ResNet ("v1"): a downsampling unit puts its stride on the
+first 1x1 conv. ``stride_in_1x1=False`` moves it to the 3x3 conv (torchvision's "v1.5"): the
+same parameters and state-dict keys as ``torchvision.models.resnet50()``, about 6% more MACs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..layers import create_context
+from ..layers._registry import ContextArg
+from ..layers.fused import bn_context
+from ._builder import check_input_size, check_int, conv_out_size, init_backbone
+from ._features import FeatureInfo, feature
+
+__all__ = ["STAGE_LABELS", "Bottleneck", "ResNet", "resnet50", "resnet101", "resnet152"]
+
+STAGE_LABELS = ("conv2_x", "conv3_x", "conv4_x", "conv5_x")
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 -> 1x1 residual unit; ``context`` acts on the branch after ``bn3``, before the sum."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_chs: int,
+        planes: int,
+        *,
+        stride: int = 1,
+        stride_in_1x1: bool = True,
+        context_layer: ContextArg = None,
+        feature_size: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        out_chs = planes * self.expansion
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(in_chs, planes, 1, stride=stride_1x1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride_3x3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_chs, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_chs)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_chs != out_chs:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False), nn.BatchNorm2d(out_chs)
+            )
+        self.context = create_context(context_layer, out_chs, feature_size=feature_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = bn_context(self.bn3, self.context, self.conv3(out))
+        return self.relu(out + shortcut)
+
+
+class ResNet(nn.Module):
+    """ResNet with bottleneck units and one pluggable context module (Section 3 of the paper).
+
+    Args:
+        layers: units per stage conv2_x..conv5_x, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
+        num_classes: classifier outputs.
+        in_chans: input image channels.
+        input_size: the image size (int or ``(h, w)``) the global-extent gathers are sized for.
+        context_layer: context module of every unit in ``stages``: a spec string (``"se"``,
+            ``"ge_theta_e8"``, ...), a class, a ``functools.partial``, or ``None``.
+        stages: the stages (``"conv2_x"``..``"conv5_x"``) whose units get the context module
+            (Table 1); ``None`` means all of them.
+        stride_in_1x1: ``True`` the authors' v1 layout, ``False`` torchvision's v1.5.
+        zero_init_residual: start every branch's last BatchNorm scale at zero.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int] = (3, 4, 6, 3),
+        *,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        input_size: int | tuple[int, int] = 224,
+        context_layer: ContextArg = None,
+        stages: Sequence[str] | None = None,
+        stride_in_1x1: bool = True,
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(layers, Sequence) or len(layers) != 4:
+            raise ValueError(f"layers must be 4 unit counts (conv2_x..conv5_x), got {layers!r}")
+        for count in layers:
+            check_int(count, "layers[i]")
+        check_int(num_classes, "num_classes")
+        check_int(in_chans, "in_chans")
+        if stages is None:
+            stages = STAGE_LABELS
+        elif isinstance(stages, str) or not all(s in STAGE_LABELS for s in stages):
+            raise ValueError(f"stages must be a list of labels from {STAGE_LABELS} or None, got {stages!r}")
+        self.num_classes = num_classes
+        self.input_size = check_input_size(input_size)
+
+        self.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        size = conv_out_size(self.input_size, kernel=7, stride=2, padding=3)
+        self.feature_info: list[FeatureInfo] = [feature("relu", num_chs=64, reduction=2, stage="conv1")]
+        size = conv_out_size(size, kernel=3, stride=2, padding=1)
+
+        in_chs, reduction = 64, 4
+        self.stage_names: dict[str, str] = {}
+        for index, (label, count) in enumerate(zip(STAGE_LABELS, layers, strict=True)):
+            planes = 64 * 2**index
+            stride = 1 if index == 0 else 2
+            size = conv_out_size(size, kernel=1, stride=stride)
+            reduction *= stride
+            context = context_layer if label in stages else None
+            units = []
+            for unit_index in range(count):
+                units.append(
+                    Bottleneck(
+                        in_chs,
+                        planes,
+                        stride=stride if unit_index == 0 else 1,
+                        stride_in_1x1=stride_in_1x1,
+                        context_layer=context,
+                        feature_size=size,
+                    )
+                )
+                in_chs = planes * Bottleneck.expansion
+            name = f"layer{index + 1}"  # torchvision's names, so that its state dicts load
+            self.add_module(name, nn.Sequential(*units))
+            self.stage_names[label] = name
+            self.feature_info.append(feature(name, num_chs=in_chs, reduction=reduction, stage=label))
+        self.num_features = in_chs
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_chs, num_classes)
+        zero_init = [unit.bn3 for unit in self.modules() if isinstance(unit, Bottleneck)] if zero_init_residual else ()
+        init_backbone(self, zero_init=zero_init)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv5_x feature map."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_head(self, x: torch.Tensor, *, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pooling and the classifier (or the pooled features if ``pre_logits``)."""
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def resnet50(**kwargs: object) -> ResNet:
+    """ResNet-50: (3, 4, 6, 3) bottleneck units."""
+    return ResNet((3, 4, 6, 3), **kwargs)
+
+
+def resnet101(**kwargs: object) -> ResNet:
+    """ResNet-101: (3, 4, 23, 3) bottleneck units."""
+    return ResNet((3, 4, 23, 3), **kwargs)
+
+
+def resnet152(**kwargs: object) -> ResNet:
+    """ResNet-152: (3, 8, 36, 3) bottleneck units."""
+    return ResNet((3, 8, 36, 3), **kwargs)

@@ -1,0 +1,173 @@
+"""ShuffleNet v1 (Zhang et al. 2018) with a context module in every unit (Table 4 of the paper).
+
+A unit is: grouped 1x1 conv, BN, ReLU, channel shuffle, 3x3 depthwise conv (stride), BN, grouped
+1x1 conv, BN; then the context module, then the sum with the identity or, in a stride-2 unit,
+the concatenation with a 3x3 average-pooled shortcut; then ReLU. The first 1x1 conv of the
+network's first unit is ungrouped (its input has only the stem's 24 channels).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers import create_context
+from ..layers._registry import ContextArg
+from ..layers.fused import bn_context
+from ._builder import check_input_size, check_int, conv_out_size, init_backbone
+from ._features import FeatureInfo, feature
+
+__all__ = ["STAGE_CHANNELS", "ShuffleNet", "ShuffleUnit", "shufflenet_g3"]
+
+# Stage output channels at width 1x, per number of groups (Table 1 of the ShuffleNet paper).
+STAGE_CHANNELS: dict[int, tuple[int, int, int]] = {
+    1: (144, 288, 576),
+    2: (200, 400, 800),
+    3: (240, 480, 960),
+    4: (272, 544, 1088),
+    8: (384, 768, 1536),
+}
+STAGE_REPEATS = (4, 8, 4)
+STEM_CHANNELS = 24
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNet unit; ``context`` acts on the branch after ``bn3``, before the add or concat."""
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        *,
+        stride: int,
+        groups: int,
+        mid_chs: int,
+        group_first_conv: bool = True,
+        context_layer: ContextArg = None,
+        feature_size: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        if stride == 1 and in_chs != out_chs:
+            raise ValueError(f"a stride-1 unit needs in_chs == out_chs, got {in_chs} and {out_chs}")
+        self.stride = stride
+        # A stride-2 unit concatenates its input, so its branch makes only the missing channels.
+        branch_chs = out_chs - in_chs if stride == 2 else out_chs
+        first_groups = groups if group_first_conv else 1
+        for chs, what, divisor in ((in_chs, "in_chs", first_groups), (mid_chs, "mid_chs", groups),
+                                   (branch_chs, "branch channels", groups)):
+            if chs % divisor:
+                raise ValueError(f"{what}={chs} is not divisible by groups={divisor}; choose another width")
+        self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, groups=first_groups, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid_chs)
+        self.relu = nn.ReLU(inplace=True)
+        self.shuffle = nn.ChannelShuffle(groups)
+        self.conv2 = nn.Conv2d(mid_chs, mid_chs, 3, stride=stride, padding=1, groups=mid_chs, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid_chs)
+        self.conv3 = nn.Conv2d(mid_chs, branch_chs, 1, groups=groups, bias=False)
+        self.bn3 = nn.BatchNorm2d(branch_chs)
+        self.context = create_context(context_layer, branch_chs, feature_size=feature_size)
+        self.shortcut = nn.AvgPool2d(3, stride=2, padding=1) if stride == 2 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.shuffle(self.relu(self.bn1(self.conv1(x))))
+        out = self.bn2(self.conv2(out))
+        out = bn_context(self.bn3, self.context, self.conv3(out))
+        shortcut = self.shortcut(x)
+        if self.stride == 2:
+            return self.relu(torch.cat((shortcut, out), dim=1))
+        return self.relu(out + shortcut)
+
+
+class ShuffleNet(nn.Module):
+    """ShuffleNet v1 with one pluggable context module in every unit.
+
+    Args:
+        groups: groups of the pointwise convs (1, 2, 3, 4 or 8).
+        width: channel multiplier ("ShuffleNet s x"); every channel count is scaled by it.
+        num_classes, in_chans: classifier outputs and input channels.
+        input_size: the image size (int or ``(h, w)``) the global-extent gathers are sized for.
+        context_layer: the context module of every unit (spec string, class, partial, or None).
+        zero_init_residual: start every branch's last BatchNorm scale at zero.
+    """
+
+    def __init__(
+        self,
+        *,
+        groups: int = 3,
+        width: float = 1.0,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        input_size: int | tuple[int, int] = 224,
+        context_layer: ContextArg = None,
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        if groups not in STAGE_CHANNELS:
+            raise ValueError(f"groups must be one of {sorted(STAGE_CHANNELS)}, got {groups!r}")
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
+            raise ValueError(f"width must be a positive number (e.g. 0.5, 1.0, 2.0), got {width!r}")
+        check_int(num_classes, "num_classes")
+        check_int(in_chans, "in_chans")
+        self.num_classes = num_classes
+        self.input_size = check_input_size(input_size)
+        stem_chs = int(STEM_CHANNELS * width)
+        stage_chs = [int(chs * width) for chs in STAGE_CHANNELS[groups]]
+
+        self.conv1 = nn.Conv2d(in_chans, stem_chs, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_chs)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        size = conv_out_size(self.input_size, kernel=3, stride=2, padding=1)
+        self.feature_info: list[FeatureInfo] = [feature("relu", num_chs=stem_chs, reduction=2, stage="conv1")]
+        size = conv_out_size(size, kernel=3, stride=2, padding=1)
+
+        in_chs, reduction = stem_chs, 4
+        self.stage_names: dict[str, str] = {}
+        for index, (out_chs, repeats) in enumerate(zip(stage_chs, STAGE_REPEATS, strict=True)):
+            label = f"stage{index + 2}"
+            size = conv_out_size(size, kernel=3, stride=2, padding=1)
+            reduction *= 2
+            units = []
+            for unit_index in range(repeats):
+                units.append(
+                    ShuffleUnit(
+                        in_chs,
+                        out_chs,
+                        stride=2 if unit_index == 0 else 1,
+                        groups=groups,
+                        mid_chs=out_chs // 4,
+                        group_first_conv=not (index == 0 and unit_index == 0),
+                        context_layer=context_layer,
+                        feature_size=size,
+                    )
+                )
+                in_chs = out_chs
+            self.add_module(label, nn.Sequential(*units))
+            self.stage_names[label] = label
+            self.feature_info.append(feature(label, num_chs=out_chs, reduction=reduction, stage=label))
+        self.num_features = in_chs
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_chs, num_classes)
+        zero_init = [u.bn3 for u in self.modules() if isinstance(u, ShuffleUnit)] if zero_init_residual else ()
+        init_backbone(self, zero_init=zero_init)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage4 feature map."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.stage4(self.stage3(self.stage2(x)))
+
+    def forward_head(self, x: torch.Tensor, *, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pooling and the classifier (or the pooled features if ``pre_logits``)."""
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def shufflenet_g3(**kwargs: object) -> ShuffleNet:
+    """ShuffleNet 1x (g = 3), the paper's Table 4 baseline."""
+    kwargs.setdefault("groups", 3)
+    return ShuffleNet(**kwargs)
