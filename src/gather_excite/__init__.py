@@ -1,5 +1,6 @@
 """Gather-Excite (Hu, Shen, Albanie, Sun, Vedaldi, NeurIPS 2018) in PyTorch."""
 
+from .complexity import complexity
 from .layers import GatherExcite, SqueezeExcite, create_context, list_context_specs
 from .models import create_model, list_models
 
@@ -9,6 +10,7 @@ __all__ = [
     "GatherExcite",
     "SqueezeExcite",
     "__version__",
+    "complexity",
     "create_context",
     "create_model",
     "list_context_specs",
