@@ -16,13 +16,13 @@ backward pass ``y`` is recomputed from ``z`` once (one elementwise pass) and sha
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BatchNormGather", "ExciteMultiply", "FirstGather", "RecomputeCache"]
+__all__ = ["BatchNormGather", "ExciteMultiply", "FirstGather", "GateBroadcast", "RecomputeCache"]
 
 
 @dataclass
@@ -54,15 +54,16 @@ class FirstGather:
 
 @dataclass
 class RecomputeCache:
-    """Holds ``y`` recomputed by the excite's backward for the gather's backward (same unit)."""
+    """What the excite's backward hands to the gather's backward of the same unit.
+
+    ``y`` is the recomputed BN output (when the gather's backward needs it too);
+    ``grad_out``/``gate`` let the gather's backward form ``grad_out * gate + grad_from_gather``
+    in one pass instead of the excite returning a full-size ``grad_out * gate`` first.
+    """
 
     y: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
-
-
-def _affine(weight, bias, mean, invstd):  # noqa: ANN001, ANN202
-    scale = weight * invstd
-    return scale, bias - mean * scale
+    grad_out: torch.Tensor | None = None
+    excite: GateBroadcast | None = None
 
 
 def _recompute(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -70,12 +71,102 @@ def _recompute(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype:
     return torch.addcmul(shift.view(view), z, scale.view(view)).to(dtype)
 
 
+def _block(x: torch.Tensor, gate: torch.Tensor) -> tuple[int, int] | None:
+    """Integer repeat factors when nearest-resizing ``gate`` to ``x`` repeats each cell as a block."""
+    (h, w), (big_h, big_w) = gate.shape[-2:], x.shape[-2:]
+    if (h, w) == (1, 1) or big_h % h or big_w % w or not x.is_contiguous():
+        return None
+    kh, kw = big_h // h, big_w // w
+    # Power-of-two factors only: then interpolate's float scale h/H is exact and its
+    # nearest source index floor(i * h / H) is exactly i // kh.
+    if kh & (kh - 1) or kw & (kw - 1):
+        return None
+    return kh, kw
+
+
+def _runs(small: int, big: int) -> torch.Tensor:
+    """How many output rows nearest-resizing ``small`` rows to ``big`` gives each input row."""
+    source = F.interpolate(torch.arange(small, dtype=torch.float32).view(1, 1, small, 1), size=(big, 1))
+    return torch.bincount(source.view(big).long(), minlength=small)
+
+
+def _nearest(gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``F.interpolate(gate, size=x.shape[-2:], mode="nearest")``, faster on CPU.
+
+    CPU's nearest resize is slow for NCHW tensors: a channels-last map uses it in channels-last
+    form, an NCHW map repeats the gate's rows and columns by the runs that it maps them to.
+    """
+    (h, w), (big_h, big_w) = gate.shape[-2:], x.shape[-2:]
+    if x.is_contiguous() and big_h >= h and big_w >= w:
+        rows, cols = _runs(h, big_h).to(gate.device), _runs(w, big_w).to(gate.device)
+        return gate.repeat_interleave(cols, dim=3, output_size=big_w).repeat_interleave(rows, dim=2, output_size=big_h)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        gate = gate.contiguous(memory_format=torch.channels_last)
+    return F.interpolate(gate, size=(big_h, big_w), mode="nearest")
+
+
+class GateBroadcast:
+    """``x * nearest_resize(gate)`` and its gate gradient without a full-size copy of the gate.
+
+    A global gate (1 x 1) broadcasts; when the map is an integer multiple of the gate, each
+    gate cell covers a block and a view broadcasts it; otherwise ``F.interpolate`` does it,
+    as the plain composition does.
+    """
+
+    def __init__(self, gate: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> None:
+        self.gate, self.size = gate, x.shape[-2:]
+        self.block = _block(x, gate)
+        cast = gate.to(dtype)
+        if self.block is not None:
+            # Repeat along W only (1/kh of the map); a view broadcasts over H's block.
+            self.factor = cast.repeat_interleave(self.block[1], dim=-1).unsqueeze(3)
+        elif gate.shape[-2:] != self.size and gate.shape[-2:] != (1, 1):
+            self.factor = _nearest(gate, x).to(dtype)
+        else:
+            self.factor = cast
+
+    def _view(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(2, (self.gate.shape[-2], self.block[0])) if self.block is not None else x
+
+    def multiply(self, x: torch.Tensor) -> torch.Tensor:
+        return (self._view(x) * self.factor).view(x.shape)
+
+    def multiply_add(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``base + x * gate``; a fresh full-size ``base`` is updated in place."""
+        if base.shape == x.shape and base.stride() == x.stride():
+            self._view(base).addcmul_(self._view(x), self.factor)
+            return base
+        if self.block is not None:
+            return base + self.multiply(x)
+        return torch.addcmul(base, x, self.factor)
+
+    def gate_grad(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Gradient of ``sum(grad_out * x * resize(gate))`` with respect to the small gate."""
+        gate = self.gate
+        if gate.shape[-2:] == (1, 1) and self.size != (1, 1):
+            n, c = grad_out.shape[:2]
+            if grad_out.is_contiguous() and x.is_contiguous():
+                # A batched dot product: no full-size temporary for grad_out * x.
+                dot = torch.bmm(grad_out.view(n * c, 1, -1), x.view(n * c, -1, 1))
+                return dot.view(n, c, 1, 1).to(gate.dtype)
+            return (grad_out * x).sum((2, 3), keepdim=True, dtype=gate.dtype)
+        product = grad_out * x
+        if self.block is not None:
+            rows = self._view(product).sum(3, dtype=gate.dtype)
+            return rows.unflatten(3, (gate.shape[-1], self.block[1])).sum(4)
+        if gate.shape[-2:] == self.size:
+            return product.to(gate.dtype)
+        return torch.ops.aten.upsample_nearest2d_backward(
+            product.to(gate.dtype), list(self.size), list(gate.shape), None, None
+        )
+
+
 class BatchNormGather(torch.autograd.Function):
     """``y = batch_norm(z)`` and ``s = first(y)``, keeping only ``z`` and per-channel tensors."""
 
     @staticmethod
-    def forward(  # noqa: PLR0913
-        ctx,  # noqa: ANN001
+    def forward(
+        ctx,
         z: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor,
@@ -92,40 +183,40 @@ class BatchNormGather(torch.autograd.Function):
         if not training:
             mean = running_mean
             invstd = torch.rsqrt(running_var + eps)
-        scale, shift = _affine(weight, bias, mean, invstd)
+        scale = weight * invstd
+        shift = bias - mean * scale
         s = first(y, gather_weight)
         ctx.training, ctx.eps, ctx.first, ctx.cache = training, eps, first, cache
         ctx.y_dtype = y.dtype
         ctx.save_for_backward(z, weight, gather_weight, running_mean if not training else None,
-                              running_var if not training else None, mean, invstd, scale, shift)
+                              running_var if not training else None, mean, invstd, scale, shift)  # fmt: skip
         ctx.mark_non_differentiable(scale, shift)
+        ctx.set_materialize_grads(False)
         return y, s, scale, shift
 
     @staticmethod
-    def backward(ctx, grad_y, grad_s, _gs, _gb):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_y, grad_s, _grad_scale, _grad_shift):
         z, weight, gather_weight, running_mean, running_var, mean, invstd, scale, shift = ctx.saved_tensors
         first: FirstGather = ctx.first
         cache: RecomputeCache = ctx.cache
-        y = cache.y
-        cache.y = None
-        grad_gather_weight = None
+        y, grad_out, excite = cache.y, cache.grad_out, cache.excite
+        cache.y = cache.grad_out = cache.excite = None
+        grad_gather_weight = grad_from_s = None
         if grad_s is not None:
             if first.kind == "mean":
-                hw = z.shape[-2] * z.shape[-1]
-                grad_from_s = (grad_s.to(first.accumulate) / hw).to(ctx.y_dtype).expand_as(z)
+                grad_from_s = (grad_s.to(first.accumulate) / (z.shape[-2] * z.shape[-1])).to(ctx.y_dtype)
             elif first.kind == "avg_pool":
-                grad_from_s = torch.ops.aten.avg_pool2d_backward(
-                    grad_s, z, [first.kernel_size] * 2, [first.stride] * 2, [first.padding] * 2, False, False, None
-                )
+                k, st, p = [first.kernel_size] * 2, [first.stride] * 2, [first.padding] * 2
+                grad_from_s = torch.ops.aten.avg_pool2d_backward(grad_s, z, k, st, p, False, False, None)
             else:
                 if y is None:
                     y = _recompute(z, scale, shift, ctx.y_dtype)
                 if first.kind == "conv":
-                    w = gather_weight.to(grad_s.dtype)
                     grad_from_s, grad_gather_weight, _ = torch.ops.aten.convolution_backward(
-                        grad_s, y.to(grad_s.dtype), w, None, [first.stride] * 2, [first.padding] * 2, [1, 1],
-                        False, [0, 0], first.groups, [True, ctx.needs_input_grad[3], False],
-                    )
+                        grad_s, y.to(grad_s.dtype), gather_weight.to(grad_s.dtype), None, [first.stride] * 2,
+                        [first.padding] * 2, [1, 1], False, [0, 0], first.groups,
+                        [True, ctx.needs_input_grad[3], False],
+                    )  # fmt: skip
                     grad_from_s = grad_from_s.to(ctx.y_dtype)
                     if grad_gather_weight is not None:
                         grad_gather_weight = grad_gather_weight.to(gather_weight.dtype)
@@ -133,12 +224,20 @@ class BatchNormGather(torch.autograd.Function):
                     with torch.enable_grad():
                         y_leaf = y.detach().requires_grad_()
                         (grad_from_s,) = torch.autograd.grad(first(y_leaf, None), y_leaf, grad_s)
-            grad_y = grad_from_s if grad_y is None else grad_y + grad_from_s
+        del y
+        total = grad_from_s
+        if grad_out is not None:
+            # The excite's share grad_out * gate, folded into the same pass.
+            total = excite.multiply(grad_out) if total is None else excite.multiply_add(total, grad_out)
+        if grad_y is not None:
+            total = grad_y if total is None else total + grad_y
+        if total is None:
+            return (None,) * 11
+        total = total.expand_as(z).contiguous(memory_format=_memory_format(z))
         grad_z, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_y.contiguous(memory_format=_memory_format(z)), z, weight, running_mean, running_var,
-            mean if ctx.training else None, invstd if ctx.training else None, ctx.training, ctx.eps,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]],
-        )
+            total, z, weight, running_mean, running_var, mean if ctx.training else None,
+            invstd if ctx.training else None, ctx.training, ctx.eps, list(ctx.needs_input_grad[:3]),
+        )  # fmt: skip
         return grad_z, grad_weight, grad_bias, grad_gather_weight, None, None, None, None, None, None, None
 
 
@@ -148,18 +247,16 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _resize(gate: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    if gate.shape[-2:] != size and gate.shape[-2:] != (1, 1):
-        return F.interpolate(gate, size=size, mode="nearest")
-    return gate
-
-
 class ExciteMultiply(torch.autograd.Function):
-    """``y * nearest_resize(gate)``, keeping the small gate and ``z`` (from which ``y`` is rebuilt)."""
+    """``y * nearest_resize(gate)``, keeping the small gate and ``z`` (from which ``y`` is rebuilt).
+
+    Its backward leaves ``grad_out * gate`` to :class:`BatchNormGather` (through the cache),
+    which adds it to the gather's share in one pass.
+    """
 
     @staticmethod
-    def forward(  # noqa: PLR0913
-        ctx,  # noqa: ANN001
+    def forward(
+        ctx,
         y: torch.Tensor,
         gate: torch.Tensor,
         z: torch.Tensor,
@@ -170,25 +267,20 @@ class ExciteMultiply(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.cache, ctx.share_y, ctx.y_dtype = cache, share_y, y.dtype
         ctx.save_for_backward(gate, z, scale, shift)
-        return y * _resize(gate, y.shape[-2:]).to(y.dtype)
+        return GateBroadcast(gate, y, y.dtype).multiply(y)
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_out):
         gate, z, scale, shift = ctx.saved_tensors
-        size = z.shape[-2:]
-        grad_y = grad_out * _resize(gate, size).to(ctx.y_dtype)
+        excite = GateBroadcast(gate, z, ctx.y_dtype)
         grad_gate = None
         if ctx.needs_input_grad[1]:
             y = _recompute(z, scale, shift, ctx.y_dtype)
-            grad_gate_full = grad_out * y
+            grad_gate = excite.gate_grad(grad_out, y)
             if ctx.share_y:
                 ctx.cache.y = y
-            if gate.shape[-2:] == size:
-                grad_gate = grad_gate_full.to(gate.dtype)
-            elif gate.shape[-2:] == (1, 1):
-                grad_gate = grad_gate_full.sum((2, 3), keepdim=True).to(gate.dtype)
-            else:
-                grad_gate = torch.ops.aten.upsample_nearest2d_backward(
-                    grad_gate_full.to(gate.dtype), list(size), list(gate.shape), None, None
-                )
-        return grad_y, grad_gate, None, None, None, None, None
+            del y
+        if not ctx.needs_input_grad[0]:
+            return None, grad_gate, None, None, None, None, None
+        ctx.cache.grad_out, ctx.cache.excite = grad_out, excite
+        return None, grad_gate, None, None, None, None, None

@@ -87,29 +87,26 @@ def _bn_arguments(bn: nn.BatchNorm2d) -> tuple[torch.Tensor | None, torch.Tensor
     return running_mean, running_var, use_batch_stats, factor
 
 
-def _first_gather(context: nn.Module, size: tuple[int, int], dtype: torch.dtype):  # noqa: ANN202
+def _first_gather(context: nn.Module, size: tuple[int, int], dtype: torch.dtype):
     """The full-size first op, its weight, and the rest of the gate's path as a callable."""
     if type(context) is SqueezeExcite:
         return FirstGather("mean", accumulate=accumulate_dtype(dtype)), None, context.mlp
     gather = context.gather
-    if type(gather) is PoolGather:
-        if gather.mode == "avg" and gather.extent is None:
-            first = FirstGather("mean", accumulate=accumulate_dtype(dtype))
-        elif gather.mode == "avg":
-            e = gather.extent
-            first = FirstGather("avg_pool", kernel_size=2 * e - 1, stride=e, padding=e - 1)
-        else:
-            first = FirstGather("module", module=gather)
-        rest = None
-    elif type(gather) is ConvGather:
+    if type(gather) is ConvGather:
         conv = gather.layers[0]
         first = FirstGather("conv", stride=conv.stride[0], padding=conv.padding[0], groups=conv.groups)
         return first, conv.weight, _Chain(list(gather.layers)[1:], context)
-    elif type(gather) is GlobalConvGather:
-        first = FirstGather("conv", groups=gather.conv.groups)
-        return first, gather.kernel_for(size), _Chain([gather.bn], context)
-    else:
+    if type(gather) is GlobalConvGather:
+        return FirstGather("conv", groups=gather.conv.groups), gather.kernel_for(size), _Chain([gather.bn], context)
+    if type(gather) is not PoolGather:
         return None
+    if gather.mode == "avg" and gather.extent is None:
+        first = FirstGather("mean", accumulate=accumulate_dtype(dtype))
+    elif gather.mode == "avg":
+        e = gather.extent
+        first = FirstGather("avg_pool", kernel_size=2 * e - 1, stride=e, padding=e - 1)
+    else:
+        first = FirstGather("module", module=gather)
     return first, None, _Chain([], context)
 
 

@@ -1,0 +1,325 @@
+"""`gex bench op|net`: time and saved-activation memory of the operators and networks.
+
+Every figure is a ratio against a baseline measured in the same run: runs of the compared
+variants are interleaved (the order rotates every repeat) and the median is reported, so a
+machine shared with other jobs slows all variants alike. Saved bytes are what autograd keeps
+for the backward pass, counted once per storage through
+``torch.autograd.graph.saved_tensors_hooks``, parameters excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import create_context
+from ..layers.fused import bn_context, fused_enabled, set_fused
+
+__all__ = ["bench_net", "bench_op", "environment", "main", "saved_bytes", "time_interleaved"]
+
+# ResNet-50's residual-branch outputs (channels, size) at 224 px: conv2_x .. conv5_x.
+STAGES = ((256, 56), (512, 28), (1024, 14), (2048, 7))
+OP_VARIANTS = (
+    *(f"{base}{sfx}" for base in ("ge_theta_minus", "ge_theta", "ge_theta_plus") for sfx in ("_e2", "_e4", "_e8", "")),
+    "se",
+)
+NET_MODELS = ("resnet50", "ge_theta_minus_resnet50", "ge_theta_resnet50", "ge_theta_plus_resnet50", "se_resnet50")
+
+
+def environment() -> dict[str, object]:
+    """The machine and library versions the figures were measured with."""
+    info: dict[str, object] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+    try:
+        import timm
+
+        info["timm"] = timm.__version__
+    except ImportError:
+        info["timm"] = None
+    return info
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+@contextlib.contextmanager
+def fused(enabled: bool) -> Iterator[None]:
+    """Run with :func:`bn_context`'s memory-lean path on or off, restoring the previous setting."""
+    previous = fused_enabled()
+    set_fused(enabled)
+    try:
+        yield
+    finally:
+        set_fused(previous)
+
+
+def saved_bytes(step: Callable[[], None], *, exclude: tuple[nn.Module, ...] = ()) -> int:
+    """Bytes that autograd saves for backward during ``step()``, each storage once, parameters excluded."""
+    skip = {p.untyped_storage().data_ptr() for m in exclude for p in m.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(storages.values())
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], *, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each step, the steps' runs interleaved in rotating order."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _timm_context(spec: str, channels: int, size: int) -> tuple[nn.Module | None, str | None]:
+    """timm's ``GatherExcite`` for the same variant, or ``(None, why)`` where timm cannot build it."""
+    try:
+        from timm.layers import GatherExcite as TimmGatherExcite
+    except ImportError as err:
+        return None, f"timm not installed ({err})"
+    base, _, suffix = spec.rpartition("_e")
+    extent = int(suffix) if suffix.isdigit() else 0
+    base = base if suffix.isdigit() else spec
+    kwargs = {
+        "ge_theta_minus": {"extra_params": False, "use_mlp": False},
+        "ge_theta": {"extra_params": True, "use_mlp": False},
+        "ge_theta_plus": {"extra_params": True, "use_mlp": True},
+        "se": {"extra_params": False, "use_mlp": True},
+    }[base]
+    try:
+        return TimmGatherExcite(channels, feat_size=(size, size), extent=extent, **kwargs), None
+    except Exception as err:  # report whatever timm raises; the benchmark does not work around it
+        return None, f"{type(err).__name__}: {err}"
+
+
+def _op_step(
+    bn: nn.Module, context: nn.Module, z: torch.Tensor, grad: torch.Tensor, *, lean: bool
+) -> Callable[[], None]:
+    modules = (bn, context)
+
+    def step() -> None:
+        for m in modules:
+            m.zero_grad(set_to_none=True)
+        z.grad = None
+        with fused(lean):
+            out = bn_context(bn, context, z)
+        out.backward(grad)
+
+    return step
+
+
+def bench_op(
+    *,
+    variants: tuple[str, ...] = OP_VARIANTS,
+    stages: tuple[tuple[int, int], ...] = STAGES,
+    batch: int = 8,
+    repeats: int = 7,
+    channels_last: bool = False,
+    progress: Callable[[dict], None] | None = None,
+) -> list[dict[str, object]]:
+    """Forward+backward of BN + each context module: ours vs the plain composition vs timm's."""
+    rows = []
+    for spec in variants:
+        for channels, size in stages:
+            torch.manual_seed(0)
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            z = torch.randn(batch, channels, size, size).contiguous(memory_format=fmt).requires_grad_()
+            grad = torch.randn_like(z)
+            bn = nn.BatchNorm2d(channels)
+            context = create_context(spec, channels, feature_size=size)
+            timm_context, timm_error = _timm_context(spec, channels, size)
+            steps = {
+                "bn_only": _op_step(bn, nn.Identity(), z, grad, lean=False),
+                "plain": _op_step(bn, context, z, grad, lean=False),
+                "ours": _op_step(bn, context, z, grad, lean=True),
+            }
+            if timm_context is not None:
+                steps["timm"] = _op_step(bn, timm_context, z, grad, lean=False)
+            seconds = time_interleaved(steps, repeats=repeats)
+            memory = {name: saved_bytes(step, exclude=(bn, context)) for name, step in steps.items()}
+            row: dict[str, object] = {
+                "variant": spec, "channels": channels, "size": size, "batch": batch,
+                "seconds": seconds, "saved_bytes": memory, "timm_error": timm_error,
+                "time_vs_plain": seconds["ours"] / seconds["plain"],
+                "bytes_vs_plain": memory["ours"] / memory["plain"],
+                "time_vs_timm": seconds["ours"] / seconds["timm"] if "timm" in seconds else None,
+                "bytes_vs_timm": memory["ours"] / memory["timm"] if "timm" in memory else None,
+            }  # fmt: skip
+            rows.append(row)
+            if progress:
+                progress(row)
+    return rows
+
+
+def _net_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, lean: bool) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with fused(lean):
+            loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_net(
+    *,
+    models: tuple[str, ...] = NET_MODELS,
+    batch: int = 16,
+    image_size: int = 224,
+    repeats: int = 3,
+    channels_last: bool = False,
+    compile: bool = False,
+    progress: Callable[[dict], None] | None = None,
+) -> list[dict[str, object]]:
+    """Training step (forward, loss, backward, SGD) of each model, plain vs ours, vs ``models[0]``."""
+    from ..models import create_model
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, image_size, image_size).contiguous(memory_format=fmt)
+    target = torch.randint(0, 1000, (batch,))
+    steps: dict[str, Callable[[], None]] = {}
+    built: dict[str, nn.Module] = {}
+    for name in models:
+        torch.manual_seed(0)
+        model = create_model(name).train().to(memory_format=fmt)
+        built[name] = model
+        runner = torch.compile(model) if compile else model
+        paths = ("plain",) if name == models[0] or compile else ("plain", "ours")
+        for path in paths:
+            steps[f"{name}/{path}"] = _net_step(runner, x, target, lean=path == "ours")
+    seconds = time_interleaved(steps, repeats=repeats)
+    memory = {key: saved_bytes(step, exclude=(built[key.split("/")[0]],)) for key, step in steps.items()}
+    base = f"{models[0]}/plain"
+    rows = []
+    for key in steps:
+        name, path = key.split("/")
+        row = {
+            "model": name, "path": path, "batch": batch, "image_size": image_size,
+            "channels_last": channels_last, "compile": compile,
+            "seconds": seconds[key], "saved_bytes": memory[key],
+            "time_vs_baseline": seconds[key] / seconds[base], "bytes_vs_baseline": memory[key] / memory[base],
+        }  # fmt: skip
+        rows.append(row)
+        if progress:
+            progress(row)
+    return rows
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def _print_op(row: dict) -> None:
+    s, m = row["seconds"], row["saved_bytes"]
+    timm_t = f"{s['timm'] * 1e3:8.1f}" if "timm" in s else "       -"
+    timm_m = f"{_mb(m['timm']):>8}" if "timm" in m else "       -"
+    vs_timm = f"{row['time_vs_timm']:.2f}x" if row["time_vs_timm"] is not None else "  -  "
+    print(
+        f"{row['variant']:<18} {row['channels']:>4}x{row['size']:<3} | ms  bn {s['bn_only'] * 1e3:7.1f} "
+        f"plain {s['plain'] * 1e3:7.1f} ours {s['ours'] * 1e3:7.1f} timm {timm_t} | MiB bn {_mb(m['bn_only']):>7} "
+        f"plain {_mb(m['plain']):>7} ours {_mb(m['ours']):>7} timm {timm_m} | ours/plain "
+        f"{row['time_vs_plain']:.2f}x {row['bytes_vs_plain']:.2f}x  ours/timm time {vs_timm}",
+        flush=True,
+    )
+
+
+def _print_net(row: dict) -> None:
+    print(
+        f"{row['model']:<26} {row['path']:<5} cl={int(row['channels_last'])} compile={int(row['compile'])} | "
+        f"step {row['seconds']:7.3f} s ({row['time_vs_baseline']:.3f}x) | saved {_mb(row['saved_bytes']):>9} MiB "
+        f"({row['bytes_vs_baseline']:.3f}x)",
+        flush=True,
+    )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `gex bench` argument parser (also used by the scripts in ``benchmarks/``)."""
+    parser = argparse.ArgumentParser(prog="gex bench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    op = sub.add_parser("op", help="operators at ResNet-50's four stage shapes: ours vs plain vs timm")
+    op.add_argument("--variants", nargs="+", default=list(OP_VARIANTS), help="context spec strings")
+    op.add_argument("--batch", type=_positive, default=8)
+    op.add_argument("--repeats", type=_positive, default=7)
+    op.add_argument("--stages", type=_positive, nargs="+", default=None,
+                    help="stage indices 1..4 (conv2_x..conv5_x) to run; default all")  # fmt: skip
+    op.add_argument("--channels-last", action="store_true")
+    net = sub.add_parser("net", help="ResNet-50 training step: baseline vs GE/SE variants, plain vs ours")
+    net.add_argument("--models", nargs="+", default=list(NET_MODELS), help="model names; the first is the baseline")
+    net.add_argument("--batch", type=_positive, default=16)
+    net.add_argument("--image-size", type=_positive, default=224)
+    net.add_argument("--repeats", type=_positive, default=3)
+    net.add_argument("--channels-last", action="store_true")
+    net.add_argument("--compile", action="store_true", help="torch.compile each model (plain path only)")
+    for p in (op, net):
+        p.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
+        p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = environment()
+    progress = None
+    if not args.json:
+        print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    if args.what == "op":
+        if args.stages and any(i > len(STAGES) for i in args.stages):
+            raise SystemExit(f"gex bench op: --stages must be in 1..{len(STAGES)}, got {args.stages}")
+        stages = tuple(STAGES[i - 1] for i in args.stages) if args.stages else STAGES
+        progress = None if args.json else _print_op
+        rows = bench_op(variants=tuple(args.variants), stages=stages, batch=args.batch, repeats=args.repeats,
+                        channels_last=args.channels_last, progress=progress)  # fmt: skip
+    else:
+        progress = None if args.json else _print_net
+        rows = bench_net(models=tuple(args.models), batch=args.batch, image_size=args.image_size,
+                         repeats=args.repeats, channels_last=args.channels_last, compile=args.compile,
+                         progress=progress)  # fmt: skip
+    if args.json:
+        print(json.dumps({"environment": env, "command": ["gex", "bench", *argv], "rows": rows}, indent=1))
+    return 0

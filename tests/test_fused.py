@@ -1,0 +1,253 @@
+"""The memory-lean ``bn_context`` equals the plain ``context(bn(x))`` and keeps less for backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gather_excite.layers import create_context, list_context_specs
+from gather_excite.layers._fused_autograd import GateBroadcast, _nearest
+from gather_excite.layers.fused import bn_context, fused_enabled, set_fused
+
+
+@pytest.fixture(autouse=True)
+def _restore_fused():
+    previous = fused_enabled()
+    yield
+    set_fused(previous)
+
+
+def _unit(spec: str, channels: int, size: int, *, dtype=torch.float64, seed: int = 0, **bn_kwargs):
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm2d(channels, **bn_kwargs).to(dtype)
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    if bn.running_mean is not None:
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    context = create_context(spec, channels, feature_size=size).to(dtype)
+    for p in context.parameters():  # nonzero everywhere, so every gradient path carries signal
+        nn.init.normal_(p, std=0.3)
+    return bn, context
+
+
+def _run(bn, context, z, *, lean: bool, grad_seed: int = 1):
+    set_fused(lean)
+    z = z.detach().clone().requires_grad_()
+    out = bn_context(bn, context, z)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
+    out.backward(grad.to(memory_format=torch.channels_last) if z.is_contiguous(memory_format=torch.channels_last)
+                 and not z.is_contiguous() else grad)  # fmt: skip
+    params = {n: p.grad for n, p in [*bn.named_parameters(), *context.named_parameters()]}
+    buffers = {n: b.clone() for n, b in [*bn.named_buffers(), *context.named_buffers()]}
+    return out, z.grad, params, buffers
+
+
+def _compare(spec, *, size, training, dtype=torch.float64, atol=1e-10, rtol=1e-10, channels_last=False,
+             steps=1, **bn_kwargs):  # fmt: skip
+    """Run the plain and the fused unit side by side for ``steps`` steps; every tensor must agree."""
+    bn, context = _unit(spec, 8, size, dtype=dtype, **bn_kwargs)
+    bn.train(training)
+    context.train(training)
+    bn2, context2 = copy.deepcopy(bn), copy.deepcopy(context)
+    for step in range(steps):
+        z = torch.randn(3, 8, size, size, dtype=dtype, generator=torch.Generator().manual_seed(step)) * 2 + 0.5
+        if channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        plain = _run(bn, context, z, lean=False, grad_seed=step)
+        lean = _run(bn2, context2, z, lean=True, grad_seed=step)
+        assert lean[0].grad_fn is not None and "ExciteMultiply" in type(lean[0].grad_fn).__name__
+        torch.testing.assert_close(lean[0], plain[0], atol=atol, rtol=rtol)
+        torch.testing.assert_close(lean[1], plain[1], atol=atol, rtol=rtol)
+        for group in (2, 3):
+            assert lean[group].keys() == plain[group].keys()
+            for name in plain[group]:
+                torch.testing.assert_close(lean[group][name], plain[group][name], atol=atol, rtol=rtol, msg=name)
+    return plain, lean
+
+
+# 12 px: extents 2 and 4 repeat each gate cell as a 2x2 / 4x4 block (the broadcast path), extent 8
+# gives a 2x2 gate that covers 6x6 blocks (not a power of two: the run-length path); 7 px: no
+# extent divides the map.
+@pytest.mark.parametrize("spec", list_context_specs())
+@pytest.mark.parametrize("size", [12, 7])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_equals_plain_float64(spec, size, training):
+    """Output, input/parameter gradients and every buffer equal the plain composition's (float64)."""
+    _compare(spec, size=size, training=training)
+
+
+@pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_plus_e2", "se"])
+def test_running_stats_cumulative_average_and_batch_count(spec):
+    """momentum=None (cumulative average) over 3 steps: running stats and num_batches_tracked match."""
+    _plain, lean = _compare(spec, size=8, training=True, steps=3, momentum=None)
+    assert lean[3]["num_batches_tracked"].item() == 3  # one per step, as nn.BatchNorm2d counts
+
+
+def test_no_running_stats():
+    """track_running_stats=False: batch statistics in train and eval mode, as nn.BatchNorm2d does."""
+    _compare("ge_theta_e2", size=8, training=True, track_running_stats=False)
+    _compare("ge_theta_e2", size=8, training=False, track_running_stats=False)
+
+
+@pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e2", "ge_theta_e4", "ge_theta_plus", "se"])
+@pytest.mark.parametrize("size", [8, 7])
+def test_channels_last_equals_plain(spec, size):
+    """channels_last input: same values as the plain composition (float64)."""
+    _compare(spec, size=size, training=True, channels_last=True)
+
+
+@pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e4", "ge_theta_plus_e2", "ge_theta", "se"])
+def test_bf16_autocast_close_to_plain(spec):
+    """Under bf16 autocast the output dtype matches and values agree to bf16 precision."""
+    bn, context = _unit(spec, 16, 8, dtype=torch.float32)
+    bn2, context2 = copy.deepcopy(bn), copy.deepcopy(context)
+    z = torch.randn(4, 16, 8, 8)
+    results = []
+    for lean, (b, c) in ((False, (bn, context)), (True, (bn2, context2))):
+        set_fused(lean)
+        x = z.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = bn_context(b, c, x.to(torch.bfloat16))
+        out.float().sum().backward()
+        results.append((out, x.grad, b.weight.grad, [p.grad for p in c.parameters()]))
+    (out_p, gx_p, gw_p, gc_p), (out_l, gx_l, gw_l, gc_l) = results
+    assert out_l.dtype == out_p.dtype == torch.bfloat16
+    torch.testing.assert_close(out_l.float(), out_p.float(), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(gx_l, gx_p, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(gw_l, gw_p, atol=2e-1, rtol=5e-2)
+    for a, b in zip(gc_l, gc_p, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-1, rtol=5e-2)
+
+
+@pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e2", "ge_theta_minus_max_e2", "ge_theta_e2",
+                                  "ge_theta_plus", "se"])  # fmt: skip
+def test_gradcheck(spec):
+    """Finite differences agree with the fused backward (float64, train-mode BN)."""
+    set_fused(True)
+    bn, context = _unit(spec, 3, 4)
+    params = [bn.weight, bn.bias, *context.parameters()]
+    z = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *_):
+        return bn_context(bn, context, x)
+
+    assert torch.autograd.gradcheck(fn, (z, *params), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def _saved_storages(fn) -> dict[int, int]:
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return storages
+
+
+@pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e2", "ge_theta", "ge_theta_plus_e4", "se"])
+def test_fused_keeps_only_the_batchnorm_input_full_size(spec):
+    """Plain keeps z and BN(z) (and a resized gate) at full size; fused keeps only z at full size."""
+    bn, context = _unit(spec, 16, 16, dtype=torch.float32)
+    z = torch.randn(4, 16, 16, 16, requires_grad=True)
+    full = z.numel() * 4
+    for lean, expected in ((False, 2 if spec in ("ge_theta_minus", "ge_theta", "se") else 3), (True, 1)):
+        set_fused(lean)
+        storages = _saved_storages(lambda: bn_context(bn, context, z))
+        # Everything else is at most a quarter map (extent 2: the pooled map) or per-channel.
+        assert sum(n >= full for n in storages.values()) == expected
+        assert all(n >= full or n <= full // 4 for n in storages.values())
+        assert z.untyped_storage().data_ptr() in storages
+
+
+def test_gate_hook_reads_and_steers_on_the_fused_path():
+    """A GateProbe hook that zeroes channel 2 zeroes that channel of the output, fused or plain."""
+    bn, context = _unit("ge_theta_minus_e2", 8, 8)
+
+    def zero_channel(module, inputs, output):
+        output = output.clone()
+        output[:, 2] = 0
+        return output
+
+    context.gate.register_forward_hook(zero_channel)
+    _plain, lean = _compare_with(bn, context)
+    assert torch.count_nonzero(lean[0][:, 2]) == 0
+
+
+def _compare_with(bn, context):
+    bn2, context2 = copy.deepcopy(bn), copy.deepcopy(context)
+    z = torch.randn(3, 8, 8, 8, dtype=torch.float64)
+    plain, lean = _run(bn, context, z, lean=False), _run(bn2, context2, z, lean=True)
+    assert "ExciteMultiply" in type(lean[0].grad_fn).__name__
+    for group in (0, 1):
+        torch.testing.assert_close(lean[group], plain[group], atol=1e-10, rtol=1e-10)
+    for name in plain[2]:
+        torch.testing.assert_close(lean[2][name], plain[2][name], atol=1e-10, rtol=1e-10)
+    return plain, lean
+
+
+def test_hooks_inside_the_context_module_take_the_plain_path():
+    """A forward hook on the gather (e.g. a FLOP counter) must fire: the plain composition runs."""
+    set_fused(True)
+    bn, context = _unit("ge_theta_e2", 8, 8)
+    calls = []
+    context.gather.register_forward_hook(lambda *args: calls.append(1))
+    out = bn_context(bn, context, torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True))
+    assert calls == [1]
+    assert "ExciteMultiply" not in type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("case", ["no_grad", "identity", "sync_bn", "disabled"])
+def test_plain_path_cases(case):
+    """No grad, a non-GE context, a norm layer other than BatchNorm2d, or set_fused(False): plain."""
+    set_fused(case != "disabled")
+    bn, context = _unit("se", 8, 8)
+    if case == "identity":
+        context = nn.Identity()
+    if case == "sync_bn":
+        bn = nn.SyncBatchNorm(8).double()  # on CPU without a process group it works as BatchNorm in eval
+        bn.eval()
+    z = torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
+    if case == "no_grad":
+        with torch.no_grad():
+            out = bn_context(bn, context, z)
+        assert out.grad_fn is None
+    else:
+        out = bn_context(bn, context, z)
+        assert "ExciteMultiply" not in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, context(bn(z)))
+
+
+def test_wrong_channels_raises_like_plain():
+    """A map with the wrong channel count raises the context module's ValueError on the fused path too."""
+    set_fused(True)
+    _bn, context = _unit("ge_theta_minus", 8, 8)
+    bn6 = nn.BatchNorm2d(6).double()
+    with pytest.raises(ValueError, match="channels=8"):
+        bn_context(bn6, context, torch.randn(2, 6, 8, 8, dtype=torch.float64, requires_grad=True))
+
+
+def test_set_fused_rejects_non_bool():
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        set_fused(1)
+
+
+@pytest.mark.parametrize(
+    ("small", "big"), [((4, 4), (7, 7)), ((2, 3), (14, 9)), ((28, 28), (56, 56)), ((3, 1), (12, 5))]
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_nearest_resize_equals_interpolate(small, big, channels_last):
+    """The run-length / block broadcasts reproduce F.interpolate(mode="nearest") exactly."""
+    gate = torch.rand(2, 3, *small)
+    x = torch.randn(2, 3, *big)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = F.interpolate(gate, size=big, mode="nearest")
+    assert torch.equal(_nearest(gate, x), expected)
+    assert torch.equal(GateBroadcast(gate, x, x.dtype).multiply(x), x * expected)
