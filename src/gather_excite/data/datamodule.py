@@ -1,0 +1,227 @@
+"""One LightningDataModule for the paper's datasets: ImageNet-style folders, CIFAR-10/100, Fashion-MNIST."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .cifar import cifar_dataset
+from .fashion_mnist import DEFAULT_FASHION_MNIST_ROOT, fashion_mnist_dataset
+from .folder import CheckedImageFolder
+from .transforms import build_normalized_augment, build_transform
+
+__all__ = ["DATASETS", "DatasetName", "ImageClassificationData"]
+
+DatasetName = Literal["imagefolder", "cifar10", "cifar100", "fashion_mnist"]
+
+# name -> (num_classes or None if read from the folder, in_chans, crop size, transform recipe)
+DATASETS: dict[str, tuple[int | None, int, int, str]] = {
+    "imagefolder": (None, 3, 224, "imagenet"),
+    "cifar10": (10, 3, 32, "cifar"),
+    "cifar100": (100, 3, 32, "cifar"),
+    "fashion_mnist": (10, 1, 28, "fashion_mnist"),
+}
+
+
+class ImageClassificationData(L.LightningDataModule):
+    """Train/validation loaders of one dataset with the paper's transforms.
+
+    Args:
+        dataset: ``"imagefolder"`` (``ROOT/<train_split>/<class>/*.jpg`` and ``ROOT/<val_split>/...``,
+            ImageNet recipe), ``"cifar10"``/``"cifar100"`` (torchvision's python batches in ROOT,
+            Table 5 recipe) or ``"fashion_mnist"`` (IDX files in ROOT).
+        root: the data folder.
+        batch_size: the *global* training batch, divided evenly over all devices (256 in the paper).
+        eval_batch_size: global validation batch (default: ``batch_size``).
+        num_workers: loader processes per device; ``persistent_workers`` keeps them between epochs.
+        pin_memory: page-locked batches for fast host-to-GPU copies (default: on when CUDA is there).
+        download: let torchvision fetch CIFAR / Fashion-MNIST into ROOT when missing.
+        augment: random crops and flips for training (``False``: the evaluation transform).
+        crop_size, resize_size: ImageNet recipe sizes (224 crop of the image resized to 256 by default).
+        train_subset, val_subset: use a fixed random subset of this many images (``subset_seed``).
+        drop_last: drop the last incomplete training batch (every step sees the full batch).
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetName = "fashion_mnist",
+        root: str = DEFAULT_FASHION_MNIST_ROOT,
+        *,
+        batch_size: int = 256,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        download: bool = False,
+        augment: bool = True,
+        crop_size: int | None = None,
+        resize_size: int | None = None,
+        train_split: str = "train",
+        val_split: str = "val",
+        train_subset: int | None = None,
+        val_subset: int | None = None,
+        subset_seed: int = 0,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name, value in (("train_subset", train_subset), ("val_subset", val_subset)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        self.save_hyperparameters()
+        self.dataset = dataset
+        self.root = str(root)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = persistent_workers
+        self.download = download
+        self.augment = augment
+        known_classes, self.in_chans, default_crop, self.recipe = DATASETS[dataset]
+        self._num_classes = known_classes
+        self.crop_size = crop_size or default_crop
+        self.resize_size = resize_size
+        self.train_split, self.val_split = train_split, val_split
+        self.train_subset, self.val_subset, self.subset_seed = train_subset, val_subset, subset_seed
+        self.drop_last = drop_last
+        self.train_set: Dataset[Any] | None = None
+        self.val_set: Dataset[Any] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (for image folders: the class sub-folders of the training split)."""
+        if self._num_classes is None:
+            self._num_classes = len(self._build(train=True, transform=None).classes)
+        return self._num_classes
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of a transformed image."""
+        return (self.in_chans, self.crop_size, self.crop_size)
+
+    def _stats(self) -> str:
+        return "imagenet" if self.dataset == "imagefolder" else self.dataset
+
+    def _build(self, *, train: bool, transform: Any) -> Any:
+        if self.dataset == "imagefolder":
+            root = Path(self.root).expanduser()
+            if not root.is_dir():
+                raise FileNotFoundError(
+                    f"data path {self.root!r} does not exist; expected ROOT/{self.train_split}/<class>/<image>.jpg "
+                    f"and ROOT/{self.val_split}/<class>/<image>.jpg"
+                )
+            return CheckedImageFolder(root / (self.train_split if train else self.val_split), transform=transform)
+        if self.dataset in ("cifar10", "cifar100"):
+            return cifar_dataset(
+                self.root,
+                num_classes=DATASETS[self.dataset][0],
+                train=train,
+                transform=transform,
+                download=self.download,
+            )
+        return fashion_mnist_dataset(self.root, train=train, transform=transform, download=self.download)
+
+    def _dataset(self, *, train: bool) -> Dataset[Any]:
+        if self.dataset == "fashion_mnist":
+            # In-memory tensors: normalise the split once; only the random crop/flip runs per item.
+            augment = build_normalized_augment(stats="fashion_mnist", crop_size=self.crop_size, padding=2)
+            transform = augment if train and self.augment else None
+            dataset = fashion_mnist_dataset(
+                self.root, train=train, transform=transform, normalize=True, download=self.download
+            )
+            return self._subset(dataset, train=train)
+        transform = build_transform(
+            self.recipe,  # type: ignore[arg-type]
+            train=train,
+            stats=self._stats(),
+            crop_size=self.crop_size,
+            resize_size=self.resize_size,
+            augment=self.augment,
+        )
+        dataset = self._build(train=train, transform=transform)
+        if self._num_classes is None:
+            self._num_classes = len(dataset.classes)
+        return self._subset(dataset, train=train)
+
+    def _subset(self, dataset: Any, *, train: bool) -> Dataset[Any]:
+        size = self.train_subset if train else self.val_subset
+        if size is not None:
+            name = "train_subset" if train else "val_subset"
+            if size > len(dataset):
+                raise ValueError(f"{name}={size} is larger than the {len(dataset)} images of {self._describe(train)}")
+            generator = torch.Generator().manual_seed(self.subset_seed + (0 if train else 1))
+            dataset = Subset(dataset, torch.randperm(len(dataset), generator=generator)[:size].tolist())
+        return dataset
+
+    def _describe(self, train: bool) -> str:
+        split = "training" if train else "validation"
+        return f"the {split} split of {self.dataset} in {self.root!r}"
+
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.world_size) if trainer is not None else 1
+
+    def per_device_batch_size(self, *, train: bool = True) -> int:
+        """The global batch divided by the number of devices (which must divide it)."""
+        world, total = self._world_size(), (self.batch_size if train else self.eval_batch_size)
+        if total % world:
+            name = "batch_size" if train else "eval_batch_size"
+            raise ValueError(
+                f"{name}={total} is the global batch and must divide evenly over the {world} devices "
+                f"(nodes x devices); use a multiple of {world}"
+            )
+        return total // world
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets the stage needs and check the batch size against the training set."""
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self._dataset(train=True)
+            size = len(self.train_set)
+            per_device = self.per_device_batch_size(train=True)
+            world = self._world_size()
+            # Each device draws ceil(size / world) samples per epoch from the distributed sampler.
+            per_device_samples = -(-size // world)
+            if self.drop_last and per_device_samples < per_device:
+                raise ValueError(
+                    f"batch_size={self.batch_size} (global, {per_device} per device on {world} device(s)) cannot be "
+                    f"filled by the {size} training images of {self._describe(True)} with drop_last=True, so an "
+                    f"epoch would have no step; use batch_size <= {size - size % world or size} or drop_last=False"
+                )
+        if stage in (None, "fit", "validate", "test") and self.val_set is None:
+            self.val_set = self._dataset(train=False)
+            self.per_device_batch_size(train=False)
+
+    def _loader(self, dataset: Dataset[Any] | None, *, train: bool) -> DataLoader[Any]:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.per_device_batch_size(train=train),
+            shuffle=train,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and workers > 0,
+            drop_last=self.drop_last and train,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader[Any]:
+        return self._loader(self.val_set, train=False)
