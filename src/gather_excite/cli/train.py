@@ -1,0 +1,202 @@
+"""``gex train``: train a registered network from a YAML recipe with Lightning (CPU, GPU, multi-node DDP)."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from ..data import ImageClassificationData
+from ..engine import (
+    LAST_CHECKPOINT,
+    AtomicCheckpointIO,
+    ClassificationModule,
+    TrainSpeed,
+    checkpoint_callbacks,
+    evaluate,
+    write_eval_json,
+)
+
+__all__ = ["GexCLI", "check_config_keys", "config_dir", "main", "resolve_config_names"]
+
+
+def config_dir() -> Path:
+    """The folder of the packaged recipes (``gather_excite/configs``)."""
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_names(argv: list[str]) -> list[str]:
+    """Replace ``--config NAME`` by the packaged recipe ``configs/NAME.yaml`` when NAME is not a file."""
+    resolved = list(argv)
+    for index, arg in enumerate(resolved):
+        value, prefix = None, ""
+        if arg == "--config" and index + 1 < len(resolved):
+            value, target = resolved[index + 1], index + 1
+        elif arg.startswith("--config="):
+            value, target, prefix = arg.split("=", 1)[1], index, "--config="
+        if value is None or Path(value).exists():
+            continue
+        packaged = config_dir() / (value if value.endswith(".yaml") else f"{value}.yaml")
+        if packaged.is_file():
+            resolved[target] = prefix + str(packaged)
+    return resolved
+
+
+def _valid_keys() -> dict[str, list[str]]:
+    """The accepted keys of each config group, from the signatures that LightningCLI reads."""
+    import lightning as L
+
+    def names(fn: Any) -> list[str]:
+        return [name for name in inspect.signature(fn).parameters if name not in ("self", "args", "kwargs")]
+
+    return {
+        "model": names(ClassificationModule.__init__),
+        "data": names(ImageClassificationData.__init__),
+        "trainer": names(L.Trainer.__init__),
+        "": ["config", "print_config", "seed_everything", "model", "data", "trainer", "out", "resume", "eval_after"],
+    }
+
+
+def _unknown_key_message(key: str, group: str, valid: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+    label = f"{group}.{key}" if group else key
+    scope = f"'{group}'" if group else "the top level"
+    return f"unknown config key {label!r} in {where}{hint}; valid keys of {scope}: {', '.join(valid)}"
+
+
+def check_config_keys(argv: list[str]) -> None:
+    """Raise ``ValueError`` naming an unknown key (and the valid ones) of a YAML config or an override."""
+    valid = _valid_keys()
+    for index, arg in enumerate(argv):
+        value = None
+        if arg == "--config" and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            path = Path(value)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"--config {value}: no such file and no packaged recipe of that name "
+                    f"(recipes: {', '.join(sorted(p.stem for p in config_dir().glob('*.yaml')))})"
+                )
+            with open(path) as handle:
+                loaded = yaml.safe_load(handle) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"--config {value}: expected a YAML mapping, got {type(loaded).__name__}")
+            for key, section in loaded.items():
+                if key not in valid[""]:
+                    raise ValueError(_unknown_key_message(key, "", valid[""], str(path)))
+                if key in ("model", "data", "trainer") and isinstance(section, dict):
+                    for sub in section:
+                        if sub not in valid[key]:
+                            raise ValueError(_unknown_key_message(sub, key, valid[key], str(path)))
+        elif arg.startswith("--") and "." in arg:
+            group, _, key = arg[2:].split("=", 1)[0].partition(".")
+            key = key.split(".", 1)[0]
+            if group in ("model", "data", "trainer") and key not in valid[group]:
+                raise ValueError(_unknown_key_message(key, group, valid[group], "the command line"))
+
+
+class GexCLI(LightningCLI):
+    """LightningCLI with ``--out`` (run folder: checkpoints, logs, eval.json) and ``--resume``."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument("--out", type=str, default="runs/train", help="run folder: checkpoints, logs, eval.json")
+        parser.add_argument(
+            "--resume",
+            type=str | None,
+            default=None,
+            help="continue a run: 'last' (OUT/checkpoints/last.ckpt) or a checkpoint path",
+        )
+        parser.add_argument(
+            "--eval_after", type=bool, default=True, help="evaluate the final weights and write OUT/eval.json"
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config
+        out = Path(config["out"])
+        trainer = config["trainer"]
+        if trainer.get("default_root_dir") is None:
+            trainer["default_root_dir"] = str(out)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        out = Path(self.config["out"])
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        callbacks += [*checkpoint_callbacks(out / "checkpoints"), TrainSpeed()]
+        if kwargs.get("logger") in (None, True):
+            kwargs["logger"] = [
+                TensorBoardLogger(str(out), name="", version="tensorboard", default_hp_metric=False),
+                CSVLogger(str(out), name="", version="csv"),
+            ]
+        plugins = kwargs.pop("plugins", None) or []
+        plugins = [plugins] if not isinstance(plugins, list) else list(plugins)
+        plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
+
+
+def _resume_path(resume: str | None, out: Path) -> str | None:
+    if resume is None:
+        return None
+    path = out / "checkpoints" / LAST_CHECKPOINT if resume in ("last", "auto", "true") else Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint at {str(path)!r} to continue from")
+    return str(path)
+
+
+def _check_model_matches_data(model: ClassificationModule, data: ImageClassificationData) -> None:
+    expected = {"num_classes": data.num_classes, "in_chans": data.in_chans}
+    differences = [
+        f"model.{key}={model.hparams[key]} but the data has {value}"
+        for key, value in expected.items()
+        if model.hparams[key] != value
+    ]
+    if differences:
+        raise ValueError("model and data disagree: " + "; ".join(differences))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the config and overrides, train, then evaluate the final weights into OUT/eval.json."""
+    argv = resolve_config_names(list(sys.argv[1:] if argv is None else argv))
+    try:
+        check_config_keys(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"gex train: error: {err}", file=sys.stderr)
+        return 2
+    saved_argv, sys.argv = sys.argv, ["gex train"]  # LightningCLI warns when sys.argv and args differ
+    try:
+        cli = GexCLI(
+            ClassificationModule,
+            ImageClassificationData,
+            run=False,
+            args=argv,
+            subclass_mode_model=False,
+            subclass_mode_data=False,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "gex train", "default_env": False, "allow_abbrev": False},
+        )
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    finally:
+        sys.argv = saved_argv
+    out = Path(cli.config["out"])
+    try:
+        ckpt_path = _resume_path(cli.config["resume"], out)
+        _check_model_matches_data(cli.model, cli.datamodule)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if cli.config["eval_after"] and cli.trainer.is_global_zero and not cli.trainer.interrupted:
+            result = evaluate(cli.model, cli.datamodule, checkpoint=str(out / "checkpoints" / LAST_CHECKPOINT))
+            path = write_eval_json(result, out / "eval.json")
+            print(f"top-1 error {result['top1_err']:.2f}%  top-5 error {result['top5_err']:.2f}%  -> {path}")
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"gex train: error: {err}", file=sys.stderr)
+        return 2
+    return 0

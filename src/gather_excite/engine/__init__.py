@@ -1,0 +1,27 @@
+"""Training and evaluation engine: the LightningModule, atomic checkpoints, evaluation JSON, model loading.
+
+``load_model(checkpoint_or_name)`` and ``load_for_evaluation(checkpoint)`` rebuild a trained network
+(and its data) for evaluation or analysis; see :mod:`gather_excite.engine.loading`.
+"""
+
+from .callbacks import TrainSpeed
+from .checkpoint import LAST_CHECKPOINT, AtomicCheckpointIO, atomic_torch_save, checkpoint_callbacks
+from .evaluation import evaluate, write_eval_json
+from .loading import build_datamodule, load_for_evaluation, load_model
+from .module import MODEL_KEYS, ClassificationModule, describe_model_mismatch
+
+__all__ = [
+    "LAST_CHECKPOINT",
+    "MODEL_KEYS",
+    "AtomicCheckpointIO",
+    "ClassificationModule",
+    "TrainSpeed",
+    "atomic_torch_save",
+    "build_datamodule",
+    "checkpoint_callbacks",
+    "describe_model_mismatch",
+    "evaluate",
+    "load_for_evaluation",
+    "load_model",
+    "write_eval_json",
+]

@@ -1,0 +1,207 @@
+"""The LightningModule that trains and evaluates any registered network with SGD and the paper's schedules."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..models import create_model
+
+__all__ = ["MODEL_KEYS", "ClassificationModule", "Schedule", "describe_model_mismatch"]
+
+Schedule = Literal["plateau", "step", "multistep", "cosine", "constant"]
+
+# Hyperparameters that decide the network's architecture; a checkpoint must agree on all of them.
+MODEL_KEYS: tuple[str, ...] = ("arch", "num_classes", "in_chans", "input_size", "arch_kwargs")
+
+
+def describe_model_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``["arch: checkpoint 'se_resnet50', this run 'resnet50'", ...]`` for every architecture key that differs."""
+    differences = []
+    for key in MODEL_KEYS:
+        old, new = saved.get(key), current.get(key)
+        if key == "arch_kwargs":
+            old, new = dict(old or {}), dict(new or {})
+        if key == "input_size":
+            old, new = _size_pair(old), _size_pair(new)
+        if old != new:
+            differences.append(f"{key}: checkpoint {old!r}, this run {new!r}")
+    return differences
+
+
+def _size_pair(size: Any) -> Any:
+    if isinstance(size, int) and not isinstance(size, bool):
+        return (size, size)
+    return tuple(size) if isinstance(size, (list, tuple)) else size
+
+
+class ClassificationModule(L.LightningModule):
+    """Cross-entropy training of ``create_model(arch, ...)`` with SGD; logs top-1/top-5 *error* in percent.
+
+    Every argument is a plain value (saved as a hyperparameter, so checkpoints load with
+    ``torch.load(weights_only=True)`` and :meth:`load_from_checkpoint` rebuilds the network).
+
+    Args:
+        arch: a registered model name (``gather_excite.list_models()``), e.g. ``ge_theta_resnet50``.
+        num_classes, in_chans, input_size: passed to :func:`~gather_excite.create_model`
+            (``input_size`` sizes the global-extent gathers: 224 for ImageNet, 32 for CIFAR).
+        arch_kwargs: further keyword arguments of the backbone (e.g. ``{"width": 8}``).
+        lr, momentum, weight_decay, nesterov: SGD (the paper: 0.1, 0.9, 1e-4). The learning rate
+            is for the global batch; it is not rescaled with the number of devices.
+        schedule: ``"plateau"`` divides the rate by ``1/gamma`` when ``plateau_monitor`` has not
+            improved for ``plateau_patience`` epochs, at most ``plateau_drops`` times (the paper's
+            ImageNet recipe); ``"step"`` every ``step_size`` epochs (Figure 4: 30); ``"multistep"``
+            at ``milestones``; ``"cosine"`` to zero over ``max_epochs``; ``"constant"``.
+        label_smoothing: of the cross-entropy (0 in the paper).
+        channels_last: NHWC memory layout for the network and its inputs (faster convs on GPUs).
+        compile: ``torch.compile`` the network in place (state-dict keys unchanged).
+    """
+
+    def __init__(
+        self,
+        arch: str = "cifar_resnet20",
+        *,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        input_size: int | tuple[int, int] = 32,
+        arch_kwargs: dict[str, Any] | None = None,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        nesterov: bool = False,
+        schedule: Schedule = "plateau",
+        gamma: float = 0.1,
+        step_size: int = 30,
+        milestones: list[int] | None = None,
+        plateau_monitor: str = "val/loss",
+        plateau_patience: int = 5,
+        plateau_drops: int = 3,
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if schedule not in ("plateau", "step", "multistep", "cosine", "constant"):
+            raise ValueError(f"schedule must be plateau, step, multistep, cosine or constant, got {schedule!r}")
+        if schedule == "multistep" and not milestones:
+            raise ValueError(f"schedule='multistep' needs milestones (a list of epochs), got {milestones!r}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+        if isinstance(input_size, list):
+            input_size = tuple(input_size)  # type: ignore[assignment]
+        self.save_hyperparameters()
+        self.net: nn.Module = create_model(
+            arch, num_classes=num_classes, in_chans=in_chans, input_size=input_size, **dict(arch_kwargs or {})
+        )
+        top_k = min(5, num_classes)
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_top1", MulticlassAccuracy(num_classes, top_k=1, average="micro"))
+            setattr(self, f"{stage}_top5", MulticlassAccuracy(num_classes, top_k=top_k, average="micro"))
+        self._compiled = False
+
+    @property
+    def image_size(self) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of the inputs the network was built for."""
+        height, width = _size_pair(self.hparams["input_size"])
+        return (int(self.hparams["in_chans"]), int(height), int(width))
+
+    def configure_model(self) -> None:
+        if self.hparams["channels_last"]:
+            self.net.to(memory_format=torch.channels_last)
+        if self.hparams["compile"] and not self._compiled:
+            self.net.compile()
+            self._compiled = True
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, targets = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams["label_smoothing"])
+        getattr(self, f"{stage}_top1").update(logits, targets)
+        getattr(self, f"{stage}_top5").update(logits, targets)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _log_errors(self, stage: str) -> None:
+        # compute() syncs the counts over all processes, so the error is that of the whole split.
+        for k in ("top1", "top5"):
+            metric = getattr(self, f"{stage}_{k}")
+            self.log(f"{stage}/{k}_err", 100.0 * (1.0 - metric.compute()), prog_bar=k == "top1")
+            metric.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_errors("train")
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_errors("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_errors("test")
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer = torch.optim.SGD(
+            self.parameters(),
+            lr=hp["lr"],
+            momentum=hp["momentum"],
+            weight_decay=hp["weight_decay"],
+            nesterov=hp["nesterov"],
+        )
+        schedule = hp["schedule"]
+        if schedule == "constant":
+            return optimizer
+        if schedule == "plateau":
+            # min_lr stops the drops after `plateau_drops` of them (the paper: three).
+            scheduler: Any = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer,
+                mode="min",
+                factor=hp["gamma"],
+                patience=hp["plateau_patience"],
+                min_lr=hp["lr"] * hp["gamma"] ** hp["plateau_drops"] * (1 - 1e-6),
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": hp["plateau_monitor"], "interval": "epoch"},
+            }
+        if schedule == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=hp["step_size"], gamma=hp["gamma"])
+        elif schedule == "multistep":
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(
+                optimizer, milestones=list(hp["milestones"]), gamma=hp["gamma"]
+            )
+        else:
+            epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {})
+        differences = describe_model_mismatch(saved, dict(self.hparams))
+        if differences:
+            raise ValueError(
+                "checkpoint was saved for a different model; it differs in "
+                + "; ".join(differences)
+                + ". Resume with the checkpoint's model settings or start a new run (another --out)"
+            )
