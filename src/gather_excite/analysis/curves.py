@@ -1,0 +1,251 @@
+"""Error curves from training runs (Section 4 Figure 4, and Figure 2's error against extent ratio).
+
+A run is the ``--out`` folder of ``gex train``: its Lightning CSV log ``csv/metrics.csv``
+(``train/top1_err`` and ``val/top1_err`` logged once an epoch, in %), and, when the run was
+evaluated, ``eval.json`` (``model``, ``top1_err``). ``gex compare``'s ``results.json`` (one
+object per variant with ``model`` and ``top1_err`` per seed) also feeds the extent plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from ..models import split_model_name
+from .plotting import new_figure
+
+__all__ = [
+    "epoch_curves_report",
+    "extent_report",
+    "model_extent",
+    "plot_curves",
+    "read_metrics",
+    "read_run",
+]
+
+_VARIANT_NAMES = {
+    None: "baseline",
+    "se": "SE",
+    "ge_theta_minus": "GE-θ−",
+    "ge_theta_minus_max": "GE-θ− (max)",
+    "ge_theta": "GE-θ",
+    "ge_theta_plus": "GE-θ+",
+}
+_EXTENT_SUFFIX = re.compile(r"^(?P<variant>.+)_e(?P<extent>\d+)$")
+METRIC_COLUMNS = {"train": "train/top1_err", "val": "val/top1_err"}
+
+
+def _metrics_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ValueError(f"run {str(path)!r} does not exist (expected a gex train --out folder or a metrics.csv)")
+    direct = path / "csv" / "metrics.csv"
+    if direct.is_file():
+        return direct
+    found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ValueError(f"run {str(path)!r} holds no metrics.csv (Lightning CSV log of gex train)")
+    return found[-1]
+
+
+def read_metrics(path: str | Path) -> dict[str, list[float | None]]:
+    """Per-epoch top-1 train and validation error (%) from a Lightning ``metrics.csv`` (or its run folder).
+
+    Lightning writes one row per logging call; an epoch's value is the last one logged in that
+    epoch. ``epoch`` is 1-based (epochs completed); a missing value is ``None``.
+    """
+    file = _metrics_file(Path(path))
+    with open(file, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "epoch" not in rows[0]:
+        raise ValueError(f"{str(file)!r} is not a Lightning metrics.csv (no 'epoch' column)")
+    missing = [column for column in METRIC_COLUMNS.values() if column not in rows[0]]
+    if len(missing) == len(METRIC_COLUMNS):
+        raise ValueError(f"{str(file)!r} logs none of {list(METRIC_COLUMNS.values())}")
+    per_epoch: dict[int, dict[str, float]] = {}
+    for row in rows:
+        if not row.get("epoch"):
+            continue
+        epoch = int(float(row["epoch"]))
+        for column in METRIC_COLUMNS.values():
+            if row.get(column):
+                per_epoch.setdefault(epoch, {})[column] = float(row[column])
+    epochs = sorted(per_epoch)
+    result: dict[str, list[float | None]] = {"epoch": [e + 1 for e in epochs]}
+    for split, column in METRIC_COLUMNS.items():
+        result[f"{split}_top1_err"] = [per_epoch[e].get(column) for e in epochs]
+    return result
+
+
+def _checkpoint_model(run: Path) -> str | None:
+    for path in (run / "checkpoints" / "last.ckpt", *sorted(run.glob("checkpoints/*.ckpt"))):
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            arch = (saved.get("hyper_parameters") or {}).get("arch")
+            if isinstance(arch, str):
+                return arch
+    return None
+
+
+def read_run(path: str | Path, *, label: str | None = None) -> dict[str, Any]:
+    """A run's name, model, final top-1 error and per-epoch curves (a metrics.csv alone gives curves only)."""
+    path = Path(path)
+    run = path if path.is_dir() else path.parent
+    info: dict[str, Any] = {"path": str(path), "label": label or (run.parent.name if run.name == "csv" else run.name)}
+    evaluation = run / "eval.json"
+    if evaluation.is_file():
+        result = json.loads(evaluation.read_text())
+        info["model"], info["top1_err"] = result.get("model"), result.get("top1_err")
+    if info.get("model") is None and path.is_dir():
+        info["model"] = _checkpoint_model(run)
+    try:
+        info.update(read_metrics(path))
+    except ValueError:
+        if "top1_err" not in info:
+            raise
+    if info.get("top1_err") is None:
+        finals = [v for v in info.get("val_top1_err", []) if v is not None]
+        info["top1_err"] = finals[-1] if finals else None
+    return info
+
+
+def epoch_curves_report(runs: Sequence[str | Path], *, labels: Sequence[str] | None = None) -> dict[str, Any]:
+    """Figure 4 data: per run, top-1 train and validation error per epoch."""
+    if not runs:
+        raise ValueError("runs must name at least one run folder or metrics.csv")
+    if labels is not None and len(labels) != len(runs):
+        raise ValueError(f"labels must give one label per run ({len(runs)}), got {len(labels)}")
+    rows = []
+    for index, run in enumerate(runs):
+        info = read_run(run, label=labels[index] if labels else None)
+        if "epoch" not in info:
+            raise ValueError(f"run {str(run)!r} has no metrics.csv to draw per-epoch curves from")
+        rows.append(info)
+    return {"analysis": "curves", "kind": "epochs", "runs": rows}
+
+
+def model_extent(model: str) -> tuple[str | None, int | str | None]:
+    """``(context variant, extent)`` of a registered model name: ge_theta_e4_resnet50 -> ("ge_theta", 4).
+
+    Global-extent variants give ``"global"``; the baseline gives ``(None, None)``.
+    """
+    _, spec = split_model_name(model)
+    if spec is None:
+        return None, None
+    match = _EXTENT_SUFFIX.match(spec)
+    if match:
+        return match["variant"], int(match["extent"])
+    return spec, "global"
+
+
+def _compare_entries(path: Path) -> list[dict[str, Any]]:
+    data = json.loads(path.read_text())
+    entries = data.get("variants", data.get("results")) if isinstance(data, dict) else data
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "model" in e for e in entries):
+        raise ValueError(f"{str(path)!r} is not a gex compare results.json (a list of objects with 'model')")
+    rows = []
+    for entry in entries:
+        errors = entry.get("top1_err", entry.get("test_top1_err"))
+        errors = errors if isinstance(errors, list) else [errors]
+        errors = [float(e) for e in errors if e is not None]
+        rows.append({
+            "path": str(path),
+            "label": entry.get("label", entry["model"]),
+            "model": entry["model"],
+            "top1_err": sum(errors) / len(errors) if errors else None,
+            "top1_err_seeds": errors,
+        })
+    return rows
+
+
+def extent_report(runs: Sequence[str | Path]) -> dict[str, Any]:
+    """Figure 2 data: final top-1 error of each run against its extent ratio, a line per context variant.
+
+    ``runs`` are ``gex train`` run folders (model from ``eval.json`` or the checkpoint) or
+    ``gex compare`` ``results.json`` files. Baseline runs become reference lines.
+    """
+    if not runs:
+        raise ValueError("runs must name at least one run folder or results.json")
+    entries: list[dict[str, Any]] = []
+    for run in runs:
+        path = Path(run)
+        entries += _compare_entries(path) if path.is_file() and path.suffix == ".json" else [read_run(path)]
+    variants: dict[str, dict[str, Any]] = {}
+    baselines = []
+    for entry in entries:
+        if not entry.get("model"):
+            raise ValueError(f"run {entry['path']!r}: cannot tell its model (no eval.json or checkpoint)")
+        if entry.get("top1_err") is None:
+            raise ValueError(f"run {entry['path']!r}: no top-1 error (no eval.json and no val/top1_err logged)")
+        variant, extent = model_extent(entry["model"])
+        point = {"extent": extent, "top1_err": entry["top1_err"], "model": entry["model"], "run": entry["path"]}
+        if variant is None:
+            baselines.append({"label": entry["label"], **point})
+            continue
+        if extent is None or variant == "se":
+            raise ValueError(f"run {entry['path']!r}: model {entry['model']!r} has no extent ratio")
+        group = variants.setdefault(variant, {"variant": variant, "label": _VARIANT_NAMES.get(variant, variant),
+                                              "points": []})
+        group["points"].append(point)
+    for group in variants.values():
+        group["points"].sort(key=lambda p: math.inf if p["extent"] == "global" else p["extent"])
+    return {"analysis": "curves", "kind": "extent", "variants": list(variants.values()), "baselines": baselines}
+
+
+def _plot_epochs(report: Mapping[str, Any]) -> Figure:
+    fig, (train_ax, val_ax) = new_figure(2, panel_size=(5.0, 3.6))
+    colors = [f"C{i}" for i in range(10)]
+    for index, run in enumerate(report["runs"]):
+        color = colors[index % len(colors)]
+        for ax, key in ((train_ax, "train_top1_err"), (val_ax, "val_top1_err")):
+            points = [(e, v) for e, v in zip(run["epoch"], run[key], strict=True) if v is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), "-", color=color, label=run["label"])
+    for ax, split in ((train_ax, "training"), (val_ax, "validation")):
+        ax.set_title(f"top-1 {split} error")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("top-1 error (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return fig
+
+
+def _plot_extent(report: Mapping[str, Any]) -> Figure:
+    variants = report["variants"]
+    if not variants:
+        raise ValueError("the report holds no context variant with an extent ratio to plot")
+    fig, axes = new_figure(len(variants), panel_size=(4.5, 3.4))
+    for ax, group in zip(axes, variants, strict=True):
+        ticks = [str(p["extent"]) if p["extent"] == "global" else f"E{p['extent']}" for p in group["points"]]
+        ax.plot(range(len(ticks)), [p["top1_err"] for p in group["points"]], "-o", label=group["label"])
+        for index, baseline in enumerate(report["baselines"]):
+            ax.axhline(baseline["top1_err"], color="black", linestyle="--" if index == 0 else ":",
+                       label=f"{baseline['label']} ({baseline['top1_err']:.2f})")
+        ax.set_xticks(range(len(ticks)), ticks)
+        ax.set_title(group["label"])
+        ax.set_xlabel("extent ratio")
+        ax.set_ylabel("top-1 error (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return fig
+
+
+def plot_curves(report: Mapping[str, Any]) -> Figure:
+    """Figure 4 (``kind="epochs"``: train and validation panels) or Figure 2 (``kind="extent"``)."""
+    kind = report.get("kind")
+    if kind == "epochs":
+        return _plot_epochs(report)
+    if kind == "extent":
+        return _plot_extent(report)
+    raise ValueError(f"report kind must be 'epochs' or 'extent', got {kind!r}")

@@ -1,0 +1,348 @@
+"""Section 4 analyses: selectivity index, gate pruning, error curves, and their figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from gather_excite import models
+from gather_excite.analysis import (
+    PLOTS,
+    GatePruner,
+    SelectivityAccumulator,
+    class_selectivity,
+    epoch_curves_report,
+    extent_report,
+    find_gate_probe,
+    load_report,
+    model_extent,
+    plot_curves,
+    plot_prune,
+    plot_selectivity,
+    prune_curves,
+    prune_mask,
+    read_metrics,
+    remove_branch,
+    resolve_unit,
+    selectivity_index,
+    selectivity_report,
+    stage_units,
+    write_report,
+)
+
+NUM_CLASSES = 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny convolutions on a shared 2-core machine run ~50x faster without intra-op threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(name: str, seed: int = 0) -> nn.Module:
+    """A width-4 CIFAR ResNet-20 on 1x8x8 inputs with random BN statistics, so gates and predictions vary."""
+    torch.manual_seed(seed)
+    model = models.create_model(name, num_classes=NUM_CLASSES, width=4, in_chans=1, input_size=8)
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0, 0.3)
+            module.running_mean.normal_(0, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    # Centre the logits on typical inputs: post-ReLU pooled features share a large common mean,
+    # which would otherwise make one class win for every image.
+    nn.init.normal_(model.fc.weight, std=1.0)
+    with torch.inference_mode():
+        features = model.avgpool(model.forward_features(torch.randn(64, 1, 8, 8))).flatten(1)
+        model.fc.bias.copy_(-model.fc.weight @ features.mean(dim=0))
+    return model
+
+
+@pytest.fixture(scope="module")
+def ge_model() -> nn.Module:
+    return tiny_model("ge_theta_cifar_resnet20")
+
+
+@pytest.fixture(scope="module")
+def data(ge_model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """48 images; half labelled with the model's own prediction, so accuracy is well above chance."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(48, 1, 8, 8, generator=generator)
+    with torch.inference_mode():
+        predictions = ge_model(images).argmax(dim=1)
+    labels = torch.randint(0, NUM_CLASSES, (48,), generator=generator)
+    labels[::2] = predictions[::2]
+    return images, labels
+
+
+def loader(data: tuple[torch.Tensor, torch.Tensor], batch_size: int = 16) -> DataLoader:
+    return DataLoader(TensorDataset(*data), batch_size=batch_size)
+
+
+def top1(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
+    with torch.inference_mode():
+        return 100.0 * int((model(data[0]).argmax(dim=1) == data[1]).sum()) / len(data[1])
+
+
+# ----------------------------------------------------------------------------------- selectivity
+
+
+def test_selectivity_index_known_answers():
+    # Columns: fires for class 0 only -> 1; same for all classes -> 0;
+    # mu_max = 2, mu_rest = (1 + 1) / 2 = 1 -> (2 - 1) / (2 + 1) = 1/3; silent everywhere -> 0 by definition.
+    class_means = torch.tensor([[3.0, 0.7, 2.0, 0.0], [0.0, 0.7, 1.0, 0.0], [0.0, 0.7, 1.0, 0.0]])
+    expected = torch.tensor([1.0, 0.0, 1.0 / 3.0, 0.0])
+    torch.testing.assert_close(selectivity_index(class_means), expected)
+
+
+def test_accumulator_averages_space_then_images_per_class():
+    # Channel 0: class 0 images have spatial means 1 and 3 (mean 2), class 1 and 2 images mean 1
+    # -> index 1/3 as above. Channel 1 is zero everywhere -> 0. Class 3 never appears and is left out.
+    acc = SelectivityAccumulator(4)
+    maps = torch.zeros(4, 2, 2, 2)
+    maps[0, 0] = torch.tensor([[0.0, 2.0], [1.0, 1.0]])  # mean 1
+    maps[1, 0] = 3.0
+    maps[2, 0] = torch.tensor([[2.0, 0.0], [2.0, 0.0]])  # mean 1
+    maps[3, 0] = 1.0
+    acc.update(maps[:3], torch.tensor([0, 0, 1]))
+    acc.update(maps[3:], torch.tensor([2]))
+    assert acc.images == 4
+    expected_means = torch.tensor([[2.0, 0.0], [1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(acc.class_means(), expected_means)
+    torch.testing.assert_close(acc.compute(), torch.tensor([1.0 / 3.0, 0.0], dtype=torch.float64))
+
+
+def test_streaming_equals_one_shot_numpy():
+    # Batches of 5 through the accumulator vs one numpy pass over all 37 images.
+    rng = np.random.default_rng(0)
+    activations = np.maximum(rng.normal(size=(37, 6, 3, 3)), 0)
+    labels = rng.integers(0, 4, size=37)
+    labels[:4] = np.arange(4)
+    acc = SelectivityAccumulator(4)
+    for start in range(0, 37, 5):
+        acc.update(torch.from_numpy(activations[start : start + 5]), torch.from_numpy(labels[start : start + 5]))
+    activity = activations.mean(axis=(2, 3))
+    means = np.stack([activity[labels == k].mean(axis=0) for k in range(4)])
+    mu_max = means.max(axis=0)
+    mu_rest = (means.sum(axis=0) - mu_max) / 3
+    np.testing.assert_allclose(acc.compute().numpy(), (mu_max - mu_rest) / (mu_max + mu_rest), rtol=1e-12)
+
+
+def test_accumulator_rejects_bad_input():
+    with pytest.raises(ValueError, match="num_classes"):
+        SelectivityAccumulator(1)
+    acc = SelectivityAccumulator(3)
+    with pytest.raises(ValueError, match="labels must lie"):
+        acc.update(torch.ones(2, 4), torch.tensor([0, 3]))
+    acc.update(torch.ones(2, 4), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        acc.compute()
+
+
+def test_class_selectivity_on_model_streams_like_one_batch(ge_model, data):
+    # Batches of 7 vs one batch of all 48 images: eval-mode units see each image alone, so equal up to
+    # float32 convolution rounding, which depends on the batch shape (~1e-7).
+    units = {label: module for label, (_, module) in stage_units(ge_model, "stage3").items()}
+    assert list(units) == ["stage3_1", "stage3_2", "stage3_3"]
+    streamed = class_selectivity(ge_model, loader(data, 7), units=units, num_classes=NUM_CLASSES, progress=False)
+    whole = class_selectivity(ge_model, loader(data, 48), units=units, num_classes=NUM_CLASSES, progress=False)
+    for label in units:
+        torch.testing.assert_close(streamed[label].compute(), whole[label].compute(), rtol=1e-5, atol=1e-6)
+        # Post-ReLU outputs are non-negative, so every index lies in [0, 1].
+        index = streamed[label].compute()
+        assert index.shape == (16,) and index.min() >= 0 and index.max() <= 1
+
+
+# --------------------------------------------------------------------------------------- units
+
+
+def test_unit_names_follow_the_paper():
+    resnet = models.create_model("resnet50", num_classes=3, input_size=64)
+    assert resolve_unit(resnet, "conv5_1")[0] == f"{resnet.stage_names['conv5_x']}.0"
+    assert resolve_unit(resnet, "conv4-6")[0] == f"{resnet.stage_names['conv4_x']}.5"
+    assert list(stage_units(resnet, "conv4_x")) == [f"conv4_{i}" for i in range(1, 7)]
+    with pytest.raises(ValueError, match=r"units 1\.\.3"):
+        resolve_unit(resnet, "conv5_4")
+    with pytest.raises(ValueError, match="no_such"):
+        resolve_unit(resnet, "no_such")
+    with pytest.raises(ValueError, match="excite gates"):
+        find_gate_probe(resolve_unit(resnet, "conv5_1")[1])
+
+
+# --------------------------------------------------------------------------------------- pruning
+
+
+def test_prune_mask_orders_are_complementary_at_half():
+    # Gates of 8 channels (image 0 ranks them 3,1,4,... ascending, with ties on image 1).
+    gate = torch.tensor([[0.9, 0.2, 0.6, 0.1, 0.3, 0.8, 0.7, 0.5], [0.5] * 4 + [0.4] * 4]).view(2, 8, 1, 1)
+    asc = prune_mask(gate, ratio=0.5, order="asc")
+    des = prune_mask(gate, ratio=0.5, order="des")
+    # Image 0: the four smallest gates (0.1, 0.2, 0.3, 0.5 -> channels 3, 1, 4, 7) are dropped by asc.
+    assert asc[0].tolist() == [1, 0, 1, 0, 0, 1, 1, 0]
+    torch.testing.assert_close(asc + des, torch.ones(2, 8))
+    assert (asc.sum(dim=1) == 4).all()
+    # Spatial gates rank by their spatial mean.
+    spatial = torch.tensor([[[[0.0, 1.0]], [[0.4, 0.4]]]])  # means 0.5 and 0.4
+    assert prune_mask(spatial, ratio=0.5, order="asc").tolist() == [[1.0, 0.0]]
+    with pytest.raises(ValueError, match="order"):
+        prune_mask(gate, ratio=0.5, order="up")
+
+
+def test_pruning_zeroes_complementary_gate_channels_in_the_model(ge_model, data):
+    unit = resolve_unit(ge_model, "stage3_2")[1]
+    probe = find_gate_probe(unit)
+    seen: list[torch.Tensor] = []
+    with GatePruner(probe) as pruner, torch.inference_mode():
+        # A reader hook registered after the pruner sees the pruned gate.
+        handle = probe.register_forward_hook(lambda m, a, out: seen.append(out.clone()))
+        for order in ("asc", "des"):
+            pruner.ratio, pruner.order = 0.5, order
+            ge_model(data[0])
+        handle.remove()
+    asc_zero, des_zero = (g.flatten(1) == 0 for g in seen)
+    # Sigmoid gates are > 0, so the zeros are exactly the pruned channels: 8 of 16 each, disjoint, covering all.
+    assert (asc_zero.sum(dim=1) == 8).all() and (des_zero.sum(dim=1) == 8).all()
+    assert torch.equal(asc_zero ^ des_zero, torch.ones_like(asc_zero))
+
+
+def test_prune_curve_endpoints(ge_model, data):
+    baseline = tiny_model("cifar_resnet20", seed=3)
+    labels = ["stage3_1", "stage2_3"]
+    units = {label: resolve_unit(ge_model, label) for label in labels}
+    baseline_units = {label: resolve_unit(baseline, label) for label in labels}
+    report = prune_curves(ge_model, loader(data), units=units, ratios=[0, 0.5, 1], baseline=baseline,
+                          baseline_units=baseline_units, progress=False)
+    own = top1(ge_model, data)
+    assert own > 100.0 / NUM_CLASSES  # half the labels are the model's predictions
+    for row in report["units"]:
+        unit = units[row["unit"]][1]
+        with remove_branch(unit):
+            removed = top1(ge_model, data)
+        # Ratio 0 is the model's own accuracy exactly; ratio 1 is the model with the branch removed.
+        assert row["asc"][0] == row["des"][0] == row["model_ratio0"] == own
+        assert row["asc"][-1] == row["des"][-1] == row["model_ratio1"] == removed
+        with remove_branch(baseline_units[row["unit"]][1]):
+            assert row["baseline_ratio1"] == top1(baseline, data)
+        assert row["baseline_ratio0"] == top1(baseline, data)
+        assert row["pruned"] == [0, row["channels"] // 2, row["channels"]]
+    # The endpoints differ, so the equalities above tell ratio 0 from ratio 1.
+    assert all(row["model_ratio1"] != row["model_ratio0"] for row in report["units"])
+
+
+def test_gate_pruned_at_ratio_one_equals_branch_removed_logits(ge_model, data):
+    # Zeroing every gate channel zeroes the branch, so the logits match the identity-only unit exactly.
+    unit = resolve_unit(ge_model, "stage3_1")[1]
+    with torch.inference_mode():
+        with remove_branch(unit):
+            removed = ge_model(data[0])
+        with GatePruner(find_gate_probe(unit), ratio=1.0, order="des"):
+            pruned = ge_model(data[0])
+        plain = ge_model(data[0])
+    assert torch.equal(pruned, removed)
+    assert not torch.equal(plain, removed)
+
+
+def test_prune_rejects_bad_ratios_and_baseline_units(ge_model, data):
+    units = {"stage3_1": resolve_unit(ge_model, "stage3_1")}
+    with pytest.raises(ValueError, match="ratios"):
+        prune_curves(ge_model, loader(data), units=units, ratios=[0, 1.5], progress=False)
+    with pytest.raises(ValueError, match="baseline_units"):
+        prune_curves(ge_model, loader(data), units=units, ratios=[0], baseline=ge_model, baseline_units={},
+                     progress=False)
+
+
+# ---------------------------------------------------------------------------------------- curves
+
+
+def write_metrics(path, rows: list[dict[str, object]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = ["epoch", "step", "lr", "train/loss_step", "train/top1_err", "val/loss", "val/top1_err"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+
+
+def fake_run(root, name: str, model: str, errors: list[tuple[float, float]], final: float | None = None):
+    """A gex train --out folder: Lightning's metrics.csv (train and val on separate rows) and eval.json."""
+    run = root / name
+    rows: list[dict[str, object]] = []
+    for epoch, (train, val) in enumerate(errors):
+        rows.append({"epoch": epoch, "step": 10 * epoch + 4, "train/loss_step": 1.0})
+        rows.append({"epoch": epoch, "step": 10 * epoch + 9, "val/loss": 0.5, "val/top1_err": val})
+        rows.append({"epoch": epoch, "step": 10 * epoch + 9, "lr": 0.1, "train/top1_err": train})
+    write_metrics(run / "csv" / "metrics.csv", rows)
+    if final is not None:
+        (run / "eval.json").write_text(json.dumps({"model": model, "top1_err": final}))
+    return run
+
+
+def test_read_metrics_groups_lightning_rows_by_epoch(tmp_path):
+    run = fake_run(tmp_path, "base", "cifar_resnet20", [(50.0, 40.0), (30.0, 35.0), (20.0, 33.0)])
+    assert read_metrics(run) == {
+        "epoch": [1, 2, 3],
+        "train_top1_err": [50.0, 30.0, 20.0],
+        "val_top1_err": [40.0, 35.0, 33.0],
+    }
+
+
+def test_extent_report_orders_extents_and_uses_eval_json(tmp_path):
+    runs = [
+        fake_run(tmp_path, "g", "ge_theta_minus_cifar_resnet20", [(9.0, 9.0)], final=8.0),
+        fake_run(tmp_path, "e2", "ge_theta_minus_e2_cifar_resnet20", [(9.0, 11.0)], final=10.0),
+        fake_run(tmp_path, "e8", "ge_theta_minus_e8_cifar_resnet20", [(9.0, 9.5)]),
+        fake_run(tmp_path, "base", "cifar_resnet20", [(9.0, 12.0)], final=12.0),
+    ]
+    # e8 has no eval.json: its model is unknown -> clear error; with a results.json entry instead it joins.
+    with pytest.raises(ValueError, match="cannot tell its model"):
+        extent_report(runs)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"model": "ge_theta_minus_e8_cifar_resnet20", "top1_err": [9.0, 10.0]}]))
+    report = extent_report([*runs[:2], runs[3], results])
+    (group,) = report["variants"]
+    assert group["label"] == "GE-θ−"
+    assert [(p["extent"], p["top1_err"]) for p in group["points"]] == [(2, 10.0), (8, 9.5), ("global", 8.0)]
+    assert [b["top1_err"] for b in report["baselines"]] == [12.0]
+    assert model_extent("ge_theta_e4_resnet50") == ("ge_theta", 4)
+
+
+# --------------------------------------------------------------------------------------- figures
+
+
+def test_each_figure_renders_from_its_json_on_a_tiny_model(tmp_path, ge_model, data):
+    baseline = tiny_model("cifar_resnet20", seed=3)
+    results = []
+    for label, model in (("ResNet-20", baseline), ("GE-θ", ge_model)):
+        units = stage_units(model, "stage3")
+        accumulators = class_selectivity(model, loader(data), units={k: m for k, (_, m) in units.items()},
+                                         num_classes=NUM_CLASSES, progress=False)
+        results.append(({"label": label}, {k: (units[k][0], a) for k, a in accumulators.items()}))
+    selectivity = selectivity_report(results, stage="stage3", num_classes=NUM_CLASSES)
+    labels = ["stage3_1", "stage3_3"]
+    prune = prune_curves(ge_model, loader(data), units={u: resolve_unit(ge_model, u) for u in labels},
+                         ratios=[0, 0.25, 0.5, 0.75, 1], baseline=baseline,
+                         baseline_units={u: resolve_unit(baseline, u) for u in labels}, progress=False)
+    runs = [fake_run(tmp_path, f"r{i}", "cifar_resnet20", [(50.0 - i, 40.0 - i), (30.0, 35.0)]) for i in range(2)]
+    curves = epoch_curves_report(runs)
+    reports = {"selectivity": (selectivity, plot_selectivity), "prune": (prune, plot_prune),
+               "curves": (curves, plot_curves)}
+    for name, (report, plot) in reports.items():
+        png, path = write_report(report, plot, out_dir=tmp_path / "out", name=name)
+        assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        reloaded = load_report(path)
+        assert reloaded == json.loads(json.dumps(report))
+        figure = PLOTS[reloaded["analysis"]](reloaded)
+        # One panel per unit (selectivity: 3 units, prune: 2 units), two panels (train, val) for curves.
+        assert len(figure.axes) == {"selectivity": 3, "prune": 2, "curves": 2}[name]
+    assert [m["label"] for m in load_report(tmp_path / "out" / "selectivity.json")["models"]] == ["ResNet-20", "GE-θ"]
