@@ -346,3 +346,70 @@ def test_each_figure_renders_from_its_json_on_a_tiny_model(tmp_path, ge_model, d
         # One panel per unit (selectivity: 3 units, prune: 2 units), two panels (train, val) for curves.
         assert len(figure.axes) == {"selectivity": 3, "prune": 2, "curves": 2}[name]
     assert [m["label"] for m in load_report(tmp_path / "out" / "selectivity.json")["models"]] == ["ResNet-20", "GE-θ"]
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def write_idx(root, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Fashion-MNIST's IDX files (big-endian header, uint8 payload), gzipped."""
+    import gzip
+
+    n, h, w = images.shape
+    with gzip.open(root / f"{split}-images-idx3-ubyte.gz", "wb") as handle:
+        handle.write(np.array([0x803, n, h, w], dtype=">i4").tobytes() + images.astype(np.uint8).tobytes())
+    with gzip.open(root / f"{split}-labels-idx1-ubyte.gz", "wb") as handle:
+        handle.write(np.array([0x801, n], dtype=">i4").tobytes() + labels.astype(np.uint8).tobytes())
+
+
+def write_checkpoint(path, arch: str, data_root, seed: int):
+    """A checkpoint as gex train writes it: the module's weights and hyperparameters plus the datamodule's."""
+    import lightning
+
+    from gather_excite.data import ImageClassificationData
+    from gather_excite.engine import ClassificationModule
+
+    torch.manual_seed(seed)
+    module = ClassificationModule(arch, num_classes=10, in_chans=1, input_size=28, arch_kwargs={"width": 4})
+    datamodule = ImageClassificationData("fashion_mnist", str(data_root), batch_size=16, num_workers=0)
+    torch.save({
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        ImageClassificationData.CHECKPOINT_HYPER_PARAMS_KEY: dict(datamodule.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+        "epoch": 0,
+        "global_step": 0,
+    }, path)
+    return path
+
+
+def test_gex_analyze_commands_write_png_and_json(tmp_path, capsys):
+    from gather_excite.cli import main as gex
+
+    rng = np.random.default_rng(0)
+    data_root = tmp_path / "fashion"
+    data_root.mkdir()
+    for split in ("train", "t10k"):
+        write_idx(data_root, split, rng.integers(0, 256, size=(30, 28, 28)), np.arange(30) % 10)
+    base = write_checkpoint(tmp_path / "base.ckpt", "cifar_resnet20", data_root, seed=0)
+    ge = write_checkpoint(tmp_path / "ge.ckpt", "ge_theta_minus_cifar_resnet20", data_root, seed=1)
+    out = tmp_path / "out"
+    common = ["--out", str(out), "--no-progress", "--accelerator", "cpu", "--batch-size", "8"]
+    assert gex(["analyze", "selectivity", str(base), str(ge), "--labels", "base", "GE", *common]) == 0
+    assert gex(["analyze", "prune", str(ge), "--baseline", str(base), "--steps", "4", "--units", "stage3_1",
+                *common]) == 0
+    run = fake_run(tmp_path, "run", "cifar_resnet20", [(50.0, 40.0), (30.0, 35.0)])
+    assert gex(["analyze", "curves", str(run), "--out", str(out)]) == 0
+    selectivity = load_report(out / "selectivity.json")
+    # Default stage of a 3-stage CIFAR net is the penultimate one; 30 test images, 10 classes.
+    assert selectivity["stage"] == "stage2" and selectivity["data"]["images"] == 30
+    assert [len(m["units"]) for m in selectivity["models"]] == [3, 3]
+    prune = load_report(out / "prune.json")
+    assert prune["ratios"] == [0.0, 0.25, 0.5, 0.75, 1.0] and prune["baseline"]["model"] == "cifar_resnet20"
+    for name in ("selectivity", "prune", "curves"):
+        assert (out / f"{name}.png").stat().st_size > 10_000
+    assert gex(["analyze", "plot", str(out / "prune.json"), "--png", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").stat().st_size > 10_000
+    # A baseline has no excite gate to rank channels by: a clear error, exit status 2.
+    assert gex(["analyze", "prune", str(base), *common]) == 2
+    assert "excite gates" in capsys.readouterr().err

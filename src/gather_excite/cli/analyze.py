@@ -1,0 +1,235 @@
+"""``gex analyze``: the paper's Section 4 analyses of trained checkpoints, as ``<name>.png`` + ``<name>.json``.
+
+    gex analyze selectivity BASE.ckpt GE.ckpt --labels ResNet-50 GE-θ   # Figure 3
+    gex analyze prune GE.ckpt --baseline BASE.ckpt --units conv5_1     # Figure 5
+    gex analyze curves runs/base runs/ge                              # Figure 4
+    gex analyze curves runs/ge_e2 runs/ge_e4 runs/ge_e8 runs/ge --extent   # Figure 2
+    gex analyze plot out/prune.json                                  # re-draw a figure from its JSON
+
+Models and data load as ``gex eval`` loads them: the checkpoint rebuilds the network and the
+datamodule it was trained with, whose validation split (single centre crop) is analysed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["main"]
+
+SUBCOMMANDS = ("selectivity", "prune", "curves", "plot")
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data (as gex eval)")
+    group.add_argument("--data-root", default=None, help="data folder (default: the one the model was trained on)")
+    group.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
+    group.add_argument("--num-workers", type=int, default=None, help="data loader processes")
+    group.add_argument("--subset", type=int, default=None, help="analyse a fixed random subset of this many images")
+    group.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"), help="device (default auto)")
+
+
+def _add_output_flags(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--out", default="analysis", help="output folder (default ./analysis)")
+    parser.add_argument("--name", default=name, help=f"file stem of the PNG and JSON (default {name})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gex analyze",
+        description="The paper's Section 4 analyses; each writes <name>.png and <name>.json to --out.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+
+    selectivity = commands.add_parser(
+        "selectivity", help="class selectivity histograms of a stage's units, models overlaid (Figure 3)"
+    )
+    selectivity.add_argument("checkpoints", nargs="+", help="one or more .ckpt files (the first one's data is used)")
+    selectivity.add_argument("--labels", nargs="+", default=None, help="legend label per checkpoint")
+    selectivity.add_argument(
+        "--stage", default=None,
+        help="stage label (default: the penultimate stage, conv4_x for ImageNet ResNets as in the paper)",
+    )
+    _add_data_flags(selectivity)
+    _add_output_flags(selectivity, "selectivity")
+
+    prune = commands.add_parser("prune", help="accuracy against gate-ranked prune ratio, asc./des. (Figure 5)")
+    prune.add_argument("checkpoint", help="a GE or SE model's .ckpt")
+    prune.add_argument("--baseline", default=None, help="a baseline .ckpt: its ratio 0 and 1 points (black stars)")
+    prune.add_argument("--label", default=None, help="legend label of the model (default: its registry name)")
+    prune.add_argument("--baseline-label", default=None, help="legend label of the baseline")
+    prune.add_argument(
+        "--units", nargs="+", default=None,
+        help="units by paper label (conv5_1, stage3_2) or module path (default: first unit of the last 3 stages)",
+    )
+    prune.add_argument("--steps", type=int, default=10, help="ratios 0, 1/steps, ..., 1 (default 10)")
+    prune.add_argument("--ratios", type=float, nargs="+", default=None, help="explicit prune ratios in [0, 1]")
+    _add_data_flags(prune)
+    _add_output_flags(prune, "prune")
+
+    curves = commands.add_parser(
+        "curves", help="train/val top-1 error per epoch (Figure 4) or error against extent ratio (Figure 2)"
+    )
+    curves.add_argument("runs", nargs="+", help="gex train --out folders (or metrics.csv; results.json with --extent)")
+    curves.add_argument("--labels", nargs="+", default=None, help="legend label per run")
+    curves.add_argument("--extent", action="store_true", help="final error against extent ratio, a panel per variant")
+    _add_output_flags(curves, "curves")
+
+    plot = commands.add_parser("plot", help="re-draw a figure from a JSON report that gex analyze wrote")
+    plot.add_argument("report", help="a <name>.json written by gex analyze")
+    plot.add_argument("--png", default=None, help="PNG to write (default: beside the JSON)")
+    return parser
+
+
+def _device(accelerator: str) -> torch.device:
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise ValueError("--accelerator gpu: no CUDA device is available")
+    use_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_gpu else "cpu")
+
+
+def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = {"data_root": "root", "batch_size": "eval_batch_size", "num_workers": "num_workers", "subset": "val_subset"}
+    return {key: getattr(args, flag) for flag, key in names.items() if getattr(args, flag) is not None}
+
+
+def _load(checkpoint: str, args: argparse.Namespace):
+    """The checkpoint's module and its datamodule's validation loader, as gex eval loads them."""
+    from ..engine import load_for_evaluation
+
+    module, datamodule = load_for_evaluation(checkpoint, data=_data_overrides(args))
+    datamodule.setup("validate")
+    data = {
+        "dataset": datamodule.dataset,
+        "data_root": datamodule.root,
+        "split": "test" if datamodule.dataset != "imagefolder" else datamodule.val_split,
+        "num_classes": datamodule.num_classes,
+    }
+    return module, datamodule.val_dataloader(), data
+
+
+def _load_other(checkpoint: str, num_classes: int, what: str):
+    from ..engine import load_model
+
+    module = load_model(checkpoint)
+    if module.hparams["num_classes"] != num_classes:
+        raise ValueError(
+            f"{what} {checkpoint!r} has {module.hparams['num_classes']} classes but the data has {num_classes}"
+        )
+    return module
+
+
+def _info(module: Any, checkpoint: str, label: str | None) -> dict[str, Any]:
+    return {"label": label or module.hparams["arch"], "model": module.hparams["arch"], "checkpoint": str(checkpoint)}
+
+
+def _default_stage(net: torch.nn.Module) -> str:
+    stages = list(getattr(net, "stage_names", {}) or {})
+    if not stages:
+        raise ValueError(f"model {type(net).__name__} exposes no stage_names; pass --stage with a module path")
+    return stages[-2] if len(stages) > 1 else stages[0]
+
+
+def _selectivity(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    from ..analysis import class_selectivity, plot_selectivity, selectivity_report, stage_units
+
+    if args.labels is not None and len(args.labels) != len(args.checkpoints):
+        raise ValueError(f"--labels needs one label per checkpoint ({len(args.checkpoints)}), got {len(args.labels)}")
+    device = _device(args.accelerator)
+    first, loader, data = _load(args.checkpoints[0], args)
+    modules = [first] + [_load_other(c, data["num_classes"], "checkpoint") for c in args.checkpoints[1:]]
+    stage = args.stage or _default_stage(first.net)
+    results = []
+    for index, (module, checkpoint) in enumerate(zip(modules, args.checkpoints, strict=True)):
+        info = _info(module, checkpoint, args.labels[index] if args.labels else None)
+        units = stage_units(module.net, stage)
+        accumulators = class_selectivity(
+            module.net, loader, units={label: unit for label, (_, unit) in units.items()},
+            num_classes=data["num_classes"], device=device, progress=not args.no_progress,
+            desc=f"selectivity {info['label']}",
+        )
+        results.append((info, {label: (units[label][0], acc) for label, acc in accumulators.items()}))
+        module.cpu()
+    report = selectivity_report(results, stage=stage, num_classes=data["num_classes"])
+    first_unit = next(iter(results[0][1].values()))
+    report["data"] = {**data, "images": first_unit[1].images}
+    return report, plot_selectivity
+
+
+def _default_units(net: torch.nn.Module) -> list[str]:
+    from ..analysis import stage_units
+
+    stages = list(getattr(net, "stage_names", {}) or {})
+    if not stages:
+        raise ValueError(f"model {type(net).__name__} exposes no stage_names; pass --units")
+    return [next(iter(stage_units(net, stage))) for stage in stages[-3:]]
+
+
+def _prune(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    from ..analysis import plot_prune, prune_curves, resolve_unit
+
+    if args.ratios is not None:
+        ratios = args.ratios
+    elif args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    else:
+        ratios = [step / args.steps for step in range(args.steps + 1)]
+    device = _device(args.accelerator)
+    module, loader, data = _load(args.checkpoint, args)
+    labels = args.units or _default_units(module.net)
+    units = {label: resolve_unit(module.net, label) for label in labels}
+    baseline = baseline_units = None
+    if args.baseline is not None:
+        baseline = _load_other(args.baseline, data["num_classes"], "--baseline")
+        baseline_units = {label: resolve_unit(baseline.net, label) for label in labels}
+    report = prune_curves(
+        module.net, loader, units=units, ratios=ratios, device=device, progress=not args.no_progress,
+        baseline=baseline.net if baseline is not None else None, baseline_units=baseline_units,
+    )
+    report = {
+        "analysis": "prune",
+        "model": _info(module, args.checkpoint, args.label),
+        "baseline": _info(baseline, args.baseline, args.baseline_label) if baseline is not None else None,
+        "data": {**data, "images": report["images"]},
+        **{key: value for key, value in report.items() if key != "analysis"},
+    }
+    return report, plot_prune
+
+
+def _curves(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    from ..analysis import epoch_curves_report, extent_report, plot_curves
+
+    if args.extent:
+        if args.labels is not None:
+            raise ValueError("--labels applies to per-epoch curves; --extent labels each variant itself")
+        return extent_report(args.runs), plot_curves
+    return epoch_curves_report(args.runs, labels=args.labels), plot_curves
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one analysis and write its PNG and JSON (or re-draw a PNG from a JSON)."""
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from ..analysis import PLOTS, load_report, write_report
+
+    try:
+        if args.command == "plot":
+            report = load_report(args.report)
+            if report["analysis"] not in PLOTS:
+                raise ValueError(f"report analysis must be one of {sorted(PLOTS)}, got {report['analysis']!r}")
+            png = Path(args.png) if args.png else Path(args.report).with_suffix(".png")
+            PLOTS[report["analysis"]](report).savefig(png, dpi=120)
+            print(f"-> {png}")
+            return 0
+        run = {"selectivity": _selectivity, "prune": _prune, "curves": _curves}[args.command]
+        report, plot = run(args)
+        png, json_path = write_report(report, plot, out_dir=args.out, name=args.name)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"gex analyze {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    print(f"-> {png}\n-> {json_path}")
+    return 0
