@@ -87,6 +87,8 @@ def build_datamodule(config: dict[str, Any] | str | os.PathLike[str], **override
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict or a YAML path, got {type(config).__name__}")
     arguments = dict(config.get("init_args", config)) if "class_path" in config else dict(config)
+    # LightningCLI adds private entries such as ``_instantiator`` to saved hyperparameters.
+    arguments = {key: value for key, value in arguments.items() if not key.startswith("_")}
     arguments.update(overrides)
     return ImageClassificationData(**arguments)
 
