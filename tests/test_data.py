@@ -159,7 +159,7 @@ def test_missing_data_path_is_named(tmp_path: Path) -> None:
     data = ImageClassificationData("imagefolder", str(missing), num_workers=0)
     with pytest.raises(FileNotFoundError, match=re.escape(f"data path {str(missing)!r} does not exist")):
         data.setup("fit")
-    with pytest.raises(FileNotFoundError, match="does not exist.*dataset-fashion-mnist"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*dataset-fashion-mnist"):
         fashion_mnist_dataset(missing, train=True)
     with pytest.raises(FileNotFoundError, match="holds no CIFAR-10 batches"):
         cifar_dataset(tmp_path, num_classes=10, train=True)
