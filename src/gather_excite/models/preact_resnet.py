@@ -108,6 +108,7 @@ class PreActResNet(nn.Module):
         depth: 9n+2 for bottleneck units (164 = 18 a stage), 6n+2 for basic units.
         unit: ``"bottleneck"`` or ``"basic"``.
         widths: the branch widths of the three stages (bottleneck outputs are 4x these).
+        stem_width: output channels of the first 3x3 conv.
         units_per_stage: overrides the count derived from ``depth`` (the wide ResNets use it).
         dropout: dropout rate inside every branch (0 disables it).
         num_classes, in_chans: classifier outputs and input channels.
