@@ -297,6 +297,17 @@ def test_read_metrics_groups_lightning_rows_by_epoch(tmp_path):
     }
 
 
+def compare_results(path, variants: dict[str, list[list[tuple[float, float]]]]):
+    """A gex compare results.json: per variant, the final test error and the per-epoch curve of each seed."""
+    entries = []
+    for model, seeds in variants.items():
+        curves = [[{"epoch": e + 1, "train_top1_err": t, "test_top1_err": v} for e, (t, v) in enumerate(c)]
+                  for c in seeds]
+        entries.append({"label": model, "model": model, "test_top1_err": [c[-1][1] for c in seeds], "curves": curves})
+    path.write_text(json.dumps({"task": "test", "variants": entries}))
+    return path
+
+
 def test_extent_report_orders_extents_and_uses_eval_json(tmp_path):
     runs = [
         fake_run(tmp_path, "g", "ge_theta_minus_cifar_resnet20", [(9.0, 9.0)], final=8.0),
@@ -304,17 +315,35 @@ def test_extent_report_orders_extents_and_uses_eval_json(tmp_path):
         fake_run(tmp_path, "e8", "ge_theta_minus_e8_cifar_resnet20", [(9.0, 9.5)]),
         fake_run(tmp_path, "base", "cifar_resnet20", [(9.0, 12.0)], final=12.0),
     ]
-    # e8 has no eval.json: its model is unknown -> clear error; with a results.json entry instead it joins.
+    # e8 has no eval.json: its model is unknown -> clear error; from a results.json instead it joins
+    # with the mean over its two seeds, (9 + 10) / 2 = 9.5; SE has no extent and becomes a reference line.
     with pytest.raises(ValueError, match="cannot tell its model"):
         extent_report(runs)
-    results = tmp_path / "results.json"
-    results.write_text(json.dumps([{"model": "ge_theta_minus_e8_cifar_resnet20", "top1_err": [9.0, 10.0]}]))
+    results = compare_results(tmp_path / "results.json", {
+        "ge_theta_minus_e8_cifar_resnet20": [[(5.0, 9.0)], [(5.0, 10.0)]],
+        "se_cifar_resnet20": [[(5.0, 7.0)]],
+    })
     report = extent_report([*runs[:2], runs[3], results])
     (group,) = report["variants"]
     assert group["label"] == "GE-θ−"
     assert [(p["extent"], p["top1_err"]) for p in group["points"]] == [(2, 10.0), (8, 9.5), ("global", 8.0)]
-    assert [b["top1_err"] for b in report["baselines"]] == [12.0]
+    assert [(r["model"], r["top1_err"]) for r in report["references"]] == [
+        ("cifar_resnet20", 12.0), ("se_cifar_resnet20", 7.0)]
     assert model_extent("ge_theta_e4_resnet50") == ("ge_theta", 4)
+
+
+def test_epoch_curves_from_compare_results_average_seeds(tmp_path):
+    results = compare_results(tmp_path / "results.json", {
+        "cifar_resnet20": [[(40.0, 30.0), (20.0, 25.0)], [(42.0, 32.0), (22.0, 27.0)]],
+    })
+    run = fake_run(tmp_path, "run", "cifar_resnet20", [(50.0, 40.0)])
+    report = epoch_curves_report([results, run], labels=["compare", "train"])
+    first, second = report["runs"]
+    assert (first["label"], first["epoch"], first["train_top1_err"], first["val_top1_err"]) == (
+        "compare", [1, 2], [41.0, 21.0], [31.0, 26.0])
+    assert (second["label"], second["val_top1_err"]) == ("train", [40.0])
+    with pytest.raises(ValueError, match="one label per curve"):
+        epoch_curves_report([results, run], labels=["only one"])
 
 
 # --------------------------------------------------------------------------------------- figures

@@ -2,8 +2,8 @@
 
 A run is the ``--out`` folder of ``gex train``: its Lightning CSV log ``csv/metrics.csv``
 (``train/top1_err`` and ``val/top1_err`` logged once an epoch, in %), and, when the run was
-evaluated, ``eval.json`` (``model``, ``top1_err``). ``gex compare``'s ``results.json`` (one
-object per variant with ``model`` and ``top1_err`` per seed) also feeds the extent plot.
+evaluated, ``eval.json`` (``model``, ``top1_err``). ``gex compare``'s ``results.json`` (``variants``:
+per variant its ``model``, ``test_top1_err`` per seed and per-epoch ``curves`` per seed) feeds both plots.
 """
 
 from __future__ import annotations
@@ -119,18 +119,68 @@ def read_run(path: str | Path, *, label: str | None = None) -> dict[str, Any]:
     return info
 
 
+def _is_results_json(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".json"
+
+
+def _compare_variants(path: Path) -> list[dict[str, Any]]:
+    data = json.loads(path.read_text())
+    entries = data.get("variants") if isinstance(data, dict) else data
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "model" in e for e in entries):
+        raise ValueError(f"{str(path)!r} is not a gex compare results.json (a list of 'variants' with 'model')")
+    return entries
+
+
+def _mean_or_none(values: list[Any]) -> float | None:
+    numbers = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def _compare_curves(path: Path) -> list[dict[str, Any]]:
+    """Per variant of a gex compare results.json: train/test error per epoch, averaged over seeds."""
+    rows = []
+    for entry in _compare_variants(path):
+        histories = entry.get("curves") or []
+        if not histories:
+            raise ValueError(f"{str(path)!r}: variant {entry['model']!r} holds no per-epoch 'curves'")
+        epochs = sorted({row["epoch"] for history in histories for row in history})
+        by_epoch = [[row for history in histories for row in history if row["epoch"] == e] for e in epochs]
+        rows.append({
+            "path": str(path),
+            "label": entry.get("label", entry["model"]),
+            "model": entry["model"],
+            "epoch": epochs,
+            "train_top1_err": [_mean_or_none([r.get("train_top1_err") for r in rs]) for rs in by_epoch],
+            "val_top1_err": [_mean_or_none([r.get("test_top1_err", r.get("val_top1_err")) for r in rs])
+                             for rs in by_epoch],
+            "seeds": len(histories),
+        })
+    return rows
+
+
 def epoch_curves_report(runs: Sequence[str | Path], *, labels: Sequence[str] | None = None) -> dict[str, Any]:
-    """Figure 4 data: per run, top-1 train and validation error per epoch."""
+    """Figure 4 data: per run, top-1 train and validation error per epoch.
+
+    ``runs`` are run folders or ``metrics.csv`` files (one curve each) or ``gex compare``
+    ``results.json`` files (one curve per variant, the mean over its seeds).
+    """
     if not runs:
         raise ValueError("runs must name at least one run folder or metrics.csv")
-    if labels is not None and len(labels) != len(runs):
-        raise ValueError(f"labels must give one label per run ({len(runs)}), got {len(labels)}")
     rows = []
-    for index, run in enumerate(runs):
-        info = read_run(run, label=labels[index] if labels else None)
+    for run in runs:
+        path = Path(run)
+        if _is_results_json(path):
+            rows += _compare_curves(path)
+            continue
+        info = read_run(path)
         if "epoch" not in info:
             raise ValueError(f"run {str(run)!r} has no metrics.csv to draw per-epoch curves from")
         rows.append(info)
+    if labels is not None:
+        if len(labels) != len(rows):
+            raise ValueError(f"labels must give one label per curve ({len(rows)}), got {len(labels)}")
+        for row, label in zip(rows, labels, strict=True):
+            row["label"] = label
     return {"analysis": "curves", "kind": "epochs", "runs": rows}
 
 
@@ -148,22 +198,16 @@ def model_extent(model: str) -> tuple[str | None, int | str | None]:
     return spec, "global"
 
 
-def _compare_entries(path: Path) -> list[dict[str, Any]]:
-    data = json.loads(path.read_text())
-    entries = data.get("variants", data.get("results")) if isinstance(data, dict) else data
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and "model" in e for e in entries):
-        raise ValueError(f"{str(path)!r} is not a gex compare results.json (a list of objects with 'model')")
+def _compare_errors(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for entry in entries:
+    for entry in _compare_variants(path):
         errors = entry.get("top1_err", entry.get("test_top1_err"))
         errors = errors if isinstance(errors, list) else [errors]
-        errors = [float(e) for e in errors if e is not None]
         rows.append({
             "path": str(path),
             "label": entry.get("label", entry["model"]),
             "model": entry["model"],
-            "top1_err": sum(errors) / len(errors) if errors else None,
-            "top1_err_seeds": errors,
+            "top1_err": _mean_or_none(errors),
         })
     return rows
 
@@ -172,16 +216,17 @@ def extent_report(runs: Sequence[str | Path]) -> dict[str, Any]:
     """Figure 2 data: final top-1 error of each run against its extent ratio, a line per context variant.
 
     ``runs`` are ``gex train`` run folders (model from ``eval.json`` or the checkpoint) or
-    ``gex compare`` ``results.json`` files. Baseline runs become reference lines.
+    ``gex compare`` ``results.json`` files (mean over seeds). Runs without an extent ratio
+    (the baseline, SE) become horizontal reference lines.
     """
     if not runs:
         raise ValueError("runs must name at least one run folder or results.json")
     entries: list[dict[str, Any]] = []
     for run in runs:
         path = Path(run)
-        entries += _compare_entries(path) if path.is_file() and path.suffix == ".json" else [read_run(path)]
+        entries += _compare_errors(path) if _is_results_json(path) else [read_run(path)]
     variants: dict[str, dict[str, Any]] = {}
-    baselines = []
+    references = []
     for entry in entries:
         if not entry.get("model"):
             raise ValueError(f"run {entry['path']!r}: cannot tell its model (no eval.json or checkpoint)")
@@ -189,17 +234,15 @@ def extent_report(runs: Sequence[str | Path]) -> dict[str, Any]:
             raise ValueError(f"run {entry['path']!r}: no top-1 error (no eval.json and no val/top1_err logged)")
         variant, extent = model_extent(entry["model"])
         point = {"extent": extent, "top1_err": entry["top1_err"], "model": entry["model"], "run": entry["path"]}
-        if variant is None:
-            baselines.append({"label": entry["label"], **point})
+        if variant is None or variant == "se":
+            references.append({"label": entry["label"], **point})
             continue
-        if extent is None or variant == "se":
-            raise ValueError(f"run {entry['path']!r}: model {entry['model']!r} has no extent ratio")
         group = variants.setdefault(variant, {"variant": variant, "label": _VARIANT_NAMES.get(variant, variant),
                                               "points": []})
         group["points"].append(point)
     for group in variants.values():
         group["points"].sort(key=lambda p: math.inf if p["extent"] == "global" else p["extent"])
-    return {"analysis": "curves", "kind": "extent", "variants": list(variants.values()), "baselines": baselines}
+    return {"analysis": "curves", "kind": "extent", "variants": list(variants.values()), "references": references}
 
 
 def _plot_epochs(report: Mapping[str, Any]) -> Figure:
@@ -229,9 +272,9 @@ def _plot_extent(report: Mapping[str, Any]) -> Figure:
     for ax, group in zip(axes, variants, strict=True):
         ticks = [str(p["extent"]) if p["extent"] == "global" else f"E{p['extent']}" for p in group["points"]]
         ax.plot(range(len(ticks)), [p["top1_err"] for p in group["points"]], "-o", label=group["label"])
-        for index, baseline in enumerate(report["baselines"]):
-            ax.axhline(baseline["top1_err"], color="black", linestyle="--" if index == 0 else ":",
-                       label=f"{baseline['label']} ({baseline['top1_err']:.2f})")
+        for index, reference in enumerate(report["references"]):
+            ax.axhline(reference["top1_err"], color=f"C{index + 1}", linestyle="--",
+                       label=f"{reference['label']} ({reference['top1_err']:.2f})")
         ax.set_xticks(range(len(ticks)), ticks)
         ax.set_title(group["label"])
         ax.set_xlabel("extent ratio")
