@@ -134,7 +134,8 @@ class GexCLI(LightningCLI):
         if kwargs.get("logger") in (None, True):
             kwargs["logger"] = [
                 TensorBoardLogger(str(out), name="", version="tensorboard", default_hp_metric=False),
-                CSVLogger(str(out), name="", version="csv"),
+                # A fresh version_N per (re)start: CSVLogger deletes an existing metrics.csv it reopens.
+                CSVLogger(str(out), name="csv"),
             ]
         plugins = kwargs.pop("plugins", None) or []
         plugins = [plugins] if not isinstance(plugins, list) else list(plugins)
@@ -144,6 +145,12 @@ class GexCLI(LightningCLI):
 
 def _resume_path(resume: str | None, out: Path) -> str | None:
     if resume is None:
+        existing = out / "checkpoints" / LAST_CHECKPOINT
+        if existing.is_file():
+            raise FileExistsError(
+                f"--out {out} already holds a run ({existing}); pass --resume last to continue it, "
+                f"or choose another --out (nothing was overwritten)"
+            )
         return None
     path = out / "checkpoints" / LAST_CHECKPOINT if resume in ("last", "auto", "true") else Path(resume)
     if not path.is_file():
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate(cli.model, cli.datamodule, checkpoint=str(out / "checkpoints" / LAST_CHECKPOINT))
             path = write_eval_json(result, out / "eval.json")
             print(f"top-1 error {result['top1_err']:.2f}%  top-5 error {result['top5_err']:.2f}%  -> {path}")
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
         print(f"gex train: error: {err}", file=sys.stderr)
         return 2
     return 0

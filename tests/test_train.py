@@ -1,0 +1,259 @@
+"""gex train / gex eval on tiny real-format data: loss falls, eval JSON, checkpoints, resume, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from gather_excite import create_model
+from gather_excite.cli import evaluate as eval_cli
+from gather_excite.cli import train as train_cli
+from gather_excite.engine import atomic_torch_save, load_for_evaluation, load_model
+from test_data import write_cifar10, write_fashion_idx, write_image_folder
+
+TRAINER = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "enable_model_summary": False,
+    "enable_progress_bar": False,
+    "log_every_n_steps": 1,
+    "num_sanity_val_steps": 0,
+}
+
+
+def write_config(path: Path, *, model: dict[str, Any], data: dict[str, Any], epochs: int) -> Path:
+    config = {
+        "seed_everything": 0,
+        "model": {"lr": 0.05, "weight_decay": 0.0, "schedule": "constant", **model},
+        "data": {"num_workers": 0, "augment": False, **data},
+        "trainer": {**TRAINER, "max_epochs": epochs},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def epoch_losses(out: Path) -> list[float]:
+    with open(out / "csv" / "version_0" / "metrics.csv") as handle:
+        return [float(row["train/loss_epoch"]) for row in csv.DictReader(handle) if row.get("train/loss_epoch")]
+
+
+def assert_plain(value: Any, where: str = "hyper_parameters") -> None:
+    """Only the types torch.load(weights_only=True) accepts without allow-listing."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            assert isinstance(key, str), where
+            assert_plain(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            assert_plain(item, f"{where}[{index}]")
+    else:
+        assert value is None or isinstance(value, (bool, int, float, str)), f"{where} is {type(value).__name__}"
+
+
+DATASETS = {
+    # name -> (writer, model settings, data settings)
+    "imagefolder": (
+        lambda root: write_image_folder(root, per_class=6),
+        {"num_classes": 2, "in_chans": 3, "input_size": 16},
+        {"dataset": "imagefolder", "batch_size": 4, "crop_size": 16, "resize_size": 18},
+    ),
+    "cifar10": (
+        lambda root: write_cifar10(root, per_batch=8),
+        {"num_classes": 10, "in_chans": 3, "input_size": 32},
+        {"dataset": "cifar10", "batch_size": 8},
+    ),
+    "fashion_mnist": (
+        lambda root: write_fashion_idx(root, train=48, test=16),
+        {"num_classes": 10, "in_chans": 1, "input_size": 28},
+        {"dataset": "fashion_mnist", "batch_size": 12},
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def _private_cache_one_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # Tiny convs gain nothing from threads, and OpenMP spin-waits crawl on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_tiny(tmp_path: Path, dataset: str, *, epochs: int, arch: str = "cifar_resnet20") -> Path:
+    writer, model, data = DATASETS[dataset]
+    root = writer(tmp_path / "data")
+    config = write_config(
+        tmp_path / "config.yaml",
+        model={"arch": arch, "arch_kwargs": {"width": 4}, **model},
+        data={"root": str(root), **data},
+        epochs=epochs,
+    )
+    out = tmp_path / "run"
+    assert train_cli.main(["--config", str(config), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("dataset", list(DATASETS))
+def test_training_lowers_the_loss_and_eval_writes_json(tmp_path: Path, dataset: str) -> None:
+    out = train_tiny(tmp_path, dataset, epochs=4)
+    losses = epoch_losses(out)
+    # Classes that differ in mean brightness: four epochs of SGD must cut the mean training loss.
+    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
+    result = json.loads((out / "eval.json").read_text())
+    model, data = DATASETS[dataset][1], DATASETS[dataset][2]
+    expected_params = sum(p.numel() for p in create_model("cifar_resnet20", width=4, **model).parameters())
+    assert result["model"] == "cifar_resnet20" and result["dataset"] == data["dataset"]
+    assert result["params"] == expected_params and result["macs"] > 0
+    assert 0.0 <= result["top5_err"] <= result["top1_err"] <= 100.0
+    assert result["crop"] == [model["in_chans"], model["input_size"], model["input_size"]]
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 3
+    assert_plain(checkpoint["hyper_parameters"])
+    assert_plain(checkpoint["datamodule_hyper_parameters"], "datamodule_hyper_parameters")
+
+
+def test_gex_eval_and_load_for_evaluation_agree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = train_tiny(tmp_path, "fashion_mnist", epochs=1)
+    checkpoint = out / "checkpoints" / "last.ckpt"
+    assert eval_cli.main([str(checkpoint), "--out", str(tmp_path / "e.json"), "--accelerator", "cpu"]) == 0
+    written = json.loads((tmp_path / "e.json").read_text())
+    module, data = load_for_evaluation(checkpoint)
+    data.setup("validate")
+    images, labels = zip(*(data.val_set[i] for i in range(len(data.val_set))), strict=True)
+    with torch.no_grad():
+        predictions = module(torch.stack(images)).argmax(1)
+    # The JSON's top-1 error equals the error recomputed by hand from the loaded model.
+    by_hand = 100.0 * (predictions != torch.tensor(labels)).float().mean().item()
+    assert written["top1_err"] == pytest.approx(by_hand, abs=1e-4) and written["num_images"] == 16
+    with pytest.raises(ValueError, match=r"num_classes: checkpoint 10, requested 100"):
+        load_model(checkpoint, num_classes=100)
+    fresh = load_model("ge_theta_cifar_resnet20", num_classes=7, input_size=32)
+    assert fresh.net.fc.out_features == 7 and not fresh.training
+
+
+def test_resuming_a_different_model_names_the_difference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = train_tiny(tmp_path, "fashion_mnist", epochs=1)
+    last = out / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    code = train_cli.main(
+        [
+            *("--config", str(tmp_path / "config.yaml"), "--out", str(out), "--resume", "last"),
+            *("--model.arch", "se_cifar_resnet20", "--trainer.max_epochs", "2"),
+        ]
+    )
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "arch: checkpoint 'cifar_resnet20', this run 'se_cifar_resnet20'" in error, error
+    assert last.read_bytes() == before  # nothing lost
+
+
+def test_resume_continues_and_a_fresh_run_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = train_tiny(tmp_path, "fashion_mnist", epochs=1)
+    config = str(tmp_path / "config.yaml")
+    assert train_cli.main(["--config", config, "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert train_cli.main(["--config", config, "--out", str(out), "--resume", "last", "--trainer.max_epochs", "2"]) == 0
+    final = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    # 48 images in batches of 12: 4 steps an epoch; the second epoch continued from step 4.
+    assert final["epoch"] == 1 and final["global_step"] == 8
+    # The first run's CSV log survives the restart (the resumed run writes version_1).
+    assert len(epoch_losses(out)) == 1 and (out / "csv" / "version_1" / "metrics.csv").is_file()
+
+
+def test_unknown_config_key_names_it_and_the_valid_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  arch: cifar_resnet20\n  learning_rate: 0.1\n")
+    assert train_cli.main(["--config", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert "unknown config key 'model.learning_rate'" in error
+    assert "valid keys of 'model': arch, num_classes" in error and "lr" in error
+    assert train_cli.main(["--data.batchsize", "8"]) == 2
+    assert (
+        "unknown config key 'data.batchsize' in the command line (did you mean 'batch_size'" in capsys.readouterr().err
+    )
+
+
+def test_print_config_and_packaged_recipes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_cli.main(["--config", "imagenet_ge_theta_resnet50", "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    # Section 3 recipe: batch 256, lr 0.1 divided by 10 at plateaus three times, momentum 0.9.
+    assert printed["model"]["arch"] == "ge_theta_resnet50" and printed["data"]["batch_size"] == 256
+    assert printed["model"]["lr"] == 0.1 and printed["model"]["schedule"] == "plateau"
+    assert printed["model"]["plateau_drops"] == 3 and printed["model"]["momentum"] == 0.9
+
+
+def test_every_packaged_recipe_parses() -> None:
+    recipes = sorted(train_cli.config_dir().glob("*.yaml"))
+    # ImageNet 2x5 + Figure 4 (2) + ShuffleNet 7 + CIFAR 2x3x5 + Fashion-MNIST 5.
+    assert len(recipes) == 54
+    for recipe in recipes:
+        train_cli.check_config_keys(["--config", str(recipe)])
+        text = recipe.read_text()
+        assert "Section" in text.split("\n", 1)[0] or "counterpart" in text, recipe.name
+
+
+def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def dying_save(obj: Any, handle: Any, *args: Any, **kwargs: Any) -> None:
+        handle.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"epoch": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    # The old checkpoint is intact and no temporary file is left behind.
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.slow
+def test_kill_mid_epoch_then_resume_finishes(tmp_path: Path) -> None:
+    root = write_fashion_idx(tmp_path / "data", train=600, test=20)
+    config = write_config(
+        tmp_path / "config.yaml",
+        model={
+            "arch": "cifar_resnet20",
+            "arch_kwargs": {"width": 4},
+            "num_classes": 10,
+            "in_chans": 1,
+            "input_size": 28,
+        },
+        data={"root": str(root), "dataset": "fashion_mnist", "batch_size": 10},
+        epochs=3,
+    )
+    out = tmp_path / "run"
+    command = [sys.executable, "-c", "import sys; from gather_excite.cli import main; sys.exit(main())", "train"]
+    command += ["--config", str(config), "--out", str(out), "--eval_after", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = out / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # well inside epoch 2 (60 steps an epoch)
+    assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed = torch.load(last, weights_only=True)
+    assert killed["epoch"] == 0 and killed["global_step"] == 60  # the end of epoch 1 of 3
+    resumed = subprocess.run([*command, "--resume", "last"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    final = torch.load(last, weights_only=True)
+    # Continued from step 60 to the end: 3 epochs of 60 steps in all.
+    assert final["epoch"] == 2 and final["global_step"] == 180
