@@ -131,7 +131,7 @@ class ClassificationModule(L.LightningModule):
         getattr(self, f"{stage}_top1").update(logits, targets)
         getattr(self, f"{stage}_top5").update(logits, targets)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step)
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -147,12 +147,12 @@ class ClassificationModule(L.LightningModule):
         # compute() syncs the counts over all processes, so the error is that of the whole split.
         for k in ("top1", "top5"):
             metric = getattr(self, f"{stage}_{k}")
-            self.log(f"{stage}/{k}_err", 100.0 * (1.0 - metric.compute()), prog_bar=k == "top1")
+            self.log(f"{stage}/{k}_err", 100.0 * (1.0 - metric.compute()), prog_bar=k == "top1", sync_dist=True)
             metric.reset()
 
     def on_train_epoch_end(self) -> None:
         self._log_errors("train")
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_errors("val")
