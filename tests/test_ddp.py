@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from test_data import write_fashion_idx
 
 SCRIPT = textwrap.dedent(
