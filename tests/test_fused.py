@@ -35,6 +35,10 @@ def _unit(spec: str, channels: int, size: int, *, dtype=torch.float64, seed: int
     return bn, context
 
 
+def _fused_ran(out: torch.Tensor) -> bool:
+    return type(out.grad_fn).__name__ in ("ExciteMultiplyBackward", "ExciteAffineBackward")
+
+
 def _run(bn, context, z, *, lean: bool, grad_seed: int = 1):
     set_fused(lean)
     z = z.detach().clone().requires_grad_()
@@ -60,7 +64,7 @@ def _compare(spec, *, size, training, dtype=torch.float64, atol=1e-10, rtol=1e-1
             z = z.contiguous(memory_format=torch.channels_last)
         plain = _run(bn, context, z, lean=False, grad_seed=step)
         lean = _run(bn2, context2, z, lean=True, grad_seed=step)
-        assert lean[0].grad_fn is not None and "ExciteMultiply" in type(lean[0].grad_fn).__name__
+        assert _fused_ran(lean[0])
         torch.testing.assert_close(lean[0], plain[0], atol=atol, rtol=rtol)
         torch.testing.assert_close(lean[1], plain[1], atol=atol, rtol=rtol)
         for group in (2, 3):
@@ -90,8 +94,9 @@ def test_running_stats_cumulative_average_and_batch_count(spec):
 
 def test_no_running_stats():
     """track_running_stats=False: batch statistics in train and eval mode, as nn.BatchNorm2d does."""
-    _compare("ge_theta_e2", size=8, training=True, track_running_stats=False)
-    _compare("ge_theta_e2", size=8, training=False, track_running_stats=False)
+    for spec in ("ge_theta_e2", "se"):
+        _compare(spec, size=8, training=True, track_running_stats=False)
+        _compare(spec, size=8, training=False, track_running_stats=False)
 
 
 @pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e2", "ge_theta_e4", "ge_theta_plus", "se"])
@@ -103,25 +108,24 @@ def test_channels_last_equals_plain(spec, size):
 
 @pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e4", "ge_theta_plus_e2", "ge_theta", "se"])
 def test_bf16_autocast_close_to_plain(spec):
-    """Under bf16 autocast the output dtype matches and values agree to bf16 precision."""
+    """Under bf16 autocast the output dtype matches, and the fused path is as close to a float32
+    run as the plain path is: both round to bf16, in a different order."""
     bn, context = _unit(spec, 16, 8, dtype=torch.float32)
-    bn2, context2 = copy.deepcopy(bn), copy.deepcopy(context)
     z = torch.randn(4, 16, 8, 8)
-    results = []
-    for lean, (b, c) in ((False, (bn, context)), (True, (bn2, context2))):
+    results, dtypes = {}, {}
+    for name, lean, autocast in (("fp32", False, False), ("plain", False, True), ("lean", True, True)):
         set_fused(lean)
+        b, c = copy.deepcopy(bn), copy.deepcopy(context)
         x = z.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = bn_context(b, c, x.to(torch.bfloat16))
-        out.float().sum().backward()
-        results.append((out, x.grad, b.weight.grad, [p.grad for p in c.parameters()]))
-    (out_p, gx_p, gw_p, gc_p), (out_l, gx_l, gw_l, gc_l) = results
-    assert out_l.dtype == out_p.dtype == torch.bfloat16
-    torch.testing.assert_close(out_l.float(), out_p.float(), atol=3e-2, rtol=3e-2)
-    torch.testing.assert_close(gx_l, gx_p, atol=5e-2, rtol=5e-2)
-    torch.testing.assert_close(gw_l, gw_p, atol=2e-1, rtol=5e-2)
-    for a, b in zip(gc_l, gc_p, strict=True):
-        torch.testing.assert_close(a, b, atol=2e-1, rtol=5e-2)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = bn_context(b, c, x.to(torch.bfloat16) if autocast else x)
+        out.float().square().sum().backward()
+        dtypes[name] = out.dtype
+        results[name] = [out.float(), x.grad, b.weight.grad, b.bias.grad, *(p.grad for p in c.parameters())]
+    assert dtypes["lean"] == dtypes["plain"] == torch.bfloat16
+    for ref, plain, lean in zip(results["fp32"], results["plain"], results["lean"], strict=True):
+        plain_error, lean_error = (plain - ref).norm() / ref.norm(), (lean - ref).norm() / ref.norm()
+        assert lean_error <= 2 * plain_error + 1e-2, (float(lean_error), float(plain_error))
 
 
 @pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e2", "ge_theta_minus_max_e2", "ge_theta_e2",
@@ -184,7 +188,7 @@ def _compare_with(bn, context):
     bn2, context2 = copy.deepcopy(bn), copy.deepcopy(context)
     z = torch.randn(3, 8, 8, 8, dtype=torch.float64)
     plain, lean = _run(bn, context, z, lean=False), _run(bn2, context2, z, lean=True)
-    assert "ExciteMultiply" in type(lean[0].grad_fn).__name__
+    assert _fused_ran(lean[0])
     for group in (0, 1):
         torch.testing.assert_close(lean[group], plain[group], atol=1e-10, rtol=1e-10)
     for name in plain[2]:
@@ -200,7 +204,7 @@ def test_hooks_inside_the_context_module_take_the_plain_path():
     context.gather.register_forward_hook(lambda *args: calls.append(1))
     out = bn_context(bn, context, torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True))
     assert calls == [1]
-    assert "ExciteMultiply" not in type(out.grad_fn).__name__
+    assert not _fused_ran(out)
 
 
 @pytest.mark.parametrize("case", ["no_grad", "identity", "sync_bn", "disabled"])
@@ -220,7 +224,7 @@ def test_plain_path_cases(case):
         assert out.grad_fn is None
     else:
         out = bn_context(bn, context, z)
-        assert "ExciteMultiply" not in type(out.grad_fn).__name__
+        assert not _fused_ran(out)
     torch.testing.assert_close(out, context(bn(z)))
 
 

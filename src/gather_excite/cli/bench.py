@@ -89,8 +89,21 @@ def saved_bytes(step: Callable[[], None], *, exclude: tuple[nn.Module, ...] = ()
     return sum(storages.values())
 
 
-def time_interleaved(steps: dict[str, Callable[[], None]], *, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each step, the steps' runs interleaved in rotating order."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], None]], *, repeats: int, warmup: int = 1, clock: str = "wall"
+) -> dict[str, float]:
+    """Median seconds per call of each step, the steps' runs interleaved in rotating order.
+
+    ``clock="cpu"`` counts the process's CPU time instead of wall-clock time: on a machine
+    shared with other jobs it is far less disturbed by them (use one thread, so that no time
+    is spent spinning in a thread pool).
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    timer = CLOCKS[clock]
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -98,9 +111,9 @@ def time_interleaved(steps: dict[str, Callable[[], None]], *, repeats: int, warm
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
+            start = timer()
             steps[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timer() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -148,6 +161,7 @@ def bench_op(
     batch: int = 8,
     repeats: int = 7,
     channels_last: bool = False,
+    clock: str = "wall",
     progress: Callable[[dict], None] | None = None,
 ) -> list[dict[str, object]]:
     """Forward+backward of BN + each context module: ours vs the plain composition vs timm's."""
@@ -168,10 +182,12 @@ def bench_op(
             }
             if timm_context is not None:
                 steps["timm"] = _op_step(bn, timm_context, z, grad, lean=False)
-            seconds = time_interleaved(steps, repeats=repeats)
+            # The counted run doubles as the warm-up.
             memory = {name: saved_bytes(step, exclude=(bn, context)) for name, step in steps.items()}
+            seconds = time_interleaved(steps, repeats=repeats, warmup=0, clock=clock)
             row: dict[str, object] = {
-                "variant": spec, "channels": channels, "size": size, "batch": batch,
+                "variant": spec, "channels": channels, "size": size, "batch": batch, "clock": clock,
+                "channels_last": channels_last,
                 "seconds": seconds, "saved_bytes": memory, "timm_error": timm_error,
                 "time_vs_plain": seconds["ours"] / seconds["plain"],
                 "bytes_vs_plain": memory["ours"] / memory["plain"],
@@ -205,6 +221,7 @@ def bench_net(
     repeats: int = 3,
     channels_last: bool = False,
     compile: bool = False,
+    clock: str = "wall",
     progress: Callable[[dict], None] | None = None,
 ) -> list[dict[str, object]]:
     """Training step (forward, loss, backward, SGD) of each model, plain vs ours, vs ``models[0]``."""
@@ -224,15 +241,16 @@ def bench_net(
         paths = ("plain",) if name == models[0] or compile else ("plain", "ours")
         for path in paths:
             steps[f"{name}/{path}"] = _net_step(runner, x, target, lean=path == "ours")
-    seconds = time_interleaved(steps, repeats=repeats)
+    # The counted run doubles as the warm-up (and as the compile run under torch.compile).
     memory = {key: saved_bytes(step, exclude=(built[key.split("/")[0]],)) for key, step in steps.items()}
+    seconds = time_interleaved(steps, repeats=repeats, warmup=1 if compile else 0, clock=clock)
     base = f"{models[0]}/plain"
     rows = []
     for key in steps:
         name, path = key.split("/")
         row = {
             "model": name, "path": path, "batch": batch, "image_size": image_size,
-            "channels_last": channels_last, "compile": compile,
+            "channels_last": channels_last, "compile": compile, "clock": clock,
             "seconds": seconds[key], "saved_bytes": memory[key],
             "time_vs_baseline": seconds[key] / seconds[base], "bytes_vs_baseline": memory[key] / memory[base],
         }  # fmt: skip
@@ -297,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (op, net):
         p.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
         p.add_argument("--json", action="store_true", help="print the figures as JSON")
+        p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                       help="wall-clock time, or the process's CPU time (steadier on a shared machine)")  # fmt: skip
     return parser
 
 
@@ -314,12 +334,12 @@ def main(argv: list[str]) -> int:
         stages = tuple(STAGES[i - 1] for i in args.stages) if args.stages else STAGES
         progress = None if args.json else _print_op
         rows = bench_op(variants=tuple(args.variants), stages=stages, batch=args.batch, repeats=args.repeats,
-                        channels_last=args.channels_last, progress=progress)  # fmt: skip
+                        channels_last=args.channels_last, clock=args.clock, progress=progress)  # fmt: skip
     else:
         progress = None if args.json else _print_net
         rows = bench_net(models=tuple(args.models), batch=args.batch, image_size=args.image_size,
                          repeats=args.repeats, channels_last=args.channels_last, compile=args.compile,
-                         progress=progress)  # fmt: skip
+                         clock=args.clock, progress=progress)  # fmt: skip
     if args.json:
         print(json.dumps({"environment": env, "command": ["gex", "bench", *argv], "rows": rows}, indent=1))
     return 0

@@ -18,7 +18,15 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_globals
 
-from ._fused_autograd import BatchNormGather, ExciteMultiply, FirstGather, RecomputeCache
+from ._fused_autograd import (
+    BatchNormGather,
+    BatchNormMean,
+    ExciteAffine,
+    ExciteMultiply,
+    FirstGather,
+    MeanCache,
+    RecomputeCache,
+)
 from ._validate import accumulate_dtype, check_input
 from .gather import ConvGather, GlobalConvGather, PoolGather
 from .gather_excite import GatherExcite, SqueezeExcite
@@ -97,7 +105,7 @@ def _first_gather(context: nn.Module, size: tuple[int, int], dtype: torch.dtype)
         first = FirstGather("conv", stride=conv.stride[0], padding=conv.padding[0], groups=conv.groups)
         return first, conv.weight, _Chain(list(gather.layers)[1:], context)
     if type(gather) is GlobalConvGather:
-        return FirstGather("conv", groups=gather.conv.groups), gather.kernel_for(size), _Chain([gather.bn], context)
+        return FirstGather("global_conv"), gather.kernel_for(size), _Chain([gather.bn], context)
     if type(gather) is not PoolGather:
         return None
     if gather.mode == "avg" and gather.extent is None:
@@ -135,10 +143,19 @@ def _fused(bn: nn.BatchNorm2d, context: nn.Module, z: torch.Tensor) -> torch.Ten
     if bn.training and z.numel() // z.shape[1] <= 1:
         return context(bn(z))  # nn.BatchNorm2d raises its own error for one value per channel
     running_mean, running_var, use_batch_stats, factor = _bn_arguments(bn)
+    if first.kind == "mean":
+        mean_cache = MeanCache()
+        link, s, scale, shift = BatchNormMean.apply(
+            z, bn.weight, bn.bias, running_mean, running_var, use_batch_stats, factor, bn.eps, first.accumulate,
+            mean_cache,
+        )  # fmt: skip
+        logits = rest(s)
+        gate = context.gate(torch.sigmoid(logits.to(accumulate_dtype(logits.dtype))))
+        return ExciteAffine.apply(link, gate, z, scale, shift, mean_cache)
     cache = RecomputeCache()
     y, s, scale, shift = BatchNormGather.apply(
         z, bn.weight, bn.bias, gather_weight, running_mean, running_var, use_batch_stats, factor, bn.eps, first, cache
     )
     logits = rest(s)
     gate = context.gate(torch.sigmoid(logits.to(accumulate_dtype(logits.dtype))))
-    return ExciteMultiply.apply(y, gate, z, scale, shift, cache, first.kind in ("conv", "module"))
+    return ExciteMultiply.apply(y, gate, z, scale, shift, cache, first.kind in ("conv", "global_conv", "module"))
