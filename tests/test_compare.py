@@ -27,7 +27,7 @@ def test_compare_writes_table_results_and_curves(tmp_path: Path, capsys: pytest.
     root = write_fashion_idx(tmp_path / "data", train=64, test=20)
     out = tmp_path / "out"
     argv = ["--data-root", str(root), "--out", str(out), "--epochs", "2", "--seeds", "2", "--train-size", "0"]
-    argv += ["--width", "4", "--batch-size", "16", "--variants", "baseline,GE-θ+"]
+    argv += ["--width", "4", "--batch-size", "16", "--curve-size", "10", "--variants", "baseline,GE-θ+"]
     assert compare.main(argv) == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
