@@ -10,13 +10,14 @@ from typing import Any
 
 import yaml
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..data import ImageClassificationData
 from ..engine import (
     LAST_CHECKPOINT,
     AtomicCheckpointIO,
     ClassificationModule,
+    ResumableCSVLogger,
     TrainSpeed,
     checkpoint_callbacks,
     evaluate,
@@ -134,8 +135,7 @@ class GexCLI(LightningCLI):
         if kwargs.get("logger") in (None, True):
             kwargs["logger"] = [
                 TensorBoardLogger(str(out), name="", version="tensorboard", default_hp_metric=False),
-                # A fresh version_N per (re)start: CSVLogger deletes an existing metrics.csv it reopens.
-                CSVLogger(str(out), name="csv"),
+                ResumableCSVLogger(str(out), name="", version="csv"),
             ]
         plugins = kwargs.pop("plugins", None) or []
         plugins = [plugins] if not isinstance(plugins, list) else list(plugins)
@@ -199,10 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         ckpt_path = _resume_path(cli.config["resume"], out)
         _check_model_matches_data(cli.model, cli.datamodule)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
-        if cli.config["eval_after"] and cli.trainer.is_global_zero and not cli.trainer.interrupted:
-            result = evaluate(cli.model, cli.datamodule, checkpoint=str(out / "checkpoints" / LAST_CHECKPOINT))
-            path = write_eval_json(result, out / "eval.json")
-            print(f"top-1 error {result['top1_err']:.2f}%  top-5 error {result['top5_err']:.2f}%  -> {path}")
+        if cli.config["eval_after"] and not cli.trainer.interrupted:
+            # Every process takes part (torchmetrics syncs the counts); rank 0 writes the file.
+            last = str(out / "checkpoints" / LAST_CHECKPOINT)
+            result = evaluate(cli.model, cli.datamodule, trainer=cli.trainer, checkpoint=last)
+            if cli.trainer.is_global_zero:
+                path = write_eval_json(result, out / "eval.json")
+                print(f"top-1 error {result['top1_err']:.2f}%  top-5 error {result['top5_err']:.2f}%  -> {path}")
     except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
         print(f"gex train: error: {err}", file=sys.stderr)
         return 2

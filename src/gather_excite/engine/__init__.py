@@ -8,6 +8,7 @@ from .callbacks import TrainSpeed
 from .checkpoint import LAST_CHECKPOINT, AtomicCheckpointIO, atomic_torch_save, checkpoint_callbacks
 from .evaluation import evaluate, write_eval_json
 from .loading import build_datamodule, load_for_evaluation, load_model
+from .loggers import ResumableCSVLogger
 from .module import MODEL_KEYS, ClassificationModule, describe_model_mismatch
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "MODEL_KEYS",
     "AtomicCheckpointIO",
     "ClassificationModule",
+    "ResumableCSVLogger",
     "TrainSpeed",
     "atomic_torch_save",
     "build_datamodule",
