@@ -11,10 +11,12 @@ after the last epoch. Final weights stay in ``OUT/checkpoints/<model>/seed<k>/la
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +289,10 @@ def _positive(name: str, value: int, *, minimum: int = 1) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison, print the table, write ``results.json`` and ``curves.png`` under ``--out``."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    # 5 variants x seeds Trainers: keep Lightning's per-Trainer banners out of the table's way.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="lightning")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     try:
         for name in ("epochs", "seeds", "width", "batch_size"):
             _positive(name.replace("_", "-"), getattr(args, name))
