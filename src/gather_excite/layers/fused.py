@@ -108,7 +108,9 @@ def _first_gather(context: nn.Module, size: tuple[int, int], dtype: torch.dtype)
         return FirstGather("global_conv"), gather.kernel_for(size), _Chain([gather.bn], context)
     if type(gather) is not PoolGather:
         return None
-    if gather.mode == "avg" and gather.extent is None:
+    # An extent at least as large as the map pools each channel into one cell over the whole map
+    # (padding excluded from the mean): the global mean.
+    if gather.mode == "avg" and (gather.extent is None or gather.extent >= max(size)):
         first = FirstGather("mean", accumulate=accumulate_dtype(dtype))
     elif gather.mode == "avg":
         e = gather.extent
