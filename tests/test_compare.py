@@ -39,6 +39,15 @@ def test_compare_writes_table_results_and_curves(tmp_path: Path, capsys: pytest.
         assert variant["seeds"] == [0, 1] and len(variant["test_top1_err"]) == 2
         assert all(0.0 <= e <= 100.0 for e in variant["test_top1_err"]) and variant["train_images_per_s"][0] > 0
         assert [row["epoch"] for row in variant["curves"][1]] == [1, 2]
+        # Each row holds its own epoch's training error (the CSV log is the reference).
+        log = (out / "logs" / variant["model"] / "seed1" / "metrics.csv").read_text().splitlines()
+        header = log[0].split(",")
+        logged = [
+            float(r.split(",")[header.index("train/top1_err")])
+            for r in log[1:]
+            if r.split(",")[header.index("train/top1_err")]
+        ]
+        assert [row["train_top1_err"] for row in variant["curves"][1]] == pytest.approx(logged)
         mean = sum(variant["test_top1_err"]) / 2
         assert variant["test_top1_err_mean"] == pytest.approx(mean)
         # 20 test images: every error is a multiple of 5 %.

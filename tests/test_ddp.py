@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from test_data import write_fashion_idx
 
@@ -75,3 +77,25 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path: Path) -> None:
         assert torch.equal(tensor, ranks[1]["state"][name]), name
     # ... and the steps did change them (identical because nothing moved would prove nothing).
     assert not torch.equal(ranks[0]["state"]["fc.weight"], ranks[0]["initial"]["fc.weight"])
+
+
+@pytest.mark.slow  # two process start-ups plus training: ~40 s on 2 shared cores
+def test_gex_train_under_ddp_checkpoints_and_evaluates(tmp_path: Path) -> None:
+    root = write_fashion_idx(tmp_path / "data", train=64, test=16)
+    config = {
+        "model": {"arch": "cifar_resnet20", "num_classes": 10, "in_chans": 1, "input_size": 28},
+        "data": {"dataset": "fashion_mnist", "root": str(root), "batch_size": 16, "num_workers": 0},
+        "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_epochs": 2},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    command = [sys.executable, "-c", "import sys; from gather_excite.cli import main; sys.exit(main())", "train"]
+    command += ["--config", str(tmp_path / "config.yaml"), "--out", str(out), "--model.arch_kwargs", "{width: 4}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 64 images, global batch 16 over 2 processes: 4 steps an epoch, 2 epochs.
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 8
+    result = json.loads((out / "eval.json").read_text())
+    assert result["num_images"] == 16 and 0.0 <= result["top1_err"] <= 100.0

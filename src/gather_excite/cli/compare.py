@@ -57,17 +57,21 @@ class _Progress(L.Callback):
 
 
 class _History(L.Callback):
-    """Per-epoch train loss/error and test error of one run."""
+    """Per-epoch train loss/error and test-subset error of one run.
+
+    An epoch's row is taken when the next epoch starts (or training ends): callbacks'
+    ``on_train_epoch_end`` runs before the module logs its epoch errors, so reading there would
+    give the previous epoch's training error.
+    """
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Runs after the epoch's validation and after the module logged the train errors.
+    def _record(self, trainer: L.Trainer) -> None:
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
         self.rows.append(
             {
-                "epoch": trainer.current_epoch + 1,
+                "epoch": len(self.rows) + 1,
                 "train_loss": metrics.get("train/loss_epoch", math.nan),
                 "train_top1_err": metrics.get("train/top1_err", math.nan),
                 "curve_loss": metrics.get("val/loss", math.nan),
@@ -75,6 +79,13 @@ class _History(L.Callback):
                 "curve_top5_err": metrics.get("val/top5_err", math.nan),
             }
         )
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch > len(self.rows):
+            self._record(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._record(trainer)
 
 
 def _spread(values: list[float]) -> tuple[float, float]:
@@ -223,6 +234,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for entry in results["variants"]:
@@ -241,6 +253,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> Path:
     for axis, title in zip(axes, (curve_title, "training top-1 error (%)"), strict=True):
         axis.set_xlabel("epoch")
         axis.set_ylabel(title)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         axis.legend()
     figure.suptitle(
