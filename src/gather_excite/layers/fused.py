@@ -105,7 +105,8 @@ def _first_gather(context: nn.Module, size: tuple[int, int], dtype: torch.dtype)
         first = FirstGather("conv", stride=conv.stride[0], padding=conv.padding[0], groups=conv.groups)
         return first, conv.weight, _Chain(list(gather.layers)[1:], context)
     if type(gather) is GlobalConvGather:
-        return FirstGather("global_conv"), gather.kernel_for(size), _Chain([gather.bn], context)
+        first = FirstGather("global_conv", accumulate=accumulate_dtype(dtype))
+        return first, gather.kernel_for(size), _Chain([gather.bn], context)
     if type(gather) is not PoolGather:
         return None
     # An extent at least as large as the map pools each channel into one cell over the whole map
@@ -145,11 +146,11 @@ def _fused(bn: nn.BatchNorm2d, context: nn.Module, z: torch.Tensor) -> torch.Ten
     if bn.training and z.numel() // z.shape[1] <= 1:
         return context(bn(z))  # nn.BatchNorm2d raises its own error for one value per channel
     running_mean, running_var, use_batch_stats, factor = _bn_arguments(bn)
-    if first.kind == "mean":
+    if first.kind in ("mean", "global_conv"):
         mean_cache = MeanCache()
         link, s, scale, shift = BatchNormMean.apply(
-            z, bn.weight, bn.bias, running_mean, running_var, use_batch_stats, factor, bn.eps, first.accumulate,
-            mean_cache,
+            z, bn.weight, bn.bias, gather_weight, running_mean, running_var, use_batch_stats, factor, bn.eps,
+            first.accumulate, mean_cache,
         )  # fmt: skip
         logits = rest(s)
         gate = context.gate(torch.sigmoid(logits.to(accumulate_dtype(logits.dtype))))
