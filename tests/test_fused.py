@@ -255,3 +255,13 @@ def test_nearest_resize_equals_interpolate(small, big, channels_last):
     expected = F.interpolate(gate, size=big, mode="nearest")
     assert torch.equal(_nearest(gate, x), expected)
     assert torch.equal(GateBroadcast(gate, x, x.dtype).multiply(x), x * expected)
+
+
+def test_double_backward_raises_instead_of_being_wrong():
+    """The fused backward is first-order only: create_graph=True then a second backward raises."""
+    set_fused(True)
+    bn, context = _unit("ge_theta_minus_e2", 8, 8)
+    z = torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(bn_context(bn, context, z).square().sum(), z, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"once_differentiable|twice|double"):
+        grad.sum().backward()

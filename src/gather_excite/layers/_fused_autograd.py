@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "BatchNormGather",
@@ -205,6 +206,7 @@ class BatchNormGather(torch.autograd.Function):
         return y, s, scale, shift
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y, grad_s, _grad_scale, _grad_shift):
         z, weight, gather_weight, running_mean, running_var, mean, invstd, scale, shift = ctx.saved_tensors
         first: FirstGather = ctx.first
@@ -287,6 +289,7 @@ class ExciteMultiply(torch.autograd.Function):
         return GateBroadcast(gate, y, y.dtype).multiply(y)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         gate, z, scale, shift = ctx.saved_tensors
         excite = GateBroadcast(gate, z, ctx.y_dtype)
@@ -372,6 +375,7 @@ class BatchNormMean(torch.autograd.Function):
         return z.new_empty(0), s, scale, shift
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, _grad_link, grad_s, _grad_scale, _grad_shift):
         z, kernel, mean, invstd, scale, shift, z_dot, kernel_sum = ctx.saved_tensors
         cache: MeanCache = ctx.cache
@@ -435,6 +439,7 @@ class ExciteAffine(torch.autograd.Function):
         return torch.addcmul(_per_channel(shift) * gate, z, _per_channel(scale) * gate).to(z.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         gate, z, scale, shift = ctx.saved_tensors
         acc = torch.promote_types(gate.dtype, scale.dtype)
