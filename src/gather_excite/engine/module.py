@@ -131,7 +131,10 @@ class ClassificationModule(L.LightningModule):
         getattr(self, f"{stage}_top1").update(logits, targets)
         getattr(self, f"{stage}_top5").update(logits, targets)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True)
+        # The training loss is this process's mean: syncing it would add a collective that the
+        # rank-0 progress bar triggers before the other ranks reach it (a DDP deadlock). Errors
+        # are exact over all processes (torchmetrics counts, synced in compute()).
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step)
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
