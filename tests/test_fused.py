@@ -265,3 +265,17 @@ def test_double_backward_raises_instead_of_being_wrong():
     (grad,) = torch.autograd.grad(bn_context(bn, context, z).square().sum(), z, create_graph=True)
     with pytest.raises(RuntimeError, match=r"once_differentiable|twice|double"):
         grad.sum().backward()
+
+
+def test_sync_batchnorm_conversion_takes_the_plain_path_with_the_same_output():
+    """`trainer.sync_batchnorm` converts every BN to SyncBatchNorm; bn_context must then fall back to
+    the plain composition (the fused path handles plain BatchNorm2d only) and give the same logits."""
+    from gather_excite import create_model
+
+    torch.manual_seed(0)
+    model = create_model("ge_theta_plus_cifar_resnet20", num_classes=5, width=4).eval()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    expected = model(x)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model).eval()  # eval: no process group needed
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    torch.testing.assert_close(synced(x), expected)
