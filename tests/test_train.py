@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,14 +82,7 @@ DATASETS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _private_cache_one_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    # Tiny convs gain nothing from threads, and OpenMP spin-waits crawl on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
 
 
 def train_tiny(tmp_path: Path, dataset: str, *, epochs: int, arch: str = "cifar_resnet20") -> Path:
