@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gather_excite.layers import create_context, list_context_specs
-from gather_excite.layers._fused_autograd import GateBroadcast, _nearest
+from gather_excite.layers import _fused_autograd
+from gather_excite.layers._fused_autograd import GateBroadcast, _nearest, batch_stats, map_dot, map_weighted_sum
 from gather_excite.layers.fused import bn_context, fused_enabled, set_fused
 
 
@@ -255,6 +256,52 @@ def test_nearest_resize_equals_interpolate(small, big, channels_last):
     expected = F.interpolate(gate, size=big, mode="nearest")
     assert torch.equal(_nearest(gate, x), expected)
     assert torch.equal(GateBroadcast(gate, x, x.dtype).multiply(x), x * expected)
+
+
+@pytest.mark.parametrize("chunk", [1, 300, 2**18])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_map_dot_and_weighted_sum_equal_the_depthwise_conv(chunk, channels_last, monkeypatch):
+    """The global gather's per-sample loops equal a depthwise conv as large as the map and its
+    weight gradient (F.conv2d, groups=C), in either layout and for any chunk of samples."""
+    monkeypatch.setattr(_fused_autograd, "_CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, 7, 9, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    kernel = torch.randn(6, 1, 7, 9, dtype=torch.float64, requires_grad=True)
+    conv = F.conv2d(x, kernel, groups=6)
+    torch.testing.assert_close(map_dot(x, kernel[:, 0].detach(), torch.float64), conv.view(5, 6))
+    weight = torch.randn(5, 6, dtype=torch.float64)
+    (grad_kernel,) = torch.autograd.grad(conv, kernel, weight.view(5, 6, 1, 1))
+    torch.testing.assert_close(map_weighted_sum(weight, x, torch.float64), grad_kernel[:, 0])
+    other = torch.randn(5, 6, 7, 9, dtype=torch.float64)  # a map of its own per sample
+    torch.testing.assert_close(map_dot(x, other, torch.float64), (x * other).sum((2, 3)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_stats_equal_batchnorm_and_stay_stable_far_from_zero(channels_last, monkeypatch):
+    """Mean, biased variance and running averages equal torch.batch_norm_update_stats's; a map
+    with mean 1000 and std 0.01 keeps its variance (1e-4) to 1e-3 relative, as PyTorch's own
+    Welford pass does (3e-4 here); a one-pass E[z^2] - E[z]^2 in float32 would lose it
+    entirely (1e6 * 2^-24 = 0.06 >> 1e-4)."""
+    monkeypatch.setattr(_fused_autograd, "_CHUNK_ELEMENTS", 200)  # several chunks
+    torch.manual_seed(0)
+    z = torch.randn(6, 4, 5, 7) * torch.tensor([0.01, 1.0, 3.0, 0.5]).view(1, 4, 1, 1)
+    z = z + torch.tensor([1000.0, -2.0, 0.0, 7.0]).view(1, 4, 1, 1)
+    if channels_last:
+        z = z.contiguous(memory_format=torch.channels_last)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    mean, var, sample_mean = batch_stats(z, rm, rv, 0.3, torch.float32)
+    z64 = z.double()
+    torch.testing.assert_close(mean, z64.mean((0, 2, 3)).float())
+    torch.testing.assert_close(var, z64.var((0, 2, 3), correction=0).float(), rtol=1e-3, atol=0)
+    ref_mean, ref_var = torch.batch_norm_update_stats(z, rm2, rv2, 0.3)
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(rm, rm2)
+    torch.testing.assert_close(rv, rv2, rtol=1e-4, atol=1e-6)
+    if sample_mean is not None:
+        torch.testing.assert_close(sample_mean, z64.mean((2, 3)).float())
 
 
 def test_double_backward_raises_instead_of_being_wrong():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -51,6 +52,9 @@ def environment() -> dict[str, object]:
         info["timm"] = timm.__version__
     except ImportError:
         info["timm"] = None
+    # The allocator settings change CPU step times by tens of percent (see the README).
+    allocator = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+    info["allocator"] = " ".join(f"{k}={v}" for k, v in allocator.items()) or "default"
     return info
 
 

@@ -161,4 +161,4 @@ def _fused(bn: nn.BatchNorm2d, context: nn.Module, z: torch.Tensor) -> torch.Ten
     )
     logits = rest(s)
     gate = context.gate(torch.sigmoid(logits.to(accumulate_dtype(logits.dtype))))
-    return ExciteMultiply.apply(y, gate, z, scale, shift, cache, first.kind in ("conv", "global_conv", "module"))
+    return ExciteMultiply.apply(y, gate, z, scale, shift, cache, first.kind in ("conv", "module"))
