@@ -220,8 +220,15 @@ def test_prune_curve_endpoints(ge_model, data):
     labels = ["stage3_1", "stage2_3"]
     units = {label: resolve_unit(ge_model, label) for label in labels}
     baseline_units = {label: resolve_unit(baseline, label) for label in labels}
-    report = prune_curves(ge_model, loader(data), units=units, ratios=[0, 0.5, 1], baseline=baseline,
-                          baseline_units=baseline_units, progress=False)
+    report = prune_curves(
+        ge_model,
+        loader(data),
+        units=units,
+        ratios=[0, 0.5, 1],
+        baseline=baseline,
+        baseline_units=baseline_units,
+        progress=False,
+    )
     own = top1(ge_model, data)
     assert own > 100.0 / NUM_CLASSES  # half the labels are the model's predictions
     for row in report["units"]:
@@ -257,8 +264,9 @@ def test_prune_rejects_bad_ratios_and_baseline_units(ge_model, data):
     with pytest.raises(ValueError, match="ratios"):
         prune_curves(ge_model, loader(data), units=units, ratios=[0, 1.5], progress=False)
     with pytest.raises(ValueError, match="baseline_units"):
-        prune_curves(ge_model, loader(data), units=units, ratios=[0], baseline=ge_model, baseline_units={},
-                     progress=False)
+        prune_curves(
+            ge_model, loader(data), units=units, ratios=[0], baseline=ge_model, baseline_units={}, progress=False
+        )
 
 
 # ---------------------------------------------------------------------------------------- curves
@@ -301,8 +309,9 @@ def compare_results(path, variants: dict[str, list[list[tuple[float, float]]]]):
     """A gex compare results.json: per variant, the final test error and the per-epoch curve of each seed."""
     entries = []
     for model, seeds in variants.items():
-        curves = [[{"epoch": e + 1, "train_top1_err": t, "test_top1_err": v} for e, (t, v) in enumerate(c)]
-                  for c in seeds]
+        curves = [
+            [{"epoch": e + 1, "train_top1_err": t, "test_top1_err": v} for e, (t, v) in enumerate(c)] for c in seeds
+        ]
         entries.append({"label": model, "model": model, "test_top1_err": [c[-1][1] for c in seeds], "curves": curves})
     path.write_text(json.dumps({"task": "test", "variants": entries}))
     return path
@@ -319,28 +328,40 @@ def test_extent_report_orders_extents_and_uses_eval_json(tmp_path):
     # with the mean over its two seeds, (9 + 10) / 2 = 9.5; SE has no extent and becomes a reference line.
     with pytest.raises(ValueError, match="cannot tell its model"):
         extent_report(runs)
-    results = compare_results(tmp_path / "results.json", {
-        "ge_theta_minus_e8_cifar_resnet20": [[(5.0, 9.0)], [(5.0, 10.0)]],
-        "se_cifar_resnet20": [[(5.0, 7.0)]],
-    })
+    results = compare_results(
+        tmp_path / "results.json",
+        {
+            "ge_theta_minus_e8_cifar_resnet20": [[(5.0, 9.0)], [(5.0, 10.0)]],
+            "se_cifar_resnet20": [[(5.0, 7.0)]],
+        },
+    )
     report = extent_report([*runs[:2], runs[3], results])
     (group,) = report["variants"]
     assert group["label"] == "GE-θ−"
     assert [(p["extent"], p["top1_err"]) for p in group["points"]] == [(2, 10.0), (8, 9.5), ("global", 8.0)]
     assert [(r["model"], r["top1_err"]) for r in report["references"]] == [
-        ("cifar_resnet20", 12.0), ("se_cifar_resnet20", 7.0)]
+        ("cifar_resnet20", 12.0),
+        ("se_cifar_resnet20", 7.0),
+    ]
     assert model_extent("ge_theta_e4_resnet50") == ("ge_theta", 4)
 
 
 def test_epoch_curves_from_compare_results_average_seeds(tmp_path):
-    results = compare_results(tmp_path / "results.json", {
-        "cifar_resnet20": [[(40.0, 30.0), (20.0, 25.0)], [(42.0, 32.0), (22.0, 27.0)]],
-    })
+    results = compare_results(
+        tmp_path / "results.json",
+        {
+            "cifar_resnet20": [[(40.0, 30.0), (20.0, 25.0)], [(42.0, 32.0), (22.0, 27.0)]],
+        },
+    )
     run = fake_run(tmp_path, "run", "cifar_resnet20", [(50.0, 40.0)])
     report = epoch_curves_report([results, run], labels=["compare", "train"])
     first, second = report["runs"]
     assert (first["label"], first["epoch"], first["train_top1_err"], first["val_top1_err"]) == (
-        "compare", [1, 2], [41.0, 21.0], [31.0, 26.0])
+        "compare",
+        [1, 2],
+        [41.0, 21.0],
+        [31.0, 26.0],
+    )
     assert (second["label"], second["val_top1_err"]) == ("train", [40.0])
     with pytest.raises(ValueError, match="one label per curve"):
         epoch_curves_report([results, run], labels=["only one"])
@@ -354,18 +375,28 @@ def test_each_figure_renders_from_its_json_on_a_tiny_model(tmp_path, ge_model, d
     results = []
     for label, model in (("ResNet-20", baseline), ("GE-θ", ge_model)):
         units = stage_units(model, "stage3")
-        accumulators = class_selectivity(model, loader(data), units={k: m for k, (_, m) in units.items()},
-                                         num_classes=NUM_CLASSES, progress=False)
+        accumulators = class_selectivity(
+            model, loader(data), units={k: m for k, (_, m) in units.items()}, num_classes=NUM_CLASSES, progress=False
+        )
         results.append(({"label": label}, {k: (units[k][0], a) for k, a in accumulators.items()}))
     selectivity = selectivity_report(results, stage="stage3", num_classes=NUM_CLASSES)
     labels = ["stage3_1", "stage3_3"]
-    prune = prune_curves(ge_model, loader(data), units={u: resolve_unit(ge_model, u) for u in labels},
-                         ratios=[0, 0.25, 0.5, 0.75, 1], baseline=baseline,
-                         baseline_units={u: resolve_unit(baseline, u) for u in labels}, progress=False)
+    prune = prune_curves(
+        ge_model,
+        loader(data),
+        units={u: resolve_unit(ge_model, u) for u in labels},
+        ratios=[0, 0.25, 0.5, 0.75, 1],
+        baseline=baseline,
+        baseline_units={u: resolve_unit(baseline, u) for u in labels},
+        progress=False,
+    )
     runs = [fake_run(tmp_path, f"r{i}", "cifar_resnet20", [(50.0 - i, 40.0 - i), (30.0, 35.0)]) for i in range(2)]
     curves = epoch_curves_report(runs)
-    reports = {"selectivity": (selectivity, plot_selectivity), "prune": (prune, plot_prune),
-               "curves": (curves, plot_curves)}
+    reports = {
+        "selectivity": (selectivity, plot_selectivity),
+        "prune": (prune, plot_prune),
+        "curves": (curves, plot_curves),
+    }
     for name, (report, plot) in reports.items():
         png, path = write_report(report, plot, out_dir=tmp_path / "out", name=name)
         assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -401,14 +432,17 @@ def write_checkpoint(path, arch: str, data_root, seed: int):
     torch.manual_seed(seed)
     module = ClassificationModule(arch, num_classes=10, in_chans=1, input_size=28, arch_kwargs={"width": 4})
     datamodule = ImageClassificationData("fashion_mnist", str(data_root), batch_size=16, num_workers=0)
-    torch.save({
-        "state_dict": module.state_dict(),
-        "hyper_parameters": dict(module.hparams),
-        ImageClassificationData.CHECKPOINT_HYPER_PARAMS_KEY: dict(datamodule.hparams),
-        "pytorch-lightning_version": lightning.__version__,
-        "epoch": 0,
-        "global_step": 0,
-    }, path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            ImageClassificationData.CHECKPOINT_HYPER_PARAMS_KEY: dict(datamodule.hparams),
+            "pytorch-lightning_version": lightning.__version__,
+            "epoch": 0,
+            "global_step": 0,
+        },
+        path,
+    )
     return path
 
 
@@ -425,8 +459,9 @@ def test_gex_analyze_commands_write_png_and_json(tmp_path, capsys):
     out = tmp_path / "out"
     common = ["--out", str(out), "--no-progress", "--accelerator", "cpu", "--batch-size", "8"]
     assert gex(["analyze", "selectivity", str(base), str(ge), "--labels", "base", "GE", *common]) == 0
-    assert gex(["analyze", "prune", str(ge), "--baseline", str(base), "--steps", "4", "--units", "stage3_1",
-                *common]) == 0
+    assert (
+        gex(["analyze", "prune", str(ge), "--baseline", str(base), "--steps", "4", "--units", "stage3_1", *common]) == 0
+    )
     run = fake_run(tmp_path, "run", "cifar_resnet20", [(50.0, 40.0), (30.0, 35.0)])
     assert gex(["analyze", "curves", str(run), "--out", str(out)]) == 0
     selectivity = load_report(out / "selectivity.json")

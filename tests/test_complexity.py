@@ -74,8 +74,14 @@ def test_restores_mode_and_runs_on_meta() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["ge_theta_plus_resnet50", "ge_theta_plus_e8_shufflenet_g3", "se_cifar_resnet110",
-             "ge_theta_plus_cifar_resnet164", "ge_theta_wrn16_8"]
+    "name",
+    [
+        "ge_theta_plus_resnet50",
+        "ge_theta_plus_e8_shufflenet_g3",
+        "se_cifar_resnet110",
+        "ge_theta_plus_cifar_resnet164",
+        "ge_theta_wrn16_8",
+    ],
 )
 def test_params_equal_numel(name: str) -> None:
     with torch.device("meta"):
@@ -121,8 +127,7 @@ R101_GE_THETA_EXTRA_PARAMS = sum(c * h * h * n + 2 * c * n for c, h, n in _R101_
 R101_GE_THETA_EXTRA_MACS = sum(c * h * h * n for c, h, n in _R101_UNITS)
 
 
-@pytest.mark.parametrize("row", [r for r in _rows(1, 2, 3) if (r.table, r.row) not in PAPER_INCONSISTENT],
-                         ids=_row_id)
+@pytest.mark.parametrize("row", [r for r in _rows(1, 2, 3) if (r.table, r.row) not in PAPER_INCONSISTENT], ids=_row_id)
 def test_resnet_rows_within_targets(row: PaperRow) -> None:
     result = _measured(row)
     assert abs(result["params"] / M - row.paper_params_m) <= 0.1

@@ -18,8 +18,15 @@ def _targets(n: int) -> list[dict[str, torch.Tensor]]:
 def test_ge_e8_faster_rcnn_trains_and_detects(layout):
     torch.manual_seed(0)
     # few proposals and RoIs: the C4 head runs conv5_x on every RoI
-    small = dict(min_size=64, max_size=64, box_batch_size_per_image=8, rpn_pre_nms_top_n_train=64,
-                 rpn_post_nms_top_n_train=16, rpn_pre_nms_top_n_test=64, rpn_post_nms_top_n_test=16)
+    small = dict(
+        min_size=64,
+        max_size=64,
+        box_batch_size_per_image=8,
+        rpn_pre_nms_top_n_train=64,
+        rpn_post_nms_top_n_train=16,
+        rpn_pre_nms_top_n_test=64,
+        rpn_post_nms_top_n_test=16,
+    )
     model = fasterrcnn_ge_resnet("ge_theta_e8_resnet50", num_classes=5, layout=layout, **small)
     contexts = [m for m in model.backbone.modules() if isinstance(m, GatherExcite)]
     # C4: conv2_x..conv4_x (3+4+6 units) in the trunk; conv5_x's 3 units sit in the RoI head.

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gather_excite.layers import create_context, list_context_specs
-from gather_excite.layers import _fused_autograd
+from gather_excite.layers import _fused_autograd, create_context, list_context_specs
 from gather_excite.layers._fused_autograd import GateBroadcast, _nearest, batch_stats, map_dot, map_weighted_sum
 from gather_excite.layers.fused import bn_context, fused_enabled, set_fused
 
@@ -298,6 +297,7 @@ def test_batch_stats_equal_batchnorm_and_stay_stable_far_from_zero(channels_last
     torch.testing.assert_close(var, z64.var((0, 2, 3), correction=0).float(), rtol=1e-3, atol=0)
     ref_mean, ref_var = torch.batch_norm_update_stats(z, rm2, rv2, 0.3)
     torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(var, ref_var, rtol=1e-3, atol=0)
     torch.testing.assert_close(rm, rm2)
     torch.testing.assert_close(rv, rv2, rtol=1e-4, atol=1e-6)
     if sample_mean is not None:

@@ -152,8 +152,19 @@ def test_every_spec_keeps_shape_and_reaches_every_parameter(spec, size):
         assert p.grad is not None, name
 
 
-@pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e2", "ge_theta_minus_max_e4", "ge_theta_e4",
-                                  "ge_theta", "ge_theta_plus", "ge_theta_plus_e2", "se"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "ge_theta_minus",
+        "ge_theta_minus_e2",
+        "ge_theta_minus_max_e4",
+        "ge_theta_e4",
+        "ge_theta",
+        "ge_theta_plus",
+        "ge_theta_plus_e2",
+        "se",
+    ],
+)
 def test_gradcheck_float64(spec):
     torch.manual_seed(0)
     module = create_context(spec, 4, feature_size=(5, 3)).double().eval()  # eval: BN is a fixed affine map

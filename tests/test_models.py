@@ -46,11 +46,23 @@ def test_registry_holds_every_name_of_the_issue() -> None:
     # 9 backbones x (baseline + SE + 3 GE variants x 4 extents) = 9 x 14 = 126 names.
     names = list_models()
     assert len(names) == 126
-    for name in ("resnet50", "se_resnet50", "ge_theta_minus_resnet50", "ge_theta_resnet50",
-                 "ge_theta_plus_resnet50", "ge_theta_e8_resnet50", "ge_theta_minus_e4_resnet50",
-                 "ge_theta_plus_resnet152", "se_shufflenet_g3", "ge_theta_e2_shufflenet_g3",
-                 "ge_theta_cifar_resnet110", "ge_theta_plus_cifar_resnet164", "se_wrn16_8",
-                 "ge_theta_minus_cifar_resnet20", "ge_theta_cifar_resnet56"):
+    for name in (
+        "resnet50",
+        "se_resnet50",
+        "ge_theta_minus_resnet50",
+        "ge_theta_resnet50",
+        "ge_theta_plus_resnet50",
+        "ge_theta_e8_resnet50",
+        "ge_theta_minus_e4_resnet50",
+        "ge_theta_plus_resnet152",
+        "se_shufflenet_g3",
+        "ge_theta_e2_shufflenet_g3",
+        "ge_theta_cifar_resnet110",
+        "ge_theta_plus_cifar_resnet164",
+        "se_wrn16_8",
+        "ge_theta_minus_cifar_resnet20",
+        "ge_theta_cifar_resnet56",
+    ):
         assert name in names
     assert names == sorted(names)
 
@@ -204,8 +216,9 @@ def test_v15_loads_torchvision_resnet50_with_identical_logits() -> None:
         assert torch.equal(model(x), reference(x))
 
 
-@pytest.mark.parametrize("name", ["se_resnet50", "ge_theta_minus_resnet50", "ge_theta_resnet50",
-                                  "ge_theta_plus_e8_resnet50"])
+@pytest.mark.parametrize(
+    "name", ["se_resnet50", "ge_theta_minus_resnet50", "ge_theta_resnet50", "ge_theta_plus_e8_resnet50"]
+)
 def test_context_variants_load_torchvision_resnet50_missing_only_context_keys(name: str) -> None:
     state = torchvision.models.resnet50().state_dict()
     model = create_model(name, stride_in_1x1=False)

@@ -288,6 +288,10 @@ def test_torch_compile_trains_and_keeps_state_dict_keys(tmp_path: Path) -> None:
     out = _train_with(tmp_path, model={"compile": True}, trainer={}, epochs=2)
     assert len(epoch_losses(out)) == 2
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    expected = {f"net.{k}" for k in create_model("ge_theta_cifar_resnet20", width=4, num_classes=10, in_chans=1,
-                                                  input_size=28).state_dict()}
+    expected = {
+        f"net.{k}"
+        for k in create_model(
+            "ge_theta_cifar_resnet20", width=4, num_classes=10, in_chans=1, input_size=28
+        ).state_dict()
+    }
     assert set(state) == expected

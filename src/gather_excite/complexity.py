@@ -146,10 +146,18 @@ PAPER_ROWS: tuple[PaperRow, ...] = (
     PaperRow(4, "GE-θ+", "ge_theta_plus_shufflenet_g3", paper_params_m=4.4, paper_gflops=0.1416),
     *(
         PaperRow(5, f"{network} {variant}", f"{prefix}{model}", dict(_CIFAR), input_size=_CIFAR_INPUT)
-        for network, model in (("ResNet-110", "cifar_resnet110"), ("ResNet-164", "cifar_resnet164"),
-                               ("WRN-16-8", "wrn16_8"))
-        for variant, prefix in (("baseline", ""), ("SE", "se_"), ("GE-θ−", "ge_theta_minus_"),
-                                ("GE-θ", "ge_theta_"), ("GE-θ+", "ge_theta_plus_"))
+        for network, model in (
+            ("ResNet-110", "cifar_resnet110"),
+            ("ResNet-164", "cifar_resnet164"),
+            ("WRN-16-8", "wrn16_8"),
+        )
+        for variant, prefix in (
+            ("baseline", ""),
+            ("SE", "se_"),
+            ("GE-θ−", "ge_theta_minus_"),
+            ("GE-θ", "ge_theta_"),
+            ("GE-θ+", "ge_theta_plus_"),
+        )
     ),
 )
 

@@ -105,8 +105,13 @@ def fasterrcnn_ge_resnet(
 
     trunk = _C4Trunk(
         OrderedDict(
-            conv1=net.conv1, bn1=net.bn1, relu=net.relu, maxpool=net.maxpool,
-            layer1=net.layer1, layer2=net.layer2, layer3=net.layer3,
+            conv1=net.conv1,
+            bn1=net.bn1,
+            relu=net.relu,
+            maxpool=net.maxpool,
+            layer1=net.layer1,
+            layer2=net.layer2,
+            layer3=net.layer3,
         )
     )
     head = nn.Sequential(net.layer4, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))

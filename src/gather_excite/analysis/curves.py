@@ -145,16 +145,19 @@ def _compare_curves(path: Path) -> list[dict[str, Any]]:
             raise ValueError(f"{str(path)!r}: variant {entry['model']!r} holds no per-epoch 'curves'")
         epochs = sorted({row["epoch"] for history in histories for row in history})
         by_epoch = [[row for history in histories for row in history if row["epoch"] == e] for e in epochs]
-        rows.append({
-            "path": str(path),
-            "label": entry.get("label", entry["model"]),
-            "model": entry["model"],
-            "epoch": epochs,
-            "train_top1_err": [_mean_or_none([r.get("train_top1_err") for r in rs]) for rs in by_epoch],
-            "val_top1_err": [_mean_or_none([r.get("test_top1_err", r.get("val_top1_err")) for r in rs])
-                             for rs in by_epoch],
-            "seeds": len(histories),
-        })
+        rows.append(
+            {
+                "path": str(path),
+                "label": entry.get("label", entry["model"]),
+                "model": entry["model"],
+                "epoch": epochs,
+                "train_top1_err": [_mean_or_none([r.get("train_top1_err") for r in rs]) for rs in by_epoch],
+                "val_top1_err": [
+                    _mean_or_none([r.get("test_top1_err", r.get("val_top1_err")) for r in rs]) for rs in by_epoch
+                ],
+                "seeds": len(histories),
+            }
+        )
     return rows
 
 
@@ -203,12 +206,14 @@ def _compare_errors(path: Path) -> list[dict[str, Any]]:
     for entry in _compare_variants(path):
         errors = entry.get("top1_err", entry.get("test_top1_err"))
         errors = errors if isinstance(errors, list) else [errors]
-        rows.append({
-            "path": str(path),
-            "label": entry.get("label", entry["model"]),
-            "model": entry["model"],
-            "top1_err": _mean_or_none(errors),
-        })
+        rows.append(
+            {
+                "path": str(path),
+                "label": entry.get("label", entry["model"]),
+                "model": entry["model"],
+                "top1_err": _mean_or_none(errors),
+            }
+        )
     return rows
 
 
@@ -237,8 +242,9 @@ def extent_report(runs: Sequence[str | Path]) -> dict[str, Any]:
         if variant is None or variant == "se":
             references.append({"label": entry["label"], **point})
             continue
-        group = variants.setdefault(variant, {"variant": variant, "label": _VARIANT_NAMES.get(variant, variant),
-                                              "points": []})
+        group = variants.setdefault(
+            variant, {"variant": variant, "label": _VARIANT_NAMES.get(variant, variant), "points": []}
+        )
         group["points"].append(point)
     for group in variants.values():
         group["points"].sort(key=lambda p: math.inf if p["extent"] == "global" else p["extent"])
@@ -273,8 +279,12 @@ def _plot_extent(report: Mapping[str, Any]) -> Figure:
         ticks = [str(p["extent"]) if p["extent"] == "global" else f"E{p['extent']}" for p in group["points"]]
         ax.plot(range(len(ticks)), [p["top1_err"] for p in group["points"]], "-o", label=group["label"])
         for index, reference in enumerate(report["references"]):
-            ax.axhline(reference["top1_err"], color=f"C{index + 1}", linestyle="--",
-                       label=f"{reference['label']} ({reference['top1_err']:.2f})")
+            ax.axhline(
+                reference["top1_err"],
+                color=f"C{index + 1}",
+                linestyle="--",
+                label=f"{reference['label']} ({reference['top1_err']:.2f})",
+            )
         ax.set_xticks(range(len(ticks)), ticks)
         ax.set_title(group["label"])
         ax.set_xlabel("extent ratio")

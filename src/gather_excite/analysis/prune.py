@@ -201,8 +201,12 @@ def prune_curves(
     rows = []
     for label, (path, _) in units.items():
         channels = pruners[label][1]
-        row: dict[str, Any] = {"unit": label, "path": path, "channels": channels,
-                               "pruned": [pruned_count(r, channels) for r in ratios]}
+        row: dict[str, Any] = {
+            "unit": label,
+            "path": path,
+            "channels": channels,
+            "pruned": [pruned_count(r, channels) for r in ratios],
+        }
         for order in ORDERS:
             row[order] = [accuracy(("pruned", label, *runs[label][f"{order}@{r}"])) for r in ratios]
         row["model_ratio0"] = accuracy(("model",))
@@ -226,11 +230,24 @@ def plot_prune(report: Mapping[str, Any]) -> Figure:
     for ax, row in zip(axes, rows, strict=True):
         ax.plot(report["ratios"], row["des"], "-o", color="tab:blue", markersize=3, label=f"{model_label} des.")
         ax.plot(report["ratios"], row["asc"], "--o", color="tab:orange", markersize=3, label=f"{model_label} asc.")
-        ax.plot([0, 1], [row["model_ratio0"], row["model_ratio1"]], "D", color="tab:green", linestyle="none",
-                label=f"{model_label} ratio 0 / branch removed")
+        ax.plot(
+            [0, 1],
+            [row["model_ratio0"], row["model_ratio1"]],
+            "D",
+            color="tab:green",
+            linestyle="none",
+            label=f"{model_label} ratio 0 / branch removed",
+        )
         if "baseline_ratio0" in row:
-            ax.plot([0, 1], [row["baseline_ratio0"], row["baseline_ratio1"]], "*", color="black", markersize=11,
-                    linestyle="none", label=f"{baseline_label} ratio 0 / 1")
+            ax.plot(
+                [0, 1],
+                [row["baseline_ratio0"], row["baseline_ratio1"]],
+                "*",
+                color="black",
+                markersize=11,
+                linestyle="none",
+                label=f"{baseline_label} ratio 0 / 1",
+            )
         ax.set_title(f"{row['unit']} ({row['channels']} channels)")
         ax.set_xlabel("prune ratio")
         ax.set_ylabel("top-1 accuracy (%)")

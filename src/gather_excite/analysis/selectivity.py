@@ -176,15 +176,17 @@ def selectivity_report(
         rows = []
         for label, (path, accumulator) in units.items():
             index = accumulator.compute()
-            rows.append({
-                "unit": label,
-                "path": path,
-                "channels": int(index.numel()),
-                "images": accumulator.images,
-                "mean": float(index.mean()),
-                "median": float(index.median()),
-                "index": [round(float(v), 6) for v in index],
-            })
+            rows.append(
+                {
+                    "unit": label,
+                    "path": path,
+                    "channels": int(index.numel()),
+                    "images": accumulator.images,
+                    "mean": float(index.mean()),
+                    "median": float(index.median()),
+                    "index": [round(float(v), 6) for v in index],
+                }
+            )
         models.append({**info, "units": rows})
     return {"analysis": "selectivity", "stage": stage, "num_classes": num_classes, "models": models}
 
@@ -207,8 +209,13 @@ def plot_selectivity(report: Mapping[str, Any], *, bins: int = 40) -> Figure:
                 continue
             index = np.asarray(row["index"], dtype=float)
             # Fractions of channels, so models of different widths compare.
-            ax.hist(index, bins=edges, weights=np.full(index.size, 1.0 / max(index.size, 1)), alpha=0.55,
-                    label=f"{model.get('label', model.get('model', '?'))} (mean {row['mean']:.3f})")
+            ax.hist(
+                index,
+                bins=edges,
+                weights=np.full(index.size, 1.0 / max(index.size, 1)),
+                alpha=0.55,
+                label=f"{model.get('label', model.get('model', '?'))} (mean {row['mean']:.3f})",
+            )
         ax.set_title(unit)
         ax.set_xlabel("class selectivity index")
         ax.set_ylabel("fraction of channels")

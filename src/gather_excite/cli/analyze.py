@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     selectivity.add_argument("checkpoints", nargs="+", help="one or more .ckpt files (the first one's data is used)")
     selectivity.add_argument("--labels", nargs="+", default=None, help="legend label per checkpoint")
     selectivity.add_argument(
-        "--stage", default=None,
+        "--stage",
+        default=None,
         help="stage label (default: the penultimate stage, conv4_x for ImageNet ResNets as in the paper)",
     )
     _add_data_flags(selectivity)
@@ -64,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--label", default=None, help="legend label of the model (default: its registry name)")
     prune.add_argument("--baseline-label", default=None, help="legend label of the baseline")
     prune.add_argument(
-        "--units", nargs="+", default=None,
+        "--units",
+        nargs="+",
+        default=None,
         help="units by paper label (conv5_1, stage3_2) or module path (default: first unit of the last 3 stages)",
     )
     prune.add_argument("--steps", type=int, default=10, help="ratios 0, 1/steps, ..., 1 (default 10)")
@@ -149,8 +152,12 @@ def _selectivity(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         info = _info(module, checkpoint, args.labels[index] if args.labels else None)
         units = stage_units(module.net, stage)
         accumulators = class_selectivity(
-            module.net, loader, units={label: unit for label, (_, unit) in units.items()},
-            num_classes=data["num_classes"], device=device, progress=not args.no_progress,
+            module.net,
+            loader,
+            units={label: unit for label, (_, unit) in units.items()},
+            num_classes=data["num_classes"],
+            device=device,
+            progress=not args.no_progress,
             desc=f"selectivity {info['label']}",
         )
         results.append((info, {label: (units[label][0], acc) for label, acc in accumulators.items()}))
@@ -188,8 +195,14 @@ def _prune(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         baseline = _load_other(args.baseline, data["num_classes"], "--baseline")
         baseline_units = {label: resolve_unit(baseline.net, label) for label in labels}
     report = prune_curves(
-        module.net, loader, units=units, ratios=ratios, device=device, progress=not args.no_progress,
-        baseline=baseline.net if baseline is not None else None, baseline_units=baseline_units,
+        module.net,
+        loader,
+        units=units,
+        ratios=ratios,
+        device=device,
+        progress=not args.no_progress,
+        baseline=baseline.net if baseline is not None else None,
+        baseline_units=baseline_units,
     )
     report = {
         "analysis": "prune",

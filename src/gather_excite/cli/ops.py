@@ -39,8 +39,7 @@ def main(argv: list[str]) -> int:
         module = create_context(spec, args.channels, feature_size=args.feature_size).eval()
         with torch.no_grad():
             assert module(x).shape == x.shape
-        rows.append({"spec": spec, "paper": paper_name(spec),
-                     "params": sum(p.numel() for p in module.parameters())})
+        rows.append({"spec": spec, "paper": paper_name(spec), "params": sum(p.numel() for p in module.parameters())})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -77,8 +77,10 @@ def _can_fuse(bn: nn.Module, context: nn.Module, x: torch.Tensor) -> bool:
         return False
     if _has_hooks(bn) or any(_has_hooks(m) for m in context.modules() if m is not context.gate):
         return False
-    return x.requires_grad or any(p.requires_grad for p in bn.parameters()) or any(
-        p.requires_grad for p in context.parameters()
+    return (
+        x.requires_grad
+        or any(p.requires_grad for p in bn.parameters())
+        or any(p.requires_grad for p in context.parameters())
     )
 
 

@@ -43,8 +43,7 @@ class PoolGather(nn.Module):
             return x.amax((2, 3), keepdim=True)
         e = self.extent
         if self.mode == "avg":
-            return F.avg_pool2d(x, 2 * e - 1, stride=e, padding=e - 1, ceil_mode=False,
-                                count_include_pad=False)
+            return F.avg_pool2d(x, 2 * e - 1, stride=e, padding=e - 1, ceil_mode=False, count_include_pad=False)
         return F.max_pool2d(x, 2 * e - 1, stride=e, padding=e - 1)
 
     def extra_repr(self) -> str:
@@ -126,4 +125,3 @@ class GlobalConvGather(nn.Module):
 
     def extra_repr(self) -> str:
         return f"feature_size={self.feature_size}, strict_size={self.strict_size}"
-

@@ -135,8 +135,7 @@ class GatherExcite(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"channels={self.channels}, extent={self.extent}, "
-            f"gather={self.gather_mode!r}, excite={self.excite_mode!r}"
+            f"channels={self.channels}, extent={self.extent}, gather={self.gather_mode!r}, excite={self.excite_mode!r}"
         )
 
 

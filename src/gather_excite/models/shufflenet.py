@@ -55,8 +55,11 @@ class ShuffleUnit(nn.Module):
         # A stride-2 unit concatenates its input, so its branch makes only the missing channels.
         branch_chs = out_chs - in_chs if stride == 2 else out_chs
         first_groups = groups if group_first_conv else 1
-        for chs, what, divisor in ((in_chs, "in_chs", first_groups), (mid_chs, "mid_chs", groups),
-                                   (branch_chs, "branch channels", groups)):
+        for chs, what, divisor in (
+            (in_chs, "in_chs", first_groups),
+            (mid_chs, "mid_chs", groups),
+            (branch_chs, "branch channels", groups),
+        ):
             if chs % divisor:
                 raise ValueError(f"{what}={chs} is not divisible by groups={divisor}; choose another width")
         self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, groups=first_groups, bias=False)
