@@ -33,13 +33,14 @@ def _op_table(doc: dict) -> list[str]:
 
 def _net_table(doc: dict) -> list[str]:
     lines = [
-        "| model | path | step s | time vs ResNet-50 | saved MiB | bytes vs ResNet-50 |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| model | path | step s | time vs ResNet-50 | quartiles | saved MiB | bytes vs ResNet-50 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in doc["rows"]:
+        q1, q3 = row.get("time_vs_baseline_quartiles", (row["time_vs_baseline"],) * 2)
         lines.append(
             f"| {row['model']} | {row['path']} | {row['seconds']:.2f} | {row['time_vs_baseline']:.3f}x "
-            f"| {row['saved_bytes'] / MIB:,.0f} | {row['bytes_vs_baseline']:.3f}x |"
+            f"| {q1:.3f}-{q3:.3f} | {row['saved_bytes'] / MIB:,.0f} | {row['bytes_vs_baseline']:.3f}x |"
         )
     return lines
 

@@ -34,6 +34,17 @@ def test_time_interleaved_runs_every_step_and_rejects_unknown_clock():
         raise AssertionError("an unknown clock must raise ValueError")
 
 
+def test_paired_ratio_takes_ratios_within_each_round():
+    """Round by round the variant takes 1.1x, 1.2x, 1.0x, 1.3x, 1.05x the baseline while the machine
+    slows 10x in round 3: the paired median is 1.1x (sorted 1.0, 1.05, 1.1, 1.2, 1.3), quartiles
+    1.05 and 1.2; the ratio of the two medians (1.56 / 1.2 = 1.3) would be off."""
+    base = [1.0, 1.0, 10.0, 1.2, 2.0]
+    variant = [1.1, 1.2, 10.0, 1.56, 2.1]
+    median, q1, q3 = bench.paired_ratio({"v": variant, "b": base}, "v", "b")
+    assert median == pytest.approx(1.1) and q1 == pytest.approx(1.05) and q3 == pytest.approx(1.2)
+    assert bench.paired_ratio({"v": [3.0], "b": [2.0]}, "v", "b") == (1.5, 1.5, 1.5)
+
+
 @pytest.mark.slow  # imports timm and builds 2048-channel units: ~5-20 s on a shared 2-core machine
 def test_gex_bench_op_json(capsys):
     """One variant at the smallest stage shape: the fused path keeps half the plain path's bytes."""
@@ -47,3 +58,24 @@ def test_gex_bench_op_json(capsys):
     assert row["saved_bytes"]["plain"] >= 2 * full
     assert full <= row["saved_bytes"]["ours"] <= full + 8 * per_channel
     assert doc["environment"]["torch"] == torch.__version__
+
+
+def test_gex_bench_net_json(capsys):
+    """ResNet-50 vs GE-θ− ResNet-50 at 64 px: the baseline's paired ratio to itself is exactly 1,
+    and the fused path keeps fewer bytes than the plain composition (which also keeps BN(z))."""
+    assert bench.main(["net", "--models", "resnet50", "ge_theta_minus_resnet50", "--batch", "2",
+                       "--image-size", "64", "--repeats", "2", "--threads", "1", "--json"]) == 0  # fmt: skip
+    doc = json.loads(capsys.readouterr().out)
+    rows = {(row["model"], row["path"]): row for row in doc["rows"]}
+    assert set(rows) == {
+        ("resnet50", "plain"),
+        ("ge_theta_minus_resnet50", "plain"),
+        ("ge_theta_minus_resnet50", "ours"),
+    }
+    base = rows["resnet50", "plain"]
+    assert base["time_vs_baseline"] == 1.0 and base["time_vs_baseline_quartiles"] == [1.0, 1.0]
+    assert len(base["samples"]) == 2 and base["bytes_vs_baseline"] == 1.0
+    assert (
+        rows["ge_theta_minus_resnet50", "ours"]["saved_bytes"] < rows["ge_theta_minus_resnet50", "plain"]["saved_bytes"]
+    )
+    assert "allocator" in doc["environment"]

@@ -25,7 +25,16 @@ from torch import nn
 from ..layers import create_context
 from ..layers.fused import bn_context, fused_enabled, set_fused
 
-__all__ = ["bench_net", "bench_op", "environment", "main", "saved_bytes", "time_interleaved"]
+__all__ = [
+    "bench_net",
+    "bench_op",
+    "environment",
+    "main",
+    "paired_ratio",
+    "saved_bytes",
+    "time_interleaved",
+    "time_samples",
+]
 
 # ResNet-50's residual-branch outputs (channels, size) at 224 px: conv2_x .. conv5_x.
 STAGES = ((256, 56), (512, 28), (1024, 14), (2048, 7))
@@ -96,10 +105,10 @@ def saved_bytes(step: Callable[[], None], *, exclude: tuple[nn.Module, ...] = ()
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def time_interleaved(
+def time_samples(
     steps: dict[str, Callable[[], None]], *, repeats: int, warmup: int = 1, clock: str = "wall"
-) -> dict[str, float]:
-    """Median seconds per call of each step, the steps' runs interleaved in rotating order.
+) -> dict[str, list[float]]:
+    """Seconds of every call of each step, one per round; the steps' order rotates every round.
 
     ``clock="cpu"`` counts the process's CPU time instead of wall-clock time: on a machine
     shared with other jobs it is far less disturbed by them (use one thread, so that no time
@@ -118,7 +127,28 @@ def time_interleaved(
             start = timer()
             steps[name]()
             times[name].append(timer() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], None]], *, repeats: int, warmup: int = 1, clock: str = "wall"
+) -> dict[str, float]:
+    """Median seconds per call of each step (see :func:`time_samples`)."""
+    samples = time_samples(steps, repeats=repeats, warmup=warmup, clock=clock)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def paired_ratio(samples: dict[str, list[float]], name: str, base: str) -> tuple[float, float, float]:
+    """Median and quartiles of ``name``'s time over ``base``'s time within each round.
+
+    Ratios of runs taken minutes apart cancel the machine's slow drifts (other jobs, clock
+    boosts), which a ratio of the two medians does not.
+    """
+    ratios = sorted(a / b for a, b in zip(samples[name], samples[base], strict=True))
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, q1, q3
 
 
 def _timm_context(spec: str, channels: int, size: int) -> tuple[nn.Module | None, str | None]:
@@ -188,14 +218,15 @@ def bench_op(
                 steps["timm"] = _op_step(bn, timm_context, z, grad, lean=False)
             # The counted run doubles as the warm-up.
             memory = {name: saved_bytes(step, exclude=(bn, context)) for name, step in steps.items()}
-            seconds = time_interleaved(steps, repeats=repeats, warmup=0, clock=clock)
+            samples = time_samples(steps, repeats=repeats, warmup=0, clock=clock)
+            seconds = {name: statistics.median(values) for name, values in samples.items()}
             row: dict[str, object] = {
                 "variant": spec, "channels": channels, "size": size, "batch": batch, "clock": clock,
                 "channels_last": channels_last,
                 "seconds": seconds, "saved_bytes": memory, "timm_error": timm_error,
-                "time_vs_plain": seconds["ours"] / seconds["plain"],
+                "time_vs_plain": paired_ratio(samples, "ours", "plain")[0],
                 "bytes_vs_plain": memory["ours"] / memory["plain"],
-                "time_vs_timm": seconds["ours"] / seconds["timm"] if "timm" in seconds else None,
+                "time_vs_timm": paired_ratio(samples, "ours", "timm")[0] if "timm" in samples else None,
                 "bytes_vs_timm": memory["ours"] / memory["timm"] if "timm" in memory else None,
             }  # fmt: skip
             rows.append(row)
@@ -247,16 +278,18 @@ def bench_net(
             steps[f"{name}/{path}"] = _net_step(runner, x, target, lean=path == "ours")
     # The counted run doubles as the warm-up (and as the compile run under torch.compile).
     memory = {key: saved_bytes(step, exclude=(built[key.split("/")[0]],)) for key, step in steps.items()}
-    seconds = time_interleaved(steps, repeats=repeats, warmup=1 if compile else 0, clock=clock)
+    samples = time_samples(steps, repeats=repeats, warmup=1 if compile else 0, clock=clock)
     base = f"{models[0]}/plain"
     rows = []
     for key in steps:
         name, path = key.split("/")
+        ratio, q1, q3 = paired_ratio(samples, key, base)
         row = {
             "model": name, "path": path, "batch": batch, "image_size": image_size,
             "channels_last": channels_last, "compile": compile, "clock": clock,
-            "seconds": seconds[key], "saved_bytes": memory[key],
-            "time_vs_baseline": seconds[key] / seconds[base], "bytes_vs_baseline": memory[key] / memory[base],
+            "seconds": statistics.median(samples[key]), "samples": samples[key], "saved_bytes": memory[key],
+            "time_vs_baseline": ratio, "time_vs_baseline_quartiles": [q1, q3],
+            "bytes_vs_baseline": memory[key] / memory[base],
         }  # fmt: skip
         rows.append(row)
         if progress:
@@ -283,9 +316,11 @@ def _print_op(row: dict) -> None:
 
 
 def _print_net(row: dict) -> None:
+    q1, q3 = row["time_vs_baseline_quartiles"]
     print(
         f"{row['model']:<26} {row['path']:<5} cl={int(row['channels_last'])} compile={int(row['compile'])} | "
-        f"step {row['seconds']:7.3f} s ({row['time_vs_baseline']:.3f}x) | saved {_mb(row['saved_bytes']):>9} MiB "
+        f"step {row['seconds']:7.3f} s ({row['time_vs_baseline']:.3f}x, quartiles {q1:.3f}-{q3:.3f}) | "
+        f"saved {_mb(row['saved_bytes']):>9} MiB "
         f"({row['bytes_vs_baseline']:.3f}x)",
         flush=True,
     )
