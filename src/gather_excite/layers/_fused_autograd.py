@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ._validate import accumulate_dtype
+
 __all__ = [
     "BatchNormGather",
     "BatchNormMean",
@@ -98,8 +100,10 @@ def map_weighted_sum(weight: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) 
     n, c = x.shape[:2]
     if x.device.type != "cpu" and x.is_contiguous():
         return torch.einsum("nc,nchw->chw", weight.to(x.dtype), x).to(dtype)
-    out = torch.zeros_like(x[0], dtype=dtype)
     weight = weight.to(dtype).view(n, c, 1, 1)
+    if x.device.type != "cpu":
+        return (x * weight).sum(0, dtype=dtype)
+    out = torch.zeros_like(x[0], dtype=dtype)
     for i in range(n):
         out.addcmul_(x[i], weight[i])
     return out
@@ -227,12 +231,22 @@ class BatchNormGather(torch.autograd.Function):
         first: FirstGather,
         cache: RecomputeCache,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        y, mean, invstd = torch.native_batch_norm(z, weight, bias, running_mean, running_var, training, momentum, eps)
+        if training and z.device.type == "cpu" and z.is_contiguous():
+            # The faster NCHW statistics of batch_stats, then one normalising pass.
+            mean, var, _ = batch_stats(z, running_mean, running_var, momentum, accumulate_dtype(z.dtype))
+            invstd = torch.rsqrt(var + eps)
+            y = None
+        else:
+            y, mean, invstd = torch.native_batch_norm(
+                z, weight, bias, running_mean, running_var, training, momentum, eps
+            )
         if not training:
             mean = running_mean
             invstd = torch.rsqrt(running_var + eps)
         scale = weight * invstd
         shift = bias - mean * scale
+        if y is None:
+            y = _recompute(z, scale, shift, z.dtype)
         s = first(y, gather_weight)
         ctx.training, ctx.eps, ctx.first, ctx.cache = training, eps, first, cache
         ctx.y_dtype = y.dtype
