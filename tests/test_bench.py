@@ -79,3 +79,24 @@ def test_gex_bench_net_json(capsys):
         rows["ge_theta_minus_resnet50", "ours"]["saved_bytes"] < rows["ge_theta_minus_resnet50", "plain"]["saved_bytes"]
     )
     assert "allocator" in doc["environment"]
+
+
+def test_gex_bench_net_bf16_autocast_records_it_and_keeps_the_fused_saving(capsys):
+    """--bf16 runs forward and loss under torch.autocast(bfloat16) (here on the CPU); the row
+    says so, and the fused path still keeps fewer bytes than the plain composition."""
+    assert bench.main(["net", "--models", "resnet50", "ge_theta_resnet50", "--batch", "2", "--image-size", "32",
+                       "--repeats", "1", "--threads", "1", "--bf16", "--json"]) == 0  # fmt: skip
+    rows = {(r["model"], r["path"]): r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert {r["autocast"] for r in rows.values()} == {"bfloat16"} and {r["device"] for r in rows.values()} == {"cpu"}
+    assert rows["ge_theta_resnet50", "ours"]["saved_bytes"] < rows["ge_theta_resnet50", "plain"]["saved_bytes"]
+
+
+def test_check_device_names_the_problem():
+    with pytest.raises(ValueError, match="torch device string"):
+        bench.check_device("gpu please", "wall")
+    with pytest.raises(ValueError, match="clock='cpu'"):
+        bench.check_device("meta", "cpu")
+    assert bench.check_device("cpu", "cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            bench.main(["net", "--device", "cuda", "--repeats", "1"])

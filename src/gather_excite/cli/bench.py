@@ -45,7 +45,7 @@ OP_VARIANTS = (
 NET_MODELS = ("resnet50", "ge_theta_minus_resnet50", "ge_theta_resnet50", "ge_theta_plus_resnet50", "se_resnet50")
 
 
-def environment() -> dict[str, object]:
+def environment(device: str = "cpu") -> dict[str, object]:
     """The machine and library versions the figures were measured with."""
     info: dict[str, object] = {
         "python": platform.python_version(),
@@ -53,8 +53,10 @@ def environment() -> dict[str, object]:
         "machine": platform.machine(),
         "cpu": _cpu_name(),
         "threads": torch.get_num_threads(),
-        "device": "cpu",
+        "device": device,
     }
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     try:
         import timm
 
@@ -235,17 +237,35 @@ def bench_op(
     return rows
 
 
-def _net_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, lean: bool) -> Callable[[], None]:
+def _net_step(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, lean: bool, autocast: torch.dtype | None
+) -> Callable[[], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    device = x.device
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with fused(lean):
+        with fused(lean), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             loss = F.cross_entropy(model(x), target)
         loss.backward()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's kernels run asynchronously; count all of them
 
     return step
+
+
+def check_device(device: str, clock: str) -> torch.device:
+    """The device to benchmark on; a clear error if it is missing or cannot be timed with ``clock``."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device must be a torch device string such as 'cpu' or 'cuda:0', got {device!r}") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but CUDA is not available on this machine")
+    if parsed.type != "cpu" and clock == "cpu":
+        raise ValueError(f"clock='cpu' counts host CPU time and cannot time device {device!r}; use clock='wall'")
+    return parsed
 
 
 def bench_net(
@@ -257,25 +277,31 @@ def bench_net(
     channels_last: bool = False,
     compile: bool = False,
     clock: str = "wall",
+    device: str = "cpu",
+    autocast: torch.dtype | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> list[dict[str, object]]:
-    """Training step (forward, loss, backward, SGD) of each model, plain vs ours, vs ``models[0]``."""
+    """Training step (forward, loss, backward, SGD) of each model, plain vs ours, vs ``models[0]``.
+
+    ``autocast`` (e.g. ``torch.bfloat16``) runs forward and loss under ``torch.autocast``.
+    """
     from ..models import create_model
 
+    target_device = check_device(device, clock)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    x = torch.randn(batch, 3, image_size, image_size).contiguous(memory_format=fmt)
-    target = torch.randint(0, 1000, (batch,))
+    x = torch.randn(batch, 3, image_size, image_size, device=target_device).contiguous(memory_format=fmt)
+    target = torch.randint(0, 1000, (batch,), device=target_device)
     steps: dict[str, Callable[[], None]] = {}
     built: dict[str, nn.Module] = {}
     for name in models:
         torch.manual_seed(0)
-        model = create_model(name).train().to(memory_format=fmt)
+        model = create_model(name).train().to(target_device, memory_format=fmt)
         built[name] = model
         runner = torch.compile(model) if compile else model
         paths = ("plain",) if name == models[0] or compile else ("plain", "ours")
         for path in paths:
-            steps[f"{name}/{path}"] = _net_step(runner, x, target, lean=path == "ours")
+            steps[f"{name}/{path}"] = _net_step(runner, x, target, lean=path == "ours", autocast=autocast)
     # The counted run doubles as the warm-up (and as the compile run under torch.compile).
     memory = {key: saved_bytes(step, exclude=(built[key.split("/")[0]],)) for key, step in steps.items()}
     samples = time_samples(steps, repeats=repeats, warmup=1 if compile else 0, clock=clock)
@@ -286,7 +312,8 @@ def bench_net(
         ratio, q1, q3 = paired_ratio(samples, key, base)
         row = {
             "model": name, "path": path, "batch": batch, "image_size": image_size,
-            "channels_last": channels_last, "compile": compile, "clock": clock,
+            "channels_last": channels_last, "compile": compile, "clock": clock, "device": str(target_device),
+            "autocast": str(autocast).removeprefix("torch.") if autocast is not None else None,
             "seconds": statistics.median(samples[key]), "samples": samples[key], "saved_bytes": memory[key],
             "time_vs_baseline": ratio, "time_vs_baseline_quartiles": [q1, q3],
             "bytes_vs_baseline": memory[key] / memory[base],
@@ -318,7 +345,8 @@ def _print_op(row: dict) -> None:
 def _print_net(row: dict) -> None:
     q1, q3 = row["time_vs_baseline_quartiles"]
     print(
-        f"{row['model']:<26} {row['path']:<5} cl={int(row['channels_last'])} compile={int(row['compile'])} | "
+        f"{row['model']:<26} {row['path']:<5} cl={int(row['channels_last'])} compile={int(row['compile'])} "
+        f"{row['device']} autocast={row['autocast']} | "
         f"step {row['seconds']:7.3f} s ({row['time_vs_baseline']:.3f}x, quartiles {q1:.3f}-{q3:.3f}) | "
         f"saved {_mb(row['saved_bytes']):>9} MiB "
         f"({row['bytes_vs_baseline']:.3f}x)",
@@ -351,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--repeats", type=_positive, default=3)
     net.add_argument("--channels-last", action="store_true")
     net.add_argument("--compile", action="store_true", help="torch.compile each model (plain path only)")
+    net.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1 (use --clock wall off the CPU)")
+    net.add_argument("--bf16", action="store_true", help="forward and loss under torch.autocast(bfloat16)")
     for p in (op, net):
         p.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
         p.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -363,7 +393,12 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = environment()
+    device = getattr(args, "device", "cpu")
+    try:
+        check_device(device, args.clock)
+    except ValueError as err:
+        raise SystemExit(f"gex bench {args.what}: {err}") from None
+    env = environment(device)
     progress = None
     if not args.json:
         print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
@@ -378,7 +413,8 @@ def main(argv: list[str]) -> int:
         progress = None if args.json else _print_net
         rows = bench_net(models=tuple(args.models), batch=args.batch, image_size=args.image_size,
                          repeats=args.repeats, channels_last=args.channels_last, compile=args.compile,
-                         clock=args.clock, progress=progress)  # fmt: skip
+                         clock=args.clock, device=args.device, autocast=torch.bfloat16 if args.bf16 else None,
+                         progress=progress)  # fmt: skip
     if args.json:
         print(json.dumps({"environment": env, "command": ["gex", "bench", *argv], "rows": rows}, indent=1))
     return 0
