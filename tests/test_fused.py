@@ -82,7 +82,8 @@ def _compare(spec, *, size, training, dtype=torch.float64, atol=1e-10, rtol=1e-1
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_fused_equals_plain_float64(spec, size, training):
     """Output, input/parameter gradients and every buffer equal the plain composition's (float64)."""
-    _compare(spec, size=size, training=training)
+    plain, lean = _compare(spec, size=size, training=training)
+    assert _fused_ran(lean[0]) and not _fused_ran(plain[0])
 
 
 @pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_plus_e2", "se"])
@@ -95,15 +96,20 @@ def test_running_stats_cumulative_average_and_batch_count(spec):
 def test_no_running_stats():
     """track_running_stats=False: batch statistics in train and eval mode, as nn.BatchNorm2d does."""
     for spec in ("ge_theta_e2", "se"):
-        _compare(spec, size=8, training=True, track_running_stats=False)
-        _compare(spec, size=8, training=False, track_running_stats=False)
+        for training in (True, False):
+            _plain, lean = _compare(spec, size=8, training=training, track_running_stats=False)
+            assert "running_mean" not in lean[3]  # no buffers to update, in either mode
 
 
 @pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e2", "ge_theta_e4", "ge_theta_plus", "se"])
 @pytest.mark.parametrize("size", [8, 7])
 def test_channels_last_equals_plain(spec, size):
-    """channels_last input: same values as the plain composition (float64)."""
-    _compare(spec, size=size, training=True, channels_last=True)
+    """channels_last input: same values as the plain composition (float64), and a channels-last
+    input gradient as the plain composition gives."""
+    plain, lean = _compare(spec, size=size, training=True, channels_last=True)
+    assert lean[1].is_contiguous(memory_format=torch.channels_last) == plain[1].is_contiguous(
+        memory_format=torch.channels_last
+    )
 
 
 @pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e4", "ge_theta_plus_e2", "ge_theta", "se"])
