@@ -231,7 +231,7 @@ class BatchNormGather(torch.autograd.Function):
         first: FirstGather,
         cache: RecomputeCache,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        if training and z.device.type == "cpu" and z.is_contiguous():
+        if training and _two_pass_stats(z):
             # The faster NCHW statistics of batch_stats, then one normalising pass.
             mean, var, _ = batch_stats(z, running_mean, running_var, momentum, accumulate_dtype(z.dtype))
             invstd = torch.rsqrt(var + eps)
@@ -357,6 +357,11 @@ class ExciteMultiply(torch.autograd.Function):
 # grad_out and grad_out * z, then one pass for grad_z (the BN backward in closed form).
 
 
+def _two_pass_stats(z: torch.Tensor) -> bool:
+    """Whether :func:`batch_stats` computes the statistics itself (NCHW on the CPU)."""
+    return z.device.type == "cpu" and z.is_contiguous()
+
+
 def batch_stats(
     z: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -372,7 +377,7 @@ def batch_stats(
     per-(sample, channel) means (which the global gather needs anyway), then the squared
     deviations from the channel mean in cache-sized chunks (the stable two-pass variance).
     """
-    if z.device.type != "cpu" or not z.is_contiguous():
+    if not _two_pass_stats(z):
         mean, var = torch.batch_norm_update_stats(z, running_mean, running_var, momentum)
         return mean, var, None
     n, c, h, w = z.shape
