@@ -1,0 +1,47 @@
+"""The project's error types for mistakes in what a user passed: arguments, configs, data folders, checkpoints.
+
+Each is also the built-in type that Python code expects (``ValueError``, ``FileNotFoundError``,
+``FileExistsError``), so library callers catch them as before. The ``gex`` commands catch
+:class:`GexError` alone, print its message as one line and exit 2; any other exception is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DataNotFoundError",
+    "GexError",
+    "RunExistsError",
+    "UnsafeFileError",
+]
+
+
+class GexError(Exception):
+    """A mistake in the user's input; the message names the argument or file, the value and what was expected."""
+
+
+class ConfigError(GexError, ValueError):
+    """An argument or config value out of its range, of the wrong kind, or unknown."""
+
+
+class DataError(GexError, ValueError):
+    """A data file that exists but cannot be read as the dataset it should hold."""
+
+
+class DataNotFoundError(GexError, FileNotFoundError):
+    """A data folder or file that is missing."""
+
+
+class CheckpointError(GexError, ValueError):
+    """A file that is not a complete checkpoint of this project, or one for another model or run."""
+
+
+class UnsafeFileError(GexError, ValueError):
+    """A file whose loading would run code or build objects that plain data never needs; it was not loaded."""
+
+
+class RunExistsError(GexError, FileExistsError):
+    """An output folder or file that already holds results which would be overwritten."""
