@@ -65,7 +65,8 @@ def read_cifar_pickle(path: str | os.PathLike[str]) -> dict[str, Any]:
     # Any of these means the bytes are not a well-formed pickle; none of them ran code.
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
             OverflowError, struct.error, UnicodeDecodeError) as err:  # fmt: skip
-        raise DataError(f"CIFAR file {str(path)!r} is not a readable batch file (truncated or corrupt: {err})") from None
+        raise DataError(f"CIFAR file {str(path)!r} is not a readable batch file (truncated or corrupt: {err})") \
+            from None
     if not isinstance(loaded, dict):
         raise DataError(f"CIFAR file {str(path)!r} holds a {type(loaded).__name__}, expected a dict")
     return loaded
