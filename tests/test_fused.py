@@ -7,7 +7,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
+from torch.autograd import forward_ad
 
 from gather_excite.layers import _fused_autograd, create_context, list_context_specs
 from gather_excite.layers._fused_autograd import GateBroadcast, _nearest, batch_stats, map_dot, map_weighted_sum
@@ -332,3 +335,133 @@ def test_sync_batchnorm_conversion_takes_the_plain_path_with_the_same_output():
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model).eval()  # eval: no process group needed
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
     torch.testing.assert_close(synced(x), expected)
+
+
+# --- edges of issue 10 ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["ge_theta_e2", "ge_theta_plus_e4", "ge_theta", "ge_theta_plus", "se"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch_gives_the_empty_result_of_the_plain_composition(spec, training):
+    """N=0 with gradients on: the (0, C, H, W) output and gradients of context(bn(z)), no error
+    (the lean path used to index the first sample of the batch)."""
+    bn, context = _unit(spec, 8, 8)
+    bn.train(training)
+    context.train(training)
+    bn2, context2 = copy.deepcopy(bn), copy.deepcopy(context)
+    z = torch.randn(0, 8, 8, 8, dtype=torch.float64)
+    plain, lean = _run(bn, context, z, lean=False), _run(bn2, context2, z, lean=True)
+    assert lean[0].shape == plain[0].shape == (0, 8, 8, 8)
+    assert lean[1].shape == (0, 8, 8, 8)
+    for name, grad in plain[2].items():  # an empty batch contributes nothing: zero or no gradient
+        assert (grad is None) == (lean[2][name] is None), name
+        if grad is not None:
+            torch.testing.assert_close(lean[2][name], grad, msg=name, equal_nan=True)
+
+
+def test_forward_mode_ad_through_a_ge_network_equals_finite_differences():
+    """torch.autograd.forward_ad through a training-mode GE-θ+ network (parameters requiring grad, so
+    the lean path would be eligible): the tangent equals the plain composition's and a central
+    finite difference of the output (float64)."""
+    from gather_excite import create_model
+
+    torch.manual_seed(0)
+    model = create_model("ge_theta_plus_cifar_resnet20", num_classes=5, width=4).double().train()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    tangent = torch.randn_like(x)
+    tangents = {}
+    for lean in (False, True):
+        set_fused(lean)
+        m = copy.deepcopy(model)
+        with forward_ad.dual_level():
+            out = m(forward_ad.make_dual(x, tangent))
+            tangents[lean] = forward_ad.unpack_dual(out).tangent
+    eps = 1e-6
+    with torch.no_grad():
+        difference = (copy.deepcopy(model)(x + eps * tangent) - copy.deepcopy(model)(x - eps * tangent)) / (2 * eps)
+    torch.testing.assert_close(tangents[True], tangents[False], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(tangents[True], difference, atol=1e-5, rtol=1e-5)
+
+
+# --- the device-generic branches (issue 11), run on the CPU ---------------------------------------
+
+
+@pytest.fixture
+def device_generic(monkeypatch):
+    """Take the branches that every non-CPU device takes (einsum, multiply-and-sum,
+    batch_norm_update_stats) instead of the CPU loops."""
+    monkeypatch.setattr(_fused_autograd, "CPU_KERNELS", False)
+
+
+@pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e2", "ge_theta_e4", "ge_theta", "ge_theta_plus",
+                                  "se"])  # fmt: skip
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_device_generic_branches_equal_plain(device_generic, spec, channels_last, training):
+    """With the device-generic kernels the lean unit still equals the plain composition (float64)."""
+    _compare(spec, size=7, training=training, channels_last=channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_device_generic_map_dot_and_stats(device_generic, channels_last):
+    """einsum / multiply-and-sum give the depthwise conv's values and kernel gradient, and
+    batch_norm_update_stats the float64 batch statistics, as the CPU loops do."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, 7, 9, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    kernel = torch.randn(6, 1, 7, 9, dtype=torch.float64, requires_grad=True)
+    conv = F.conv2d(x, kernel, groups=6)
+    torch.testing.assert_close(map_dot(x, kernel[:, 0].detach(), torch.float64), conv.view(5, 6))
+    weight = torch.randn(5, 6, dtype=torch.float64)
+    (grad_kernel,) = torch.autograd.grad(conv, kernel, weight.view(5, 6, 1, 1))
+    torch.testing.assert_close(map_weighted_sum(weight, x, torch.float64), grad_kernel[:, 0])
+    mean, var, _ = batch_stats(x, None, None, 0.1, torch.float64)
+    torch.testing.assert_close(mean, x.mean((0, 2, 3)))
+    torch.testing.assert_close(var, x.var((0, 2, 3), correction=0))
+
+
+# --- fuzzing the lean unit against the plain composition -----------------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    spec=st.sampled_from(list_context_specs()),
+    n=st.integers(0, 3),
+    height=st.integers(1, 9),
+    width=st.integers(1, 9),
+    channels_last=st.booleans(),
+    training=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_lean_equals_plain(spec, n, height, width, channels_last, training, seed):
+    """Any variant, batch size (0 included), map size (1x1 and odd non-square included), layout and
+    mode at float64: the lean unit gives the plain composition's output, gradients and buffers, or
+    raises the same error type (e.g. one value per channel in training)."""
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm2d(4).double().train(training)
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    context = create_context(spec, 4, feature_size=(5, 5)).double().train(training)  # resampled kernel
+    for p in context.parameters():
+        nn.init.normal_(p, std=0.3)
+    z = torch.randn(n, 4, height, width, dtype=torch.float64) * 2 + 0.5
+    if channels_last:
+        z = z.contiguous(memory_format=torch.channels_last)
+    bn2, context2 = copy.deepcopy(bn), copy.deepcopy(context)
+    try:
+        plain = _run(bn, context, z, lean=False, grad_seed=seed)
+    except (ValueError, RuntimeError) as err:
+        with pytest.raises(type(err)):
+            _run(bn2, context2, z, lean=True, grad_seed=seed)
+        return
+    lean = _run(bn2, context2, z, lean=True, grad_seed=seed)
+    for got, expected in zip(lean[:2], plain[:2], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-9, equal_nan=True)
+    for group in (2, 3):
+        assert lean[group].keys() == plain[group].keys()
+        for name, expected in plain[group].items():
+            if expected is None or lean[group][name] is None:
+                assert lean[group][name] is None and expected is None, name
+                continue
+            torch.testing.assert_close(lean[group][name], expected, atol=1e-9, rtol=1e-9, equal_nan=True, msg=name)

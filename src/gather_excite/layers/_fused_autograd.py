@@ -71,6 +71,15 @@ class FirstGather:
 # samples reads the map once, in whatever layout it has, with a cache-sized temporary.
 _CHUNK_ELEMENTS = 2**18
 
+# Which kernels run: the CPU-tuned loops (for CPU tensors) or the device-generic ops (einsum,
+# multiply-and-sum, batch_norm_update_stats) that every other device takes. Tests set this to
+# False to run the device-generic branches on the CPU.
+CPU_KERNELS = True
+
+
+def _cpu_kernels(x: torch.Tensor) -> bool:
+    return CPU_KERNELS and x.device.type == "cpu"
+
 
 def map_dot(x: torch.Tensor, other: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``out[n, c] = sum_hw x[n, c, h, w] * other[., c, h, w]``, summed in ``dtype``; ``(N, C)``.
@@ -80,13 +89,13 @@ def map_dot(x: torch.Tensor, other: torch.Tensor, dtype: torch.dtype) -> torch.T
     """
     n, c = x.shape[:2]
     shared = other.dim() == 3
-    if x.device.type != "cpu" and shared and x.is_contiguous():
+    if not _cpu_kernels(x) and shared and x.is_contiguous():
         return torch.einsum("nchw,chw->nc", x, other.to(x.dtype)).to(dtype)
+    if not _cpu_kernels(x):
+        return (x * other).sum((2, 3), dtype=dtype)
     if shared:
         # The kernel in the samples' own layout, so that every product is one straight pass.
         other = torch.empty_like(x[0]).copy_(other)
-    if x.device.type != "cpu":
-        return (x * other).sum((2, 3), dtype=dtype)
     out = torch.empty(n, c, dtype=dtype, device=x.device)
     step = max(1, _CHUNK_ELEMENTS // max(1, x[0].numel()))
     for i in range(0, n, step):
@@ -98,10 +107,10 @@ def map_dot(x: torch.Tensor, other: torch.Tensor, dtype: torch.dtype) -> torch.T
 def map_weighted_sum(weight: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``out[c, h, w] = sum_n weight[n, c] * x[n, c, h, w]``, summed in ``dtype``; ``(C, H, W)``."""
     n, c = x.shape[:2]
-    if x.device.type != "cpu" and x.is_contiguous():
+    if not _cpu_kernels(x) and x.is_contiguous():
         return torch.einsum("nc,nchw->chw", weight.to(x.dtype), x).to(dtype)
     weight = weight.to(dtype).view(n, c, 1, 1)
-    if x.device.type != "cpu":
+    if not _cpu_kernels(x):
         return (x * weight).sum(0, dtype=dtype)
     out = torch.zeros_like(x[0], dtype=dtype)
     for i in range(n):
@@ -359,7 +368,7 @@ class ExciteMultiply(torch.autograd.Function):
 
 def _two_pass_stats(z: torch.Tensor) -> bool:
     """Whether :func:`batch_stats` computes the statistics itself (NCHW on the CPU)."""
-    return z.device.type == "cpu" and z.is_contiguous()
+    return _cpu_kernels(z) and z.is_contiguous()
 
 
 def batch_stats(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torch.nn.modules import module as module_globals
 
 from ._fused_autograd import (
@@ -67,6 +68,8 @@ def _can_fuse(bn: nn.Module, context: nn.Module, x: torch.Tensor) -> bool:
         return False
     if type(bn) is not nn.BatchNorm2d or not bn.affine or not isinstance(x, torch.Tensor) or x.dim() != 4:
         return False
+    if x.numel() == 0 or forward_ad.unpack_dual(x).tangent is not None:
+        return False  # an empty batch, or forward-mode AD (the autograd functions have no jvp)
     if torch.compiler.is_compiling() or torch.jit.is_scripting():
         return False
     # Forward/backward hooks on the BN or inside the context module (FLOP counters, feature
