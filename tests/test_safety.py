@@ -7,10 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from gather_excite.cli import train as train_cli
 from gather_excite.data import cifar_dataset
 from gather_excite.errors import DataError, GexError, UnsafeFileError
-from test_data import write_cifar10
+from test_data import write_cifar10, write_fashion_idx, write_image_folder
+from test_train import write_config
 
 
 class _Payload:
@@ -50,3 +53,114 @@ def test_cifar_batches_hold_only_what_the_official_files_hold(tmp_path: Path) ->
     (folder / "data_batch_2").write_bytes(b"\x80\x04truncated")
     with pytest.raises(DataError, match=r"data_batch_2"):
         cifar_dataset(root, num_classes=10, train=True)
+
+
+# ---------------------------------------------------------------- every user error: one line, exit 2, before any work
+
+pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
+
+
+def _error_line(capsys: pytest.CaptureFixture[str], prog: str) -> str:
+    """The one stderr line of a refused command (Lightning's info lines excluded), with no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(f"{prog}: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    root = write_fashion_idx(tmp_path / "data", train=48, test=16)
+    return write_config(
+        tmp_path / "config.yaml",
+        model={
+            "arch": "cifar_resnet20",
+            "arch_kwargs": {"width": 4},
+            "num_classes": 10,
+            "in_chans": 1,
+            "input_size": 28,
+        },
+        data={"root": str(root), "dataset": "fashion_mnist", "batch_size": 12},
+        epochs=1,
+    )
+
+
+BAD_ARGUMENTS = [
+    (["--model.arch", "resnet5O"], "arch='resnet5O' is not a registered model (did you mean 'resnet50'"),
+    (["--data.batch_size", "0"], "batch_size must be an int >= 1, got 0"),
+    (["--data.batch_size", "-3"], "batch_size must be an int >= 1, got -3"),
+    (["--model.lr", "-1"], "lr must be > 0, got -1.0"),
+    (["--model.num_classes", "0"], "num_classes must be an int >= 1, got 0"),
+    (["--model.in_chans", "0"], "in_chans must be an int >= 1, got 0"),
+    (["--trainer.max_epochs", "-2"], "max_epochs` must be a non-negative integer or -1. You passed in -2"),
+]
+if not torch.cuda.is_available():
+    BAD_ARGUMENTS.append((["--trainer.accelerator", "gpu"], "No supported gpu backend found"))
+
+
+@pytest.mark.parametrize(("arguments", "message"), BAD_ARGUMENTS, ids=lambda a: a[0] if isinstance(a, list) else "")
+def test_bad_train_arguments_are_one_line_before_any_work(
+    tmp_path: Path, tiny_config: Path, capsys: pytest.CaptureFixture[str], arguments: list[str], message: str
+) -> None:
+    out = tmp_path / "run"
+    assert train_cli.main(["--config", str(tiny_config), "--out", str(out), *arguments]) == 2
+    assert message in _error_line(capsys, "gex train")
+    assert not out.exists()  # refused before the run folder was made
+
+
+def test_a_yaml_config_with_python_tags_is_refused_unrun(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "pwned"
+    config = tmp_path / "tagged.yaml"
+    config.write_text(f'model:\n  arch: !!python/object/apply:os.system ["touch {marker}"]\n')
+    assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    line = _error_line(capsys, "gex train")
+    assert f"--config {config}: not a plain YAML file" in line and "python/object/apply:os.system" in line
+    assert not marker.exists()
+
+
+def test_data_errors_suggest_the_commands_own_flags(
+    tmp_path: Path, tiny_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nowhere"
+    assert (
+        train_cli.main(["--config", str(tiny_config), "--out", str(tmp_path / "run"), "--data.root", str(missing)]) == 2
+    )
+    line = _error_line(capsys, "gex train")
+    assert f"data path {str(missing)!r} does not exist" in line and "--data.download true" in line
+    assert " --download" not in line  # gex compare's flag, which gex train does not have
+
+
+def test_a_crafted_cifar_folder_stops_gex_train_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = write_cifar10(tmp_path / "data", per_batch=4)
+    marker = tmp_path / "pwned"
+    batch = root / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({"data": _Payload(marker), "labels": [0, 1, 0, 1]}))
+    config = write_config(
+        tmp_path / "config.yaml",
+        model={"arch": "cifar_resnet20", "arch_kwargs": {"width": 4}, "num_classes": 10, "input_size": 32},
+        data={"root": str(root), "dataset": "cifar10", "batch_size": 4},
+        epochs=1,
+    )
+    assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert f"CIFAR file {str(batch)!r} asks to call builtins.exec" in _error_line(capsys, "gex train")
+    assert not marker.exists()
+
+
+def test_a_corrupt_image_read_by_a_worker_is_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = write_image_folder(tmp_path / "data", per_class=4)
+    broken = root / "train" / "b" / "b2.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
+    config = write_config(
+        tmp_path / "config.yaml",
+        model={"arch": "cifar_resnet20", "arch_kwargs": {"width": 4}, "num_classes": 2, "input_size": 16},
+        data={"root": str(root), "dataset": "imagefolder", "batch_size": 8, "crop_size": 16, "num_workers": 1},
+        epochs=1,
+    )
+    assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    line = _error_line(capsys, "gex train")
+    assert line == f"gex train: error: corrupt or unreadable image file {str(broken)!r}: " + line.split(": ", 3)[3]

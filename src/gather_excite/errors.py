@@ -8,14 +8,18 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "CheckpointError",
+    "CheckpointNotFoundError",
     "ConfigError",
     "DataError",
     "DataNotFoundError",
     "GexError",
     "RunExistsError",
     "UnsafeFileError",
+    "one_line",
 ]
 
 
@@ -39,9 +43,27 @@ class CheckpointError(GexError, ValueError):
     """A file that is not a complete checkpoint of this project, or one for another model or run."""
 
 
+class CheckpointNotFoundError(GexError, FileNotFoundError):
+    """A checkpoint path that names no file."""
+
+
 class UnsafeFileError(GexError, ValueError):
     """A file whose loading would run code or build objects that plain data never needs; it was not loaded."""
 
 
 class RunExistsError(GexError, FileExistsError):
     """An output folder or file that already holds results which would be overwritten."""
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message as one line; for an error raised in a DataLoader worker, the worker's own message.
+
+    PyTorch re-raises a worker's exception in the main process with the worker's traceback in the
+    message (``Caught X in DataLoader worker process 0. Original Traceback ... X: message``).
+    """
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        match = re.match(rf"^(?:[\w.]+\.)?{re.escape(type(error).__name__)}: (.*)$", last)
+        text = match.group(1) if match else last
+    return " ".join(text.split())

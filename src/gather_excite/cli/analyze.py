@@ -13,11 +13,16 @@ datamodule it was trained with, whose validation split (single centre crop) is a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+from ..errors import ConfigError, DataNotFoundError, GexError, one_line
 
 __all__ = ["main"]
 
@@ -91,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _device(accelerator: str) -> torch.device:
     if accelerator == "gpu" and not torch.cuda.is_available():
-        raise ValueError("--accelerator gpu: no CUDA device is available")
+        raise ConfigError("--accelerator gpu: no CUDA device is available")
     use_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
     return torch.device("cuda" if use_gpu else "cpu")
 
@@ -121,7 +126,7 @@ def _load_other(checkpoint: str, num_classes: int, what: str):
 
     module = load_model(checkpoint)
     if module.hparams["num_classes"] != num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"{what} {checkpoint!r} has {module.hparams['num_classes']} classes but the data has {num_classes}"
         )
     return module
@@ -134,7 +139,7 @@ def _info(module: Any, checkpoint: str, label: str | None) -> dict[str, Any]:
 def _default_stage(net: torch.nn.Module) -> str:
     stages = list(getattr(net, "stage_names", {}) or {})
     if not stages:
-        raise ValueError(f"model {type(net).__name__} exposes no stage_names; pass --stage with a module path")
+        raise ConfigError(f"model {type(net).__name__} exposes no stage_names; pass --stage with a module path")
     return stages[-2] if len(stages) > 1 else stages[0]
 
 
@@ -142,7 +147,7 @@ def _selectivity(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     from ..analysis import class_selectivity, plot_selectivity, selectivity_report, stage_units
 
     if args.labels is not None and len(args.labels) != len(args.checkpoints):
-        raise ValueError(f"--labels needs one label per checkpoint ({len(args.checkpoints)}), got {len(args.labels)}")
+        raise ConfigError(f"--labels needs one label per checkpoint ({len(args.checkpoints)}), got {len(args.labels)}")
     device = _device(args.accelerator)
     first, loader, data = _load(args.checkpoints[0], args)
     modules = [first] + [_load_other(c, data["num_classes"], "checkpoint") for c in args.checkpoints[1:]]
@@ -173,7 +178,7 @@ def _default_units(net: torch.nn.Module) -> list[str]:
 
     stages = list(getattr(net, "stage_names", {}) or {})
     if not stages:
-        raise ValueError(f"model {type(net).__name__} exposes no stage_names; pass --units")
+        raise ConfigError(f"model {type(net).__name__} exposes no stage_names; pass --units")
     return [next(iter(stage_units(net, stage))) for stage in stages[-3:]]
 
 
@@ -183,7 +188,7 @@ def _prune(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     if args.ratios is not None:
         ratios = args.ratios
     elif args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     else:
         ratios = [step / args.steps for step in range(args.steps + 1)]
     device = _device(args.accelerator)
@@ -219,9 +224,33 @@ def _curves(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
 
     if args.extent:
         if args.labels is not None:
-            raise ValueError("--labels applies to per-epoch curves; --extent labels each variant itself")
+            raise ConfigError("--labels applies to per-epoch curves; --extent labels each variant itself")
         return extent_report(args.runs), plot_curves
     return epoch_curves_report(args.runs, labels=args.labels), plot_curves
+
+
+@contextlib.contextmanager
+def _analysis_input_errors() -> Iterator[None]:
+    """Report a ``ValueError`` raised by ``gather_excite.analysis`` itself as a :class:`ConfigError`.
+
+    The analysis functions raise ``ValueError`` only to reject what the user named (runs, units,
+    stages, labels, reports). A ``ValueError`` raised anywhere else is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except ValueError as err:
+        if isinstance(err, GexError):
+            raise
+        frame = err.__traceback__
+        while frame is not None and frame.tb_next is not None:
+            frame = frame.tb_next
+        analysis = Path(__file__).resolve().parent.parent / "analysis"
+        if frame is not None and Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(analysis):
+            raise ConfigError(str(err)) from err
+        raise
+
+
+_DATA_HINT = " [gex analyze: pass --data-root with the folder of the checkpoint's dataset]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,19 +259,22 @@ def main(argv: list[str] | None = None) -> int:
     from ..analysis import PLOTS, load_report, write_report
 
     try:
-        if args.command == "plot":
-            report = load_report(args.report)
-            if report["analysis"] not in PLOTS:
-                raise ValueError(f"report analysis must be one of {sorted(PLOTS)}, got {report['analysis']!r}")
-            png = Path(args.png) if args.png else Path(args.report).with_suffix(".png")
-            PLOTS[report["analysis"]](report).savefig(png, dpi=120)
-            print(f"-> {png}")
-            return 0
-        run = {"selectivity": _selectivity, "prune": _prune, "curves": _curves}[args.command]
-        report, plot = run(args)
-        png, json_path = write_report(report, plot, out_dir=args.out, name=args.name)
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"gex analyze {args.command}: error: {err}", file=sys.stderr)
+        with _analysis_input_errors():
+            if args.command == "plot":
+                report = load_report(args.report)
+                if report["analysis"] not in PLOTS:
+                    raise ConfigError(f"report analysis must be one of {sorted(PLOTS)}, got {report['analysis']!r}")
+                png = Path(args.png) if args.png else Path(args.report).with_suffix(".png")
+                PLOTS[report["analysis"]](report).savefig(png, dpi=120)
+                print(f"-> {png}")
+                return 0
+            run = {"selectivity": _selectivity, "prune": _prune, "curves": _curves}[args.command]
+            report, plot = run(args)
+            png, json_path = write_report(report, plot, out_dir=args.out, name=args.name)
+    # MisconfigurationException: Lightning's type for a setting it cannot honour.
+    except (GexError, MisconfigurationException) as err:
+        hint = _DATA_HINT if isinstance(err, DataNotFoundError) else ""
+        print(f"gex analyze {args.command}: error: {one_line(err)}{hint}", file=sys.stderr)
         return 2
     print(f"-> {png}\n-> {json_path}")
     return 0

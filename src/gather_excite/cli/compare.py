@@ -29,8 +29,21 @@ from tqdm.auto import tqdm
 from ..complexity import complexity
 from ..data import DEFAULT_FASHION_MNIST_ROOT, ImageClassificationData
 from ..engine import AtomicCheckpointIO, ClassificationModule, TrainSpeed, checkpoint_callbacks, write_eval_json
+from ..errors import ConfigError, GexError, RunExistsError, one_line
 
-__all__ = ["VARIANTS", "main", "run_compare"]
+__all__ = ["VARIANTS", "check_out_folder", "main", "run_compare"]
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an ``--out`` that is a file or already holds a comparison, so no earlier run is overwritten."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; expected a folder for results.json, curves.png, checkpoints, logs")
+    earlier = [out / name for name in ("results.json", "curves.png", "checkpoints", "logs") if (out / name).exists()]
+    if earlier:
+        raise RunExistsError(
+            f"--out {out} already holds a comparison ({earlier[0]}); choose another --out "
+            f"(e.g. {out}-2) or remove it (nothing was overwritten)"
+        )
 
 # (label, model name) in the paper's order; every GE variant has global extent, as in Tables 2-5.
 VARIANTS: tuple[tuple[str, str], ...] = (
@@ -337,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         elif _machine_is_busy():
             torch.set_num_threads(1)
         out = Path(args.out)
+        check_out_folder(out)
         out.mkdir(parents=True, exist_ok=True)
         results = run_compare(
             out=out,
@@ -352,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
             variants=[(label, by_label[label]) for label in wanted],
             accelerator=args.accelerator,
         )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"gex compare: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, GexError) as err:
+        print(f"gex compare: error: {one_line(err)}", file=sys.stderr)
         return 2
     write_eval_json(results, out / "results.json")
     plot_curves(results, out / "curves.png")

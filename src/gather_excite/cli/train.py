@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch.cli import LightningCLI
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..data import ImageClassificationData
@@ -17,12 +19,16 @@ from ..engine import (
     LAST_CHECKPOINT,
     AtomicCheckpointIO,
     ClassificationModule,
+    DiscardRedoneRows,
     ResumableCSVLogger,
     TrainSpeed,
     checkpoint_callbacks,
+    describe_model_mismatch,
     evaluate,
+    read_checkpoint,
     write_eval_json,
 )
+from ..errors import CheckpointError, ConfigError, DataNotFoundError, GexError, RunExistsError, one_line
 
 __all__ = ["GexCLI", "check_config_keys", "config_dir", "main", "resolve_config_names"]
 
@@ -84,26 +90,47 @@ def check_config_keys(argv: list[str]) -> None:
         if value is not None:
             path = Path(value)
             if not path.is_file():
-                raise FileNotFoundError(
+                raise ConfigError(
                     f"--config {value}: no such file and no packaged recipe of that name "
                     f"(recipes: {', '.join(sorted(p.stem for p in config_dir().glob('*.yaml')))})"
                 )
-            with open(path) as handle:
-                loaded = yaml.safe_load(handle) or {}
+            try:
+                with open(path) as handle:
+                    loaded = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as err:
+                # safe_load builds plain data only: a Python tag (!!python/object...) lands here, never runs.
+                raise ConfigError(
+                    f"--config {value}: not a plain YAML file ({one_line(err)}); tags such as !!python/object are "
+                    f"refused, since a config holds values only"
+                ) from None
             if not isinstance(loaded, dict):
-                raise ValueError(f"--config {value}: expected a YAML mapping, got {type(loaded).__name__}")
+                raise ConfigError(f"--config {value}: expected a YAML mapping, got {type(loaded).__name__}")
             for key, section in loaded.items():
                 if key not in valid[""]:
-                    raise ValueError(_unknown_key_message(key, "", valid[""], str(path)))
+                    raise ConfigError(_unknown_key_message(key, "", valid[""], str(path)))
                 if key in ("model", "data", "trainer") and isinstance(section, dict):
                     for sub in section:
                         if sub not in valid[key]:
-                            raise ValueError(_unknown_key_message(sub, key, valid[key], str(path)))
+                            raise ConfigError(_unknown_key_message(sub, key, valid[key], str(path)))
         elif arg.startswith("--") and "." in arg:
             group, _, key = arg[2:].split("=", 1)[0].partition(".")
             key = key.split(".", 1)[0]
             if group in ("model", "data", "trainer") and key not in valid[group]:
-                raise ValueError(_unknown_key_message(key, group, valid[group], "the command line"))
+                raise ConfigError(_unknown_key_message(key, group, valid[group], "the command line"))
+
+
+class _SaveConfigAfterRestore(SaveConfigCallback):
+    """Writes the run's ``config.yaml`` when training starts, after a resumed checkpoint is restored.
+
+    Lightning's callback writes it at setup, before the checkpoint is read, so a resume that
+    fails would already have replaced the run's config.
+    """
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        pass
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().setup(trainer, pl_module, "fit")
 
 
 class GexCLI(LightningCLI):
@@ -131,7 +158,7 @@ class GexCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         out = Path(self.config["out"])
         callbacks = list(kwargs.pop("callbacks", None) or [])
-        callbacks += [*checkpoint_callbacks(out / "checkpoints"), TrainSpeed()]
+        callbacks += [*checkpoint_callbacks(out / "checkpoints"), TrainSpeed(), DiscardRedoneRows()]
         if kwargs.get("logger") in (None, True):
             kwargs["logger"] = [
                 TensorBoardLogger(str(out), name="", version="tensorboard", default_hp_metric=False),
@@ -143,19 +170,48 @@ class GexCLI(LightningCLI):
         return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
 
 
+def _run_files(out: Path) -> list[Path]:
+    """The files by which ``out`` holds a run: checkpoints, the CSV log, the saved config, the evaluation."""
+    files = sorted((out / "checkpoints").glob("*.ckpt"))
+    candidates = (out / "csv" / "metrics.csv", out / "tensorboard" / "config.yaml", out / "eval.json")
+    return files + [path for path in candidates if path.is_file()]
+
+
 def _resume_path(resume: str | None, out: Path) -> str | None:
+    """The checkpoint to continue from, after checking that no other run's files would be overwritten."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; expected a run folder (new, or the one to resume)")
+    existing = _run_files(out)
+    own = out / "checkpoints" / LAST_CHECKPOINT
     if resume is None:
-        existing = out / "checkpoints" / LAST_CHECKPOINT
-        if existing.is_file():
-            raise FileExistsError(
-                f"--out {out} already holds a run ({existing}); pass --resume last to continue it, "
+        if existing:
+            raise RunExistsError(
+                f"--out {out} already holds a run ({existing[0]}); pass --resume last to continue it, "
                 f"or choose another --out (nothing was overwritten)"
             )
         return None
-    path = out / "checkpoints" / LAST_CHECKPOINT if resume in ("last", "auto", "true") else Path(resume)
+    path = own if resume in ("last", "auto", "true") else Path(resume)
     if not path.is_file():
-        raise FileNotFoundError(f"--resume {resume}: no checkpoint at {str(path)!r} to continue from")
+        raise CheckpointError(f"--resume {resume}: no checkpoint at {str(path)!r} to continue from")
+    if path.resolve().parent != (out / "checkpoints").resolve() and existing:
+        raise RunExistsError(
+            f"--resume {resume}: the checkpoint belongs to another run than --out {out}, which holds its own "
+            f"({existing[0]}); continuing there would overwrite it. Pass --resume last to continue {out}, or a "
+            f"new --out to continue {resume} in a folder of its own (nothing was overwritten)"
+        )
     return str(path)
+
+
+def _check_resumable(path: str, model: ClassificationModule) -> None:
+    """Read the checkpoint now (weights-only) so that an unreadable one or another model's fails before any work."""
+    saved = read_checkpoint(path)
+    differences = describe_model_mismatch(saved["hyper_parameters"], dict(model.hparams))
+    if differences:
+        raise CheckpointError(
+            f"--resume {path}: checkpoint was saved for a different model; it differs in "
+            + "; ".join(differences)
+            + ". Resume with the checkpoint's model settings or start a new run (another --out)"
+        )
 
 
 def _check_model_matches_data(model: ClassificationModule, data: ImageClassificationData) -> None:
@@ -166,20 +222,18 @@ def _check_model_matches_data(model: ClassificationModule, data: ImageClassifica
         if model.hparams[key] != value
     ]
     if differences:
-        raise ValueError("model and data disagree: " + "; ".join(differences))
+        raise ConfigError("model and data disagree: " + "; ".join(differences))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the config and overrides, train, then evaluate the final weights into OUT/eval.json."""
-    argv = resolve_config_names(list(sys.argv[1:] if argv is None else argv))
-    try:
-        check_config_keys(argv)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"gex train: error: {err}", file=sys.stderr)
-        return 2
+def _parse(argv: list[str]) -> GexCLI:
+    """The parsed config with the model, data and trainer built (nothing run yet)."""
     saved_argv, sys.argv = sys.argv, ["gex train"]  # LightningCLI warns when sys.argv and args differ
+    # "Seed set to N" would precede a one-line error about the arguments; the seed is in the config.
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+    level = seed_log.level
+    seed_log.setLevel(logging.WARNING)
     try:
-        cli = GexCLI(
+        return GexCLI(
             ClassificationModule,
             ImageClassificationData,
             run=False,
@@ -187,16 +241,32 @@ def main(argv: list[str] | None = None) -> int:
             subclass_mode_model=False,
             subclass_mode_data=False,
             auto_configure_optimizers=False,
+            save_config_callback=_SaveConfigAfterRestore,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "gex train", "default_env": False, "allow_abbrev": False},
         )
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
     finally:
-        sys.argv = saved_argv
-    out = Path(cli.config["out"])
+        sys.argv = saved_argv  # the DDP launcher starts the other processes with sys.argv
+        seed_log.setLevel(level)
+
+
+_DATA_HINT = " [gex train: set --data.root to the data folder, or --data.download true to fetch CIFAR/Fashion-MNIST]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the config and overrides, train, then evaluate the final weights into OUT/eval.json.
+
+    A mistake in the arguments, the config, the data or the checkpoint ends with one line on
+    stderr and exit status 2, before any training where it can be seen beforehand.
+    """
+    argv = resolve_config_names(list(sys.argv[1:] if argv is None else argv))
     try:
+        check_config_keys(argv)
+        cli = _parse(argv)
+        out = Path(cli.config["out"])
         ckpt_path = _resume_path(cli.config["resume"], out)
+        if ckpt_path is not None:
+            _check_resumable(ckpt_path, cli.model)
         _check_model_matches_data(cli.model, cli.datamodule)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
         if cli.config["eval_after"] and not cli.trainer.interrupted:
@@ -206,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
             if cli.trainer.is_global_zero:
                 path = write_eval_json(result, out / "eval.json")
                 print(f"top-1 error {result['top1_err']:.2f}%  top-5 error {result['top5_err']:.2f}%  -> {path}")
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
-        print(f"gex train: error: {err}", file=sys.stderr)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    # Lightning's own type for a Trainer setting it cannot honour (e.g. --trainer.accelerator gpu without one).
+    except (GexError, MisconfigurationException) as err:
+        hint = _DATA_HINT if isinstance(err, DataNotFoundError) else ""
+        print(f"gex train: error: {one_line(err)}{hint}", file=sys.stderr)
         return 2
     return 0

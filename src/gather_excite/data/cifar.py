@@ -65,8 +65,9 @@ def read_cifar_pickle(path: str | os.PathLike[str]) -> dict[str, Any]:
     # Any of these means the bytes are not a well-formed pickle; none of them ran code.
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
             OverflowError, struct.error, UnicodeDecodeError) as err:  # fmt: skip
-        raise DataError(f"CIFAR file {str(path)!r} is not a readable batch file (truncated or corrupt: {err})") \
-            from None
+        raise DataError(
+            f"CIFAR file {str(path)!r} is not a readable batch file (truncated or corrupt: {err})"
+        ) from None
     if not isinstance(loaded, dict):
         raise DataError(f"CIFAR file {str(path)!r} holds a {type(loaded).__name__}, expected a dict")
     return loaded
@@ -119,8 +120,8 @@ class _CIFARFiles:
         missing = [name for name in [*names, self.meta["filename"]] if not os.path.isfile(os.path.join(folder, name))]
         if missing:
             raise DataNotFoundError(
-                f"{folder!r} lacks CIFAR-{self.num_classes} files {', '.join(missing)}; pass --data.download true "
-                f"(download=True) to fetch the dataset"
+                f"{folder!r} lacks CIFAR-{self.num_classes} files {', '.join(missing)}; let torchvision "
+                f"fetch the dataset (download=True)"
             )
         batches = [_read_batch(os.path.join(folder, name), self.label_key, self.num_classes) for name in names]
         self.data = np.vstack([data for data, _ in batches]).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
@@ -169,7 +170,7 @@ def cifar_dataset(
     if not download and not folder.is_dir():
         raise DataNotFoundError(
             f"data path {str(root)!r} holds no CIFAR-{num_classes} batches: expected the folder {str(folder)!r} "
-            f"(the python version of the dataset, as torchvision downloads it); pass --data.download true "
-            f"(download=True) to fetch it"
+            f"(the python version of the dataset, as torchvision downloads it); let torchvision fetch it "
+            f"(download=True)"
         )
     return cls(str(root), train=train, transform=transform, download=download)

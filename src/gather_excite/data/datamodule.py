@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..errors import ConfigError, DataNotFoundError
 from .cifar import cifar_dataset
 from .fashion_mnist import DEFAULT_FASHION_MNIST_ROOT, fashion_mnist_dataset
 from .folder import CheckedImageFolder
@@ -69,15 +70,20 @@ class ImageClassificationData(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
+            raise ConfigError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name, value in (("train_subset", train_subset), ("val_subset", val_subset)):
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        for name, value in (
+            ("train_subset", train_subset),
+            ("val_subset", val_subset),
+            ("crop_size", crop_size),
+            ("resize_size", resize_size),
+        ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+                raise ConfigError(f"{name} must be an int >= 1 or None, got {value!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+            raise ConfigError(f"num_workers must be an int >= 0, got {num_workers!r}")
         self.save_hyperparameters()
         self.dataset = dataset
         self.root = str(root)
@@ -117,7 +123,7 @@ class ImageClassificationData(L.LightningDataModule):
         if self.dataset == "imagefolder":
             root = Path(self.root).expanduser()
             if not root.is_dir():
-                raise FileNotFoundError(
+                raise DataNotFoundError(
                     f"data path {self.root!r} does not exist; expected ROOT/{self.train_split}/<class>/<image>.jpg "
                     f"and ROOT/{self.val_split}/<class>/<image>.jpg"
                 )
@@ -159,7 +165,7 @@ class ImageClassificationData(L.LightningDataModule):
         if size is not None:
             name = "train_subset" if train else "val_subset"
             if size > len(dataset):
-                raise ValueError(f"{name}={size} is larger than the {len(dataset)} images of {self._describe(train)}")
+                raise ConfigError(f"{name}={size} is larger than the {len(dataset)} images of {self._describe(train)}")
             generator = torch.Generator().manual_seed(self.subset_seed + (0 if train else 1))
             dataset = Subset(dataset, torch.randperm(len(dataset), generator=generator)[:size].tolist())
         return dataset
@@ -177,7 +183,7 @@ class ImageClassificationData(L.LightningDataModule):
         world, total = self._world_size(), (self.batch_size if train else self.eval_batch_size)
         if total % world:
             name = "batch_size" if train else "eval_batch_size"
-            raise ValueError(
+            raise ConfigError(
                 f"{name}={total} is the global batch and must divide evenly over the {world} devices "
                 f"(nodes x devices); use a multiple of {world}"
             )
@@ -193,7 +199,7 @@ class ImageClassificationData(L.LightningDataModule):
             # Each device draws ceil(size / world) samples per epoch from the distributed sampler.
             per_device_samples = -(-size // world)
             if self.drop_last and per_device_samples < per_device:
-                raise ValueError(
+                raise ConfigError(
                     f"batch_size={self.batch_size} (global, {per_device} per device on {world} device(s)) cannot be "
                     f"filled by the {size} training images of {self._describe(True)} with drop_last=True, so an "
                     f"epoch would have no step; use batch_size <= {size - size % world or size} or drop_last=False"

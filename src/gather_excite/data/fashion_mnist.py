@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import FashionMNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
+from ..errors import DataError, DataNotFoundError
 from .transforms import DATASET_STATS
 
 __all__ = ["DEFAULT_FASHION_MNIST_ROOT", "FASHION_MNIST_CLASSES", "IDXImageDataset", "fashion_mnist_dataset"]
@@ -126,18 +127,19 @@ def fashion_mnist_dataset(
         paths = [_find(root, image_name), _find(root, label_name)]
     if paths[0] is None or paths[1] is None:
         where = "does not exist" if not root.exists() else "holds no Fashion-MNIST IDX files"
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"data path {str(root)!r} {where}: expected {image_name}[.gz] and {label_name}[.gz] there or in "
             f"{root}/FashionMNIST/raw. Install Debian's dataset-fashion-mnist (files in "
-            f"{DEFAULT_FASHION_MNIST_ROOT}) or pass download=True (--download) to fetch them"
+            f"{DEFAULT_FASHION_MNIST_ROOT}) or let torchvision fetch them "
+            f"(download=True)"
         )
     try:
         images = read_image_file(str(_uncompressed(paths[0])))
         labels = read_label_file(str(_uncompressed(paths[1])))
     except (AssertionError, TypeError, ValueError, RuntimeError, OSError, EOFError) as err:
-        raise ValueError(f"corrupt Fashion-MNIST IDX file in {str(root)!r} ({paths[0]}, {paths[1]}): {err}") from err
+        raise DataError(f"corrupt Fashion-MNIST IDX file in {str(root)!r} ({paths[0]}, {paths[1]}): {err}") from err
     if labels.shape[0] != images.shape[0]:
-        raise ValueError(
+        raise DataError(
             f"IDX files disagree: {paths[0]} holds {images.shape[0]} images but {paths[1]} {labels.shape[0]} labels"
         )
     mean, std = (

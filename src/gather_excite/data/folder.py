@@ -10,10 +10,12 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..errors import DataError, DataNotFoundError
+
 __all__ = ["CheckedImageFolder", "CorruptImageError"]
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(DataError):
     """An image file that PIL cannot decode; the message names the file."""
 
 
@@ -36,7 +38,7 @@ class CheckedImageFolder(ImageFolder):
     def __init__(self, root: str | Path, *, transform: Callable[..., Any] | None = None) -> None:
         root = Path(root).expanduser()
         if not root.is_dir():
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"data path {str(root)!r} does not exist or is not a folder; expected the layout "
                 f"{root}/<class>/<image>.jpg (ImageNet: ROOT/train/n01440764/*.JPEG, ROOT/val/...)"
             )
@@ -44,7 +46,7 @@ class CheckedImageFolder(ImageFolder):
             super().__init__(str(root), transform=transform, loader=_load_rgb)
         except FileNotFoundError as err:
             extensions = ", ".join(IMG_EXTENSIONS)
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"data path {str(root)!r} holds no images: expected class sub-folders with image files "
                 f"({extensions}) as {root}/<class>/<image>.jpg ({err})"
             ) from None

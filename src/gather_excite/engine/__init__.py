@@ -5,10 +5,10 @@
 """
 
 from .callbacks import TrainSpeed
-from .checkpoint import LAST_CHECKPOINT, AtomicCheckpointIO, atomic_torch_save, checkpoint_callbacks
+from .checkpoint import LAST_CHECKPOINT, AtomicCheckpointIO, atomic_torch_save, checkpoint_callbacks, read_checkpoint
 from .evaluation import evaluate, write_eval_json
-from .loading import build_datamodule, load_for_evaluation, load_model
-from .loggers import ResumableCSVLogger
+from .loading import build_datamodule, load_for_evaluation, load_model, module_from_checkpoint
+from .loggers import DiscardRedoneRows, ResumableCSVLogger
 from .module import MODEL_KEYS, ClassificationModule, describe_model_mismatch
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "MODEL_KEYS",
     "AtomicCheckpointIO",
     "ClassificationModule",
+    "DiscardRedoneRows",
     "ResumableCSVLogger",
     "TrainSpeed",
     "atomic_torch_save",
@@ -25,5 +26,7 @@ __all__ = [
     "evaluate",
     "load_for_evaluation",
     "load_model",
+    "module_from_checkpoint",
+    "read_checkpoint",
     "write_eval_json",
 ]

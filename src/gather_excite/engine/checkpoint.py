@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,9 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-__all__ = ["LAST_CHECKPOINT", "AtomicCheckpointIO", "atomic_torch_save", "checkpoint_callbacks"]
+from ..errors import CheckpointError, CheckpointNotFoundError, UnsafeFileError
+
+__all__ = ["LAST_CHECKPOINT", "AtomicCheckpointIO", "atomic_torch_save", "checkpoint_callbacks", "read_checkpoint"]
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -41,6 +44,50 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def read_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The dict of a ``gex train``/``gex compare`` checkpoint, read with ``torch.load(weights_only=True)``.
+
+    Only tensors and plain Python values are admitted; nothing the file names is imported or called.
+    Raises :class:`~gather_excite.errors.CheckpointError` naming the file when it is missing,
+    incomplete, or not a checkpoint of this project (e.g. a bare state dict), and
+    :class:`~gather_excite.errors.UnsafeFileError` when it holds pickled objects that a weights-only
+    load refuses.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's weights-only unpickler met a global it does not allow (a pickled object or callable).
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise UnsafeFileError(
+            f"checkpoint {str(path)!r} was refused as unsafe: it holds pickled Python objects that a weights-only "
+            f"load does not build, and loading it fully could run code ({reason}); it was not loaded"
+        ) from None
+    except (RuntimeError, EOFError) as err:
+        # A zip archive without its central directory, or an empty file: the write never finished.
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is incomplete or corrupt (truncated while written or copied?): "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "arch" not in hparams or not isinstance(checkpoint.get("state_dict"), dict):
+        tensors = isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+        if checkpoint and tensors:
+            what = f"a bare state dict of {len(checkpoint)} tensors (first key {next(iter(checkpoint))!r})"
+            todo = (
+                "load such weights with create_model(...).load_state_dict(torch.load(path, weights_only=True)); "
+                "gex needs a .ckpt written by gex train or gex compare"
+            )
+        else:
+            keys = ", ".join(map(repr, list(checkpoint)[:5])) if isinstance(checkpoint, dict) else ""
+            what = f"a {type(checkpoint).__name__}" + (f" with keys {keys}" if keys else "")
+            todo = "expected a .ckpt written by gex train or gex compare (keys 'state_dict' and 'hyper_parameters')"
+        raise CheckpointError(f"{str(path)!r} is not a checkpoint of this project: it holds {what}; {todo}")
+    return checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

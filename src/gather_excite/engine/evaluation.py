@@ -56,8 +56,14 @@ def write_eval_json(result: dict[str, Any], path: str | os.PathLike[str]) -> Pat
     """Write ``result`` as indented JSON to ``path`` (atomically: temp file + ``os.replace``); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        json.dump(result, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-    os.replace(handle.name, path)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(result, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        # e.g. ``path`` is a folder: the temporary file must not stay behind.
+        Path(temporary).unlink(missing_ok=True)
+        raise
     return path

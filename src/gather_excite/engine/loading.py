@@ -11,6 +11,7 @@ Typical use (``gex eval`` and ``gex analyze`` do exactly this)::
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,12 @@ import torch
 import yaml
 
 from ..data import ImageClassificationData
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from ..models import MODELS
+from .checkpoint import read_checkpoint
 from .module import ClassificationModule
 
-__all__ = ["build_datamodule", "load_for_evaluation", "load_model"]
+__all__ = ["build_datamodule", "load_for_evaluation", "load_model", "module_from_checkpoint"]
 
 
 def load_model(
@@ -55,7 +58,7 @@ def load_model(
     }
     path = Path(checkpoint_or_name).expanduser()
     if path.is_file():
-        module = ClassificationModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+        module = module_from_checkpoint(read_checkpoint(path, map_location=map_location), path)
         differences = [
             f"{key}: checkpoint {module.hparams[key]!r}, requested {value!r}"
             for key, value in requested.items()
@@ -63,16 +66,33 @@ def load_model(
             != (tuple(module.hparams[key]) if isinstance(module.hparams[key], list) else module.hparams[key])
         ]
         if differences:
-            raise ValueError(f"checkpoint {str(path)!r} holds a different model: " + "; ".join(differences))
-        return module.eval()
+            raise CheckpointError(f"checkpoint {str(path)!r} holds a different model: " + "; ".join(differences))
+        return module.to(map_location).eval()
     name = str(checkpoint_or_name)
     if name not in MODELS:
         looks_like_path = os.sep in name or name.endswith((".ckpt", ".pt", ".pth"))
         what = "checkpoint file does not exist" if looks_like_path else "is neither a checkpoint file nor a model name"
-        raise FileNotFoundError(f"checkpoint_or_name={name!r}: {what} (model names: gather_excite.list_models())")
+        raise CheckpointNotFoundError(f"checkpoint_or_name={name!r}: {what} (model names: gather_excite.list_models())")
     defaults: dict[str, Any] = {"num_classes": 1000, "in_chans": 3, "input_size": 224}
     module = ClassificationModule(name, **{**defaults, **requested})
     return module.to(map_location).eval()
+
+
+def module_from_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> ClassificationModule:
+    """A :class:`ClassificationModule` built from a checkpoint dict's plain hyperparameters, weights loaded.
+
+    Only the module's own arguments are read; a class path or instantiator saved beside them is
+    never imported (so a checkpoint cannot name code to run).
+    """
+    accepted = set(inspect.signature(ClassificationModule.__init__).parameters) - {"self"}
+    hparams = {key: value for key, value in checkpoint["hyper_parameters"].items() if key in accepted}
+    module = ClassificationModule(**hparams)
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:  # missing/unexpected keys or shapes: the weights are not of this model
+        raise CheckpointError(f"checkpoint {str(path)!r}: its weights do not fit its model {hparams.get('arch')!r}: "
+                              f"{' '.join(str(err).split())[:300]}") from None  # fmt: skip
+    return module
 
 
 def build_datamodule(config: dict[str, Any] | str | os.PathLike[str], **overrides: Any) -> ImageClassificationData:
@@ -86,10 +106,18 @@ def build_datamodule(config: dict[str, Any] | str | os.PathLike[str], **override
         config = loaded.get("data", loaded)
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict or a YAML path, got {type(config).__name__}")
+    # A class_path (as LightningCLI writes it) is never imported: the data are always this class.
     arguments = dict(config.get("init_args", config)) if "class_path" in config else dict(config)
     # LightningCLI adds private entries such as ``_instantiator`` to saved hyperparameters.
     arguments = {key: value for key, value in arguments.items() if not key.startswith("_")}
     arguments.update(overrides)
+    accepted = set(inspect.signature(ImageClassificationData.__init__).parameters) - {"self"}
+    unknown = sorted(set(arguments) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"unknown data argument(s) {', '.join(unknown)}; "
+            f"ImageClassificationData takes {', '.join(sorted(accepted))}"
+        )
     return ImageClassificationData(**arguments)
 
 
@@ -104,14 +132,14 @@ def load_for_evaluation(
     ``data`` overrides the saved datamodule arguments (e.g. ``{"root": ..., "num_workers": 0}``).
     """
     path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    module = load_model(path, map_location=map_location)
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    arguments = dict(saved.get(ImageClassificationData.CHECKPOINT_HYPER_PARAMS_KEY) or {})
+    saved = read_checkpoint(path)
+    module = module_from_checkpoint(saved, path).to(map_location).eval()
+    arguments = saved.get(ImageClassificationData.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+    if not isinstance(arguments, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r}: its saved data arguments are a {type(arguments).__name__}")
     datamodule = build_datamodule(arguments, **(data or {}))
     if datamodule.num_classes != module.hparams["num_classes"]:
-        raise ValueError(
+        raise ConfigError(
             f"data has {datamodule.num_classes} classes but the checkpoint's model has {module.hparams['num_classes']}"
         )
     return module, datamodule

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Literal
 
 import lightning as L
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..models import create_model
+from ..errors import CheckpointError, ConfigError
+from ..models import create_model, list_models
 
 __all__ = ["MODEL_KEYS", "ClassificationModule", "Schedule", "describe_model_mismatch"]
 
@@ -32,6 +34,21 @@ def describe_model_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> l
         if old != new:
             differences.append(f"{key}: checkpoint {old!r}, this run {new!r}")
     return differences
+
+
+def _check_model_arguments(arch: str, *, num_classes: int, in_chans: int, input_size: Any) -> None:
+    """Raise :class:`ConfigError` for an unregistered ``arch`` or a count or size below 1."""
+    names = list_models()
+    if arch not in names:
+        close = difflib.get_close_matches(str(arch), names, n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise ConfigError(f"arch={arch!r} is not a registered model{hint}; gather_excite.list_models() names all")
+    for name, value in (("num_classes", num_classes), ("in_chans", in_chans)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+    sizes = list(input_size) if isinstance(input_size, (list, tuple)) else [input_size]
+    if len(sizes) not in (1, 2) or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
+        raise ConfigError(f"input_size must be an int >= 1 or a pair (h, w) of them, got {input_size!r}")
 
 
 def _size_pair(size: Any) -> Any:
@@ -86,14 +103,15 @@ class ClassificationModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        _check_model_arguments(arch, num_classes=num_classes, in_chans=in_chans, input_size=input_size)
         if schedule not in ("plateau", "step", "multistep", "cosine", "constant"):
-            raise ValueError(f"schedule must be plateau, step, multistep, cosine or constant, got {schedule!r}")
+            raise ConfigError(f"schedule must be plateau, step, multistep, cosine or constant, got {schedule!r}")
         if schedule == "multistep" and not milestones:
-            raise ValueError(f"schedule='multistep' needs milestones (a list of epochs), got {milestones!r}")
+            raise ConfigError(f"schedule='multistep' needs milestones (a list of epochs), got {milestones!r}")
         if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
+            raise ConfigError(f"lr must be > 0, got {lr!r}")
         if not 0 < gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+            raise ConfigError(f"gamma must be in (0, 1], got {gamma!r}")
         if isinstance(input_size, list):
             input_size = tuple(input_size)  # type: ignore[assignment]
         self.save_hyperparameters()
@@ -203,7 +221,7 @@ class ClassificationModule(L.LightningModule):
         saved = checkpoint.get("hyper_parameters", {})
         differences = describe_model_mismatch(saved, dict(self.hparams))
         if differences:
-            raise ValueError(
+            raise CheckpointError(
                 "checkpoint was saved for a different model; it differs in "
                 + "; ".join(differences)
                 + ". Resume with the checkpoint's model settings or start a new run (another --out)"
