@@ -1,63 +1,275 @@
-"""gex compare on a small IDX data set written here: table, results.json, curves.png, checkpoints."""
+"""gex compare: the statistics, the batch pipeline, parallel = sequential runs, resume, results.json."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
+import torch.nn.functional as F
 
-from gather_excite import create_model
-from gather_excite.cli import compare
+from gather_excite.cli import compare as compare_cli
+from gather_excite.compare import (
+    SweepConfig,
+    build_results,
+    format_table,
+    mean_se,
+    paired_difference,
+    resolve_device,
+    resolved,
+    run_sweep,
+    validate_results,
+)
+from gather_excite.compare import run as run_module
+from gather_excite.compare import sweep as sweep_module
+from gather_excite.compare.data import MEAN, STD, augment_batch
+from gather_excite.engine import load_model
 from test_data import write_fashion_idx
 
 pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
 
 
-def test_compare_writes_table_results_and_curves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    root = write_fashion_idx(tmp_path / "data", train=64, test=20)
+# ---------------------------------------------------------------- statistics on hand-made numbers
+
+
+def test_mean_and_standard_error_by_hand() -> None:
+    # 1, 2, 3, 4: mean 2.5; sample variance (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3; SE = sqrt(5/3) / 2.
+    mean, se = mean_se([1.0, 2.0, 3.0, 4.0])
+    assert mean == pytest.approx(2.5) and se == pytest.approx(math.sqrt(5 / 3) / 2)
+    # One seed has no spread to estimate: the SE is unknown (nan), and nothing is marked resolved.
+    mean, se = mean_se([7.0])
+    assert mean == 7.0 and math.isnan(se) and not resolved(5.0, se)
+
+
+def test_paired_difference_and_the_two_se_mark() -> None:
+    # Differences 1, 2, 0: mean 1, sd 1, SE 1/sqrt(3) = 0.577; 1 < 2 x 0.577: not resolved.
+    diff, se = paired_difference([10.0, 12.0, 11.0], [9.0, 10.0, 11.0])
+    assert diff == pytest.approx(1.0) and se == pytest.approx(1 / math.sqrt(3)) and not resolved(diff, se)
+    # Differences 2, 2.5, 3: mean 2.5, SE 0.5/sqrt(3) = 0.289: resolved (2.5 > 0.577).
+    diff, se = paired_difference([12.0, 14.5, 13.0], [10.0, 12.0, 10.0])
+    assert diff == pytest.approx(2.5) and se == pytest.approx(0.5 / math.sqrt(3)) and resolved(diff, se)
+    # Pairing removes what a seed shares: each variant alone spreads by 2 per seed (SE 1.15), yet
+    # every per-seed difference is exactly -1, so the paired SE is 0 and the difference is resolved.
+    diff, se = paired_difference([9.0, 11.0, 13.0], [10.0, 12.0, 14.0])
+    assert (diff, se) == (pytest.approx(-1.0), 0.0) and resolved(diff, se)
+    assert mean_se([9.0, 11.0, 13.0])[1] == pytest.approx(2 / math.sqrt(3))
+    with pytest.raises(ValueError, match="one value per seed"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def _record(model: str, seed: int, error: float) -> dict:
+    row = {"epoch": 1, "lr": 0.0, "train_loss": 1.0, "train_top1_err": 50.0, "curve_top1_err": error}
+    spec = {"model": model, "seed": seed, "epochs": 1, "batch_size": 8, "lr": 0.1}
+    return {
+        "label": model, "model": model, "seed": seed, "spec": spec, "test_top1_err": error, "test_top5_err": 1.0,
+        "test_loss": 1.0, "test_images": 10, "train_images": 10, "curve_images": 10, "curve": [row], "steps": 2,
+        "train_images_per_s": 100.0, "train_images_per_cpu_s": 100.0, "wall_seconds": 1.0, "cpu_seconds": 1.0,
+        "threads": 1, "device": "cpu", "compiled": False, "compile_error": None,
+    }  # fmt: skip
+
+
+def test_results_from_hand_made_runs_table_and_schema() -> None:
+    errors = {"base": [20.0, 22.0, 24.0], "good": [17.0, 19.5, 21.0], "same": [21.0, 21.0, 25.0]}
+    records = [_record(model, seed, errors[model][seed]) for seed in range(3) for model in errors]
+    variants = (("baseline", "base"), ("G", "good"), ("S", "same"))
+    results = build_results(
+        records,
+        variants=variants,
+        complexity={m: {"params": 1000, "macs": 2000} for m in errors},
+        settings={"epochs": 1, "seeds": [0, 1, 2], "train_images": 10, "test_images": 10, "jobs": 2},
+        wall_seconds=1.0,
+    )
+    validate_results(results)
+    base, good, same = results["variants"]
+    # good - base = -3, -2.5, -3: mean -8.5/3, SE = sd(0.2887) / sqrt(3) = 0.1667: resolved.
+    assert good["diff_to_baseline"] == [-3.0, -2.5, -3.0]
+    assert good["diff_to_baseline_mean"] == pytest.approx(-8.5 / 3)
+    assert good["diff_to_baseline_se"] == pytest.approx(math.sqrt(1 / 12) / math.sqrt(3)) and good["resolved"]
+    # same - base = 1, -1, 1: mean 1/3, SE = sd(1.1547) / sqrt(3) = 0.667: not resolved.
+    assert same["diff_to_baseline_se"] == pytest.approx(2 / 3) and same["resolved"] is False
+    assert base["diff_to_baseline_mean"] is None and base["test_top1_err_se"] == pytest.approx(2 / math.sqrt(3))
+    table = format_table(results)
+    assert "| G | `good` | 1.0 K | 0.00 M | 19.17 ± 1.17 | -2.83 ± 0.17 * | 100 |" in table
+    assert "| S | `same` | 1.0 K | 0.00 M | 22.33 ± 1.33 | +0.33 ± 0.67 | 100 |" in table
+
+
+def test_schema_rejects_what_it_must() -> None:
+    records = [_record("base", 0, 20.0)]
+    results = build_results(
+        records,
+        variants=(("baseline", "base"),),
+        complexity={"base": {"params": 1, "macs": 1}},
+        settings={"epochs": 1, "seeds": [0], "train_images": 10, "test_images": 10, "jobs": 1},
+        wall_seconds=1.0,
+    )
+    validate_results(results)  # one seed: SE null, still valid
+    assert results["variants"][0]["test_top1_err_se"] is None
+    for broken in (
+        {**results, "runs": []},  # every run's numbers are kept
+        {**results, "runs": [{**records[0], "test_top1_err": 120.0}]},  # an error is a percentage
+        {key: value for key, value in results.items() if key != "variants"},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            validate_results(broken)
+
+
+# ---------------------------------------------------------------- the batch pipeline
+
+
+def test_batch_augmentation_is_per_image_crop_and_flip() -> None:
+    images = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    out = augment_batch(images, torch.Generator().manual_seed(5))
+    # The reference draws the same numbers in the same order, then crops and flips each image by slicing.
+    generator = torch.Generator().manual_seed(5)
+    dy, dx = torch.randint(0, 5, (6,), generator=generator), torch.randint(0, 5, (6,), generator=generator)
+    flip = torch.rand(6, generator=generator) < 0.5
+    padded = F.pad(images, (2, 2, 2, 2))
+    for b in range(6):
+        crop = padded[b, dy[b] : dy[b] + 28, dx[b] : dx[b] + 28]
+        crop = crop.flip(-1) if flip[b] else crop
+        assert torch.equal(out[b, 0], (crop.float() / 255 - MEAN) / STD)
+    assert flip.any() and not flip.all() and out.shape == (6, 1, 28, 28)
+
+
+def test_batches_stay_on_the_data_device() -> None:
+    # The meta device stands in for a GPU: nothing of the batch may come back to the CPU.
+    images = torch.zeros(4, 28, 28, dtype=torch.uint8, device="meta")
+    assert augment_batch(images, torch.Generator().manual_seed(0)).device.type == "meta"
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("gpu", cuda_available=True) == torch.device("cuda", 0)
+    assert resolve_device("auto", cuda_available=False) == torch.device("cpu")
+    with pytest.raises(ValueError, match="--accelerator gpu: no CUDA device"):
+        resolve_device("gpu", cuda_available=False)
+
+
+# ---------------------------------------------------------------- sweeps
+
+_TINY = {"epochs": 2, "train_size": None, "curve_size": 10, "width": 4, "batch_size": 16}
+
+
+def _config(root: Path, variants: tuple[tuple[str, str], ...], seeds: tuple[int, ...]) -> SweepConfig:
+    return SweepConfig(variants=variants, seeds=seeds, data_root=str(root), **_TINY)
+
+
+def test_every_variant_of_a_seed_sees_the_same_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = write_fashion_idx(tmp_path / "data", train=40, test=10)
+    seen: list[torch.Tensor] = []
+    monkeypatch.setattr(
+        run_module, "augment_batch", lambda raw, g: (seen.append(raw.clone()), augment_batch(raw, g))[1]
+    )
+    config = _config(root, (("baseline", "cifar_resnet20"), ("GE-θ", "ge_theta_cifar_resnet20")), (0, 1))
+    run_sweep(config, tmp_path / "out", jobs=1)
+    per_run = [seen[i : i + 6] for i in range(0, 24, 6)]  # 40 images / 16 = 3 batches x 2 epochs per run
+    assert len(seen) == 24
+    # seed-major order: (baseline, 0), (GE-θ, 0), (baseline, 1), (GE-θ, 1)
+    assert all(torch.equal(a, b) for a, b in zip(per_run[0], per_run[1], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(per_run[2], per_run[3], strict=True))
+    assert not torch.equal(per_run[0][0], per_run[2][0])
+
+
+def _numbers(record: dict) -> tuple:
+    return record["model"], record["seed"], record["test_top1_err"], record["test_loss"], json.dumps(record["curve"])
+
+
+def test_parallel_sweep_equals_sequential_runs(tmp_path: Path) -> None:
+    root = write_fashion_idx(tmp_path / "data", train=48, test=20)
+    config = _config(root, (("baseline", "cifar_resnet20"), ("GE-θ−", "ge_theta_minus_cifar_resnet20")), (3,))
+    parallel = run_sweep(config, tmp_path / "parallel", jobs=2)
+    sequential = run_sweep(config, tmp_path / "sequential", jobs=1)
+    assert [_numbers(r) for r in parallel] == [_numbers(r) for r in sequential]
+    for model in ("cifar_resnet20", "ge_theta_minus_cifar_resnet20"):
+        weights = [
+            torch.load(tmp_path / where / "runs" / model / "seed3" / "last.ckpt", weights_only=True)["state_dict"]
+            for where in ("parallel", "sequential")
+        ]
+        assert weights[0].keys() == weights[1].keys()
+        assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+def test_resume_after_a_killed_sweep_redoes_nothing_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = write_fashion_idx(tmp_path / "data", train=32, test=10)
+    variants = (("baseline", "cifar_resnet20"), ("SE", "se_cifar_resnet20"), ("GE-θ−", "ge_theta_minus_cifar_resnet20"))
+    config, out = _config(root, variants, (0,)), tmp_path / "out"
+    trained: list[str] = []
+    real = sweep_module.train_run
+
+    def killed_during_second_run(spec, *args, **kwargs):
+        trained.append(spec.model)
+        if len(trained) == 2:
+            # A kill mid-run: the run's checkpoint may be half there, its run.json never is.
+            (out / "runs" / spec.model / "seed0").mkdir(parents=True)
+            (out / "runs" / spec.model / "seed0" / "last.ckpt").write_bytes(b"partial")
+            raise KeyboardInterrupt
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "train_run", killed_during_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(config, out, jobs=1)
+    first = out / "runs" / "cifar_resnet20" / "seed0" / "run.json"
+    kept = first.read_bytes(), first.stat().st_mtime_ns
+    # The same command again without --resume is refused; another sweep in that folder too.
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        run_sweep(config, out, jobs=1)
+    with pytest.raises(FileExistsError, match=r"holds a different sweep \(epochs: folder 2, this command 3\)"):
+        run_sweep(SweepConfig(**{**config.__dict__, "epochs": 3}), out, jobs=1, resume=True)
+    trained.clear()
+    monkeypatch.setattr(
+        sweep_module, "train_run", lambda spec, *a, **k: (trained.append(spec.model), real(spec, *a, **k))[1]
+    )
+    records = run_sweep(config, out, jobs=1, resume=True)
+    assert trained == ["se_cifar_resnet20", "ge_theta_minus_cifar_resnet20"]  # the finished run is not redone
+    assert (first.read_bytes(), first.stat().st_mtime_ns) == kept
+    assert [r["model"] for r in records] == [model for _, model in variants]
+    trained.clear()
+    run_sweep(config, out, jobs=1, resume=True)
+    assert trained == []
+
+
+def test_compare_cli_writes_table_results_curves_and_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = write_fashion_idx(tmp_path / "data", train=48, test=20)
     out = tmp_path / "out"
     argv = ["--data-root", str(root), "--out", str(out), "--epochs", "2", "--seeds", "2", "--train-size", "0"]
-    argv += ["--width", "4", "--batch-size", "16", "--curve-size", "10", "--variants", "baseline,GE-θ+"]
-    assert compare.main(argv) == 0
+    argv += ["--width", "4", "--batch-size", "16", "--curve-size", "10", "--variants", "baseline,GE-θ+", "--jobs", "1"]
+    argv += ["--threads", "1"]
+    assert compare_cli.main(argv) == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
+    validate_results(results)
     assert [v["model"] for v in results["variants"]] == ["cifar_resnet20", "ge_theta_plus_cifar_resnet20"]
+    assert len(results["runs"]) == 4 and results["settings"]["seeds"] == [0, 1]
     for variant in results["variants"]:
-        model = create_model(variant["model"], num_classes=10, in_chans=1, input_size=28, width=4)
-        # params are the network's parameter count; one test error per seed; 2 epochs per curve.
-        assert variant["params"] == sum(p.numel() for p in model.parameters())
-        assert variant["seeds"] == [0, 1] and len(variant["test_top1_err"]) == 2
-        assert all(0.0 <= e <= 100.0 for e in variant["test_top1_err"]) and variant["train_images_per_s"][0] > 0
+        # 20 test images: every error is a multiple of 5 %; curves have one row per epoch.
+        assert all(e % 5 == pytest.approx(0) or e % 5 == pytest.approx(5) for e in variant["test_top1_err"])
         assert [row["epoch"] for row in variant["curves"][1]] == [1, 2]
-        # Each row holds its own epoch's training error (the CSV log is the reference).
-        log = (out / "logs" / variant["model"] / "seed1" / "metrics.csv").read_text().splitlines()
-        header = log[0].split(",")
-        logged = [
-            float(r.split(",")[header.index("train/top1_err")])
-            for r in log[1:]
-            if r.split(",")[header.index("train/top1_err")]
-        ]
-        assert [row["train_top1_err"] for row in variant["curves"][1]] == pytest.approx(logged)
-        mean = sum(variant["test_top1_err"]) / 2
-        assert variant["test_top1_err_mean"] == pytest.approx(mean)
-        # 20 test images: every error is a multiple of 5 %.
-        assert all(abs(e / 5 - round(e / 5)) < 1e-3 for e in variant["test_top1_err"])
-        assert f"| {variant['label']} | `{variant['model']}` | {variant['params'] / 1e3:.1f} K" in printed
-        checkpoint = torch.load(out / "checkpoints" / variant["model"] / "seed1" / "last.ckpt", weights_only=True)
-        assert checkpoint["epoch"] == 1 and checkpoint["hyper_parameters"]["arch"] == variant["model"]
-    # GE-θ+ adds the depthwise gathers, their BNs and the excite MLPs to the same backbone.
-    assert results["variants"][1]["params"] > results["variants"][0]["params"]
-    assert "± " in printed  # two seeds: mean ± sd
+        module = load_model(out / "runs" / variant["model"] / "seed1" / "last.ckpt")
+        assert module.hparams["arch"] == variant["model"]
+        assert variant["params"] == sum(p.numel() for p in module.net.parameters())
+        # The checkpoint holds the run's final weights: they reproduce its test error on the 20 images.
+        test = torch.load(out / "runs" / variant["model"] / "seed1" / "last.ckpt", weights_only=True)
+        assert test["global_step"] == 2 * 3
+    assert "(mean ± SE, 2 seeds)" in printed and "| GE-θ+ | `ge_theta_plus_cifar_resnet20` |" in printed
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A second sweep into the same folder is refused before any work (issue 10).
+    assert compare_cli.main(argv) == 2
+    assert "already holds files" in capsys.readouterr().err
 
 
 def test_compare_bad_arguments_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert compare.main(["--variants", "baseline,GE-theta", "--out", str(tmp_path)]) == 2
+    assert compare_cli.main(["--variants", "baseline,GE-theta", "--out", str(tmp_path)]) == 2
     assert "--variants: unknown ['GE-theta']" in capsys.readouterr().err
-    assert compare.main(["--epochs", "0", "--out", str(tmp_path)]) == 2
+    assert compare_cli.main(["--epochs", "0", "--out", str(tmp_path)]) == 2
     assert "--epochs must be >= 1, got 0" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert compare_cli.main(["--accelerator", "gpu", "--out", str(tmp_path / "g")]) == 2
+        assert "--accelerator gpu: no CUDA device" in capsys.readouterr().err
     missing = tmp_path / "nowhere"
-    assert compare.main(["--data-root", str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert compare_cli.main(["--data-root", str(missing), "--out", str(tmp_path / "o")]) == 2
     assert f"data path {str(missing)!r} does not exist" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert compare_cli.main(["--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err

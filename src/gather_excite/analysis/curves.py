@@ -153,7 +153,8 @@ def _compare_curves(path: Path) -> list[dict[str, Any]]:
                 "epoch": epochs,
                 "train_top1_err": [_mean_or_none([r.get("train_top1_err") for r in rs]) for rs in by_epoch],
                 "val_top1_err": [
-                    _mean_or_none([r.get("test_top1_err", r.get("val_top1_err")) for r in rs]) for rs in by_epoch
+                    _mean_or_none([r.get("test_top1_err", r.get("val_top1_err", r.get("curve_top1_err"))) for r in rs])
+                    for rs in by_epoch
                 ],
                 "seeds": len(histories),
             }

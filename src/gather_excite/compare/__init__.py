@@ -1,0 +1,101 @@
+"""The main job: baseline, SE and GE ResNet-20s on Fashion-MNIST over several seeds, with error bars.
+
+:func:`run_compare` runs a :class:`SweepConfig` (every variant x every seed, parallel processes,
+resumable) into a folder and writes ``results.json`` (:data:`RESULTS_SCHEMA`) and ``curves.png``.
+``gex compare`` is its command line; ``gex bench sweep`` measures its training speed against a
+plain eager PyTorch loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..complexity import complexity
+from ..engine import write_eval_json
+from ..models import create_model
+from .report import RESULTS_SCHEMA, build_results, format_table, plot_curves, validate_results
+from .run import RunSpec, train_run
+from .stats import mean_se, paired_difference, resolved
+from .sweep import (
+    DEFAULT_PRESET,
+    PAPER_PRESET,
+    VARIANTS,
+    SweepConfig,
+    available_cores,
+    calibrate,
+    estimate_cpu_hours,
+    resolve_device,
+    run_sweep,
+)
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "PAPER_PRESET",
+    "RESULTS_SCHEMA",
+    "VARIANTS",
+    "RunSpec",
+    "SweepConfig",
+    "available_cores",
+    "build_results",
+    "calibrate",
+    "estimate_cpu_hours",
+    "format_table",
+    "mean_se",
+    "paired_difference",
+    "plot_curves",
+    "resolve_device",
+    "resolved",
+    "run_compare",
+    "run_sweep",
+    "train_run",
+    "validate_results",
+]
+
+
+def variant_complexity(model: str, *, width: int) -> dict[str, int]:
+    """``params`` and ``macs`` of one 28x28 image through ``model`` (gate products not counted)."""
+    counts = complexity(create_model(model, num_classes=10, in_chans=1, input_size=28, width=width), (1, 28, 28))
+    return {"params": int(counts["params"]), "macs": int(counts["macs"])}
+
+
+def run_compare(
+    config: SweepConfig,
+    out: Path,
+    *,
+    jobs: int,
+    threads: int,
+    resume: bool = False,
+    on_done: Callable[[dict[str, Any], int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run the sweep into ``out`` (see :func:`run_sweep`); write ``results.json`` (returned) and ``curves.png``."""
+    started = time.perf_counter()
+    records = run_sweep(config, out, jobs=jobs, threads=threads, resume=resume, on_done=on_done)
+    counts = {model: variant_complexity(model, width=config.width) for _label, model in config.variants}
+    first = records[0]
+    settings = {
+        **config.identity(),
+        "data_root": config.data_root,
+        "train_images": first["train_images"],
+        "test_images": first["test_images"],
+        "curve_test_images": first["curve_images"],
+        "schedule": "SGD (Nesterov momentum 0.9, weight decay 5e-4), cosine learning rate over the epochs",
+        "augmentation": "pad 2 + random 28x28 crop + horizontal flip" if config.augment else "none",
+        "jobs": jobs,
+        "threads_per_job": threads,
+        "torch": torch.__version__,
+    }
+    results = build_results(
+        records,
+        variants=config.variants,
+        complexity=counts,
+        settings=settings,
+        wall_seconds=time.perf_counter() - started,
+    )
+    write_eval_json(results, out / "results.json")
+    plot_curves(results, out / "curves.png")
+    return results

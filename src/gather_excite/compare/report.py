@@ -1,0 +1,266 @@
+"""The sweep's aggregate: ``results.json`` (every run plus per-variant statistics), its schema, table and plot."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .stats import mean_se, paired_difference, resolved
+
+__all__ = ["RESULTS_FORMAT", "RESULTS_SCHEMA", "build_results", "format_table", "plot_curves", "validate_results"]
+
+RESULTS_FORMAT = "gex-compare-results/2"
+
+_NUMBER = {"type": "number"}
+_MAYBE_NUMBER = {"type": ["number", "null"]}  # null: unknown (the SE of one seed)
+_CURVE_ROW = {
+    "type": "object",
+    "required": ["epoch", "lr", "train_loss", "train_top1_err", "curve_top1_err"],
+    "properties": {
+        "epoch": {"type": "integer", "minimum": 1},
+        "lr": _NUMBER,
+        "train_loss": _NUMBER,
+        "train_top1_err": {"type": "number", "minimum": 0, "maximum": 100},
+        "curve_top1_err": {"type": "number", "minimum": 0, "maximum": 100},
+        "curve_loss": _NUMBER,
+    },
+}
+RUN_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": [
+        "label",
+        "model",
+        "seed",
+        "spec",
+        "test_top1_err",
+        "test_top5_err",
+        "test_loss",
+        "test_images",
+        "train_images",
+        "curve_images",
+        "curve",
+        "steps",
+        "train_images_per_s",
+        "train_images_per_cpu_s",
+        "wall_seconds",
+        "cpu_seconds",
+        "threads",
+        "device",
+        "compiled",
+    ],
+    "properties": {
+        "label": {"type": "string"},
+        "model": {"type": "string"},
+        "seed": {"type": "integer", "minimum": 0},
+        "spec": {"type": "object", "required": ["model", "seed", "epochs", "batch_size", "lr"]},
+        "test_top1_err": {"type": "number", "minimum": 0, "maximum": 100},
+        "test_top5_err": {"type": "number", "minimum": 0, "maximum": 100},
+        "test_images": {"type": "integer", "minimum": 1},
+        "train_images": {"type": "integer", "minimum": 1},
+        "curve": {"type": "array", "minItems": 1, "items": _CURVE_ROW},
+        "train_images_per_s": {"type": "number", "exclusiveMinimum": 0},
+        "compiled": {"type": "boolean"},
+        "compile_error": {"type": ["string", "null"]},
+    },
+}
+_VARIANT = {
+    "type": "object",
+    "required": [
+        "label",
+        "model",
+        "params",
+        "macs",
+        "seeds",
+        "test_top1_err",
+        "test_top5_err",
+        "test_top1_err_mean",
+        "test_top1_err_se",
+        "diff_to_baseline",
+        "diff_to_baseline_mean",
+        "diff_to_baseline_se",
+        "resolved",
+        "curves",
+        "train_images_per_s",
+    ],
+    "properties": {
+        "label": {"type": "string"},
+        "model": {"type": "string"},
+        "params": {"type": "integer", "minimum": 1},
+        "macs": {"type": "integer", "minimum": 1},
+        "seeds": {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+        "test_top1_err": {"type": "array", "items": _NUMBER},
+        "test_top5_err": {"type": "array", "items": _NUMBER},
+        "test_top1_err_mean": _NUMBER,
+        "test_top1_err_se": _MAYBE_NUMBER,
+        "diff_to_baseline": {"type": ["array", "null"], "items": _NUMBER},
+        "diff_to_baseline_mean": _MAYBE_NUMBER,
+        "diff_to_baseline_se": _MAYBE_NUMBER,
+        "resolved": {"type": ["boolean", "null"]},
+        "curves": {"type": "array", "items": {"type": "array", "items": _CURVE_ROW}},
+        "train_images_per_s": {"type": "array", "items": _NUMBER},
+    },
+}
+RESULTS_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "gex compare results.json",
+    "type": "object",
+    "required": ["format", "task", "settings", "baseline", "variants", "runs", "wall_seconds", "cpu_seconds"],
+    "properties": {
+        "format": {"const": RESULTS_FORMAT},
+        "task": {"type": "string"},
+        "settings": {"type": "object", "required": ["epochs", "seeds", "train_images", "test_images", "jobs"]},
+        "baseline": {"type": ["string", "null"]},
+        "variants": {"type": "array", "minItems": 1, "items": _VARIANT},
+        "runs": {"type": "array", "minItems": 1, "items": RUN_SCHEMA},
+        "wall_seconds": _NUMBER,
+        "cpu_seconds": _NUMBER,
+    },
+}
+
+
+def validate_results(results: dict[str, Any]) -> None:
+    """Raise ``jsonschema.ValidationError`` where ``results`` does not follow :data:`RESULTS_SCHEMA`."""
+    import jsonschema
+
+    jsonschema.validate(results, RESULTS_SCHEMA)
+
+
+def build_results(
+    records: Sequence[dict[str, Any]],
+    *,
+    variants: Sequence[tuple[str, str]],
+    complexity: dict[str, dict[str, int]],
+    settings: dict[str, Any],
+    wall_seconds: float,
+) -> dict[str, Any]:
+    """Aggregate the run records: per variant the mean test error ± SE and the paired difference to the baseline.
+
+    The baseline is the variant labelled ``baseline`` (else none, and the differences are ``null``).
+    Differences pair each variant's run with the baseline's run of the same seed.
+    """
+    by_model: dict[str, dict[int, dict[str, Any]]] = {}
+    for record in records:
+        by_model.setdefault(record["model"], {})[record["seed"]] = record
+    baseline = next((model for label, model in variants if label == "baseline"), None)
+    entries = []
+    for label, model in variants:
+        runs = by_model.get(model, {})
+        seeds = sorted(runs)
+        errors = [runs[seed]["test_top1_err"] for seed in seeds]
+        mean, se = mean_se(errors)
+        entry: dict[str, Any] = {
+            "label": label,
+            "model": model,
+            **complexity[model],
+            "seeds": seeds,
+            "test_top1_err": errors,
+            "test_top5_err": [runs[seed]["test_top5_err"] for seed in seeds],
+            "test_top1_err_mean": mean,
+            "test_top1_err_se": _known(se),
+            "diff_to_baseline": None,
+            "diff_to_baseline_mean": None,
+            "diff_to_baseline_se": None,
+            "resolved": None,
+            "curves": [runs[seed]["curve"] for seed in seeds],
+            "train_images_per_s": [runs[seed]["train_images_per_s"] for seed in seeds],
+        }
+        if baseline is not None and model != baseline:
+            base_runs = by_model.get(baseline, {})
+            paired = [seed for seed in seeds if seed in base_runs]
+            if paired:
+                diffs = [runs[seed]["test_top1_err"] - base_runs[seed]["test_top1_err"] for seed in paired]
+                diff, diff_se = paired_difference(
+                    [runs[seed]["test_top1_err"] for seed in paired],
+                    [base_runs[seed]["test_top1_err"] for seed in paired],
+                )
+                entry.update(
+                    diff_to_baseline=diffs,
+                    diff_to_baseline_mean=diff,
+                    diff_to_baseline_se=_known(diff_se),
+                    resolved=resolved(diff, diff_se),
+                )
+        entries.append(entry)
+    return {
+        "format": RESULTS_FORMAT,
+        "task": "Fashion-MNIST, ResNet-20 family",
+        "settings": settings,
+        "baseline": baseline,
+        "variants": entries,
+        "runs": list(records),
+        "wall_seconds": wall_seconds,
+        "cpu_seconds": sum(record["cpu_seconds"] for record in records),
+    }
+
+
+def _known(value: float) -> float | None:
+    """``None`` for nan (JSON has no nan: an unknown value is null)."""
+    return None if math.isnan(value) else value
+
+
+def _pm(mean: float, se: float | None) -> str:
+    return f"{mean:.2f}" if se is None else f"{mean:.2f} ± {se:.2f}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown table: test error mean ± SE over seeds, the paired difference to the baseline ± SE (* > 2 SE)."""
+    seeds = len(results["settings"]["seeds"])
+    lines = [
+        f"| variant | model | params | MACs | test top-1 error % (mean ± SE, {seeds} seeds) "
+        "| − baseline (paired by seed, ± SE) | train images/s per process |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for entry in results["variants"]:
+        if entry["diff_to_baseline_mean"] is None:
+            diff = "—"
+        else:
+            diff = f"{entry['diff_to_baseline_mean']:+.2f}"
+            if entry["diff_to_baseline_se"] is not None:
+                diff += f" ± {entry['diff_to_baseline_se']:.2f}"
+            diff += " *" if entry["resolved"] else ""
+        speed = sum(entry["train_images_per_s"]) / len(entry["train_images_per_s"])
+        lines.append(
+            f"| {entry['label']} | `{entry['model']}` | {entry['params'] / 1e3:.1f} K | {entry['macs'] / 1e6:.2f} M "
+            f"| {_pm(entry['test_top1_err_mean'], entry['test_top1_err_se'])} | {diff} | {speed:.0f} |"
+        )
+    lines.append("")
+    lines.append("`*`: the difference is larger than twice its standard error.")
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> Path:
+    """``curves.png``: per variant the mean over seeds of the test (curve subset) and training top-1 error per
+    epoch, with a band of ± one standard error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for entry in results["variants"]:
+        epochs = [row["epoch"] for row in entry["curves"][0]]
+        for axis, key in zip(axes, ("curve_top1_err", "train_top1_err"), strict=True):
+            columns = list(zip(*[[row[key] for row in curve] for curve in entry["curves"]], strict=True))
+            means, ses = zip(*(mean_se(column) for column in columns), strict=True)
+            (line,) = axis.plot(epochs, means, marker="o", markersize=3, label=entry["label"])
+            if not any(math.isnan(se) for se in ses):
+                low = [m - s for m, s in zip(means, ses, strict=True)]
+                high = [m + s for m, s in zip(means, ses, strict=True)]
+                axis.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    settings = results["settings"]
+    titles = (f"test top-1 error (%), {settings['curve_test_images']} test images", "training top-1 error (%)")
+    for axis, title in zip(axes, titles, strict=True):
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(title)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(
+        f"Fashion-MNIST, ResNet-20 (width {settings['width']}), {settings['train_images']} training images, "
+        f"{len(settings['seeds'])} seeds: mean ± SE"
+    )
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
