@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from gather_excite import create_model
+from gather_excite.cli import compare as compare_cli
+from gather_excite.cli import evaluate as eval_cli
 from gather_excite.cli import train as train_cli
 from gather_excite.data import cifar_dataset
+from gather_excite.engine import ClassificationModule, load_model, write_eval_json
 from gather_excite.errors import DataError, GexError, UnsafeFileError
 from test_data import write_cifar10, write_fashion_idx, write_image_folder
 from test_train import write_config
@@ -164,3 +168,130 @@ def test_a_corrupt_image_read_by_a_worker_is_one_line_naming_it(
     assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 2
     line = _error_line(capsys, "gex train")
     assert line == f"gex train: error: corrupt or unreadable image file {str(broken)!r}: " + line.split(": ", 3)[3]
+
+
+# ---------------------------------------------------------------- checkpoints that are not this project's, or unsafe
+
+
+def _fake_checkpoint() -> dict[str, object]:
+    return {"state_dict": {"net.fc.weight": torch.zeros(2, 2)}, "hyper_parameters": {"arch": "cifar_resnet20"}}
+
+
+def test_checkpoint_errors_say_what_the_file_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    truncated = tmp_path / "truncated.ckpt"
+    torch.save(_fake_checkpoint(), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    assert eval_cli.main([str(truncated), "--accelerator", "cpu"]) == 2
+    assert f"checkpoint {str(truncated)!r} is incomplete or corrupt" in _error_line(capsys, "gex eval")
+
+    weights = create_model("cifar_resnet20", width=4).state_dict()
+    bare = tmp_path / "resnet.pth"
+    torch.save(weights, bare)
+    assert eval_cli.main([str(bare), "--accelerator", "cpu"]) == 2
+    line = _error_line(capsys, "gex eval")
+    assert (
+        f"{str(bare)!r} is not a checkpoint of this project: it holds a bare state dict of {len(weights)} tensors"
+        in line
+    )
+    assert "load_state_dict" in line
+
+    marker = tmp_path / "pwned"
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save({**_fake_checkpoint(), "extra": _Payload(marker)}, unsafe)
+    assert eval_cli.main([str(unsafe), "--accelerator", "cpu"]) == 2
+    assert f"checkpoint {str(unsafe)!r} was refused as unsafe" in _error_line(capsys, "gex eval")
+    assert not marker.exists()
+
+
+def test_a_checkpoint_never_names_code_to_import(tmp_path: Path) -> None:
+    # LightningCLI saves `_class_path`/`_instantiator` beside the arguments; they are never imported.
+    module = ClassificationModule("cifar_resnet20", arch_kwargs={"width": 4})
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": {**module.hparams, "_instantiator": "os.system", "_class_path": "os.system"},
+    }
+    path = tmp_path / "named.ckpt"
+    torch.save(checkpoint, path)
+    loaded = load_model(path)
+    assert type(loaded) is ClassificationModule and loaded.hparams["arch"] == "cifar_resnet20"
+    assert torch.equal(loaded.net.fc.weight, module.net.fc.weight)
+
+
+# ---------------------------------------------------------------- nothing a user made is lost
+
+
+def test_gex_eval_checks_out_before_the_work_and_leaves_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the evaluation started before --out was checked")
+
+    monkeypatch.setattr(eval_cli, "load_for_evaluation", no_work)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reports").mkdir()
+    assert eval_cli.main(["model.ckpt", "--out", "reports"]) == 2
+    assert "--out reports: is a folder; expected the path of a JSON file" in _error_line(capsys, "gex eval")
+    (tmp_path / "a_file").write_text("x")
+    assert eval_cli.main(["model.ckpt", "--out", "a_file/eval.json"]) == 2
+    assert "a_file is a file" in _error_line(capsys, "gex eval")
+    # The atomic writer itself removes its temporary file when the replace fails.
+    with pytest.raises(IsADirectoryError):
+        write_eval_json({"top1_err": 1.0}, tmp_path / "reports")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "reports"]
+    assert list((tmp_path / "reports").iterdir()) == []
+
+
+def test_gex_compare_never_writes_into_an_earlier_comparison(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_work(**kwargs: object) -> None:
+        raise AssertionError("training started before --out was checked")
+
+    monkeypatch.setattr(compare_cli, "run_compare", no_work)
+    earlier = tmp_path / "compare"
+    earlier.mkdir()
+    (earlier / "results.json").write_text('{"earlier": true}')
+    assert compare_cli.main(["--out", str(earlier)]) == 2
+    assert f"--out {earlier} already holds a comparison" in _error_line(capsys, "gex compare")
+    assert (earlier / "results.json").read_text() == '{"earlier": true}'
+    assert compare_cli.main(["--out", str(earlier / "results.json")]) == 2
+    assert "is a file; expected a folder" in _error_line(capsys, "gex compare")
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def _train(config: Path, out: Path, *extra: str) -> None:
+    assert train_cli.main(["--config", str(config), "--out", str(out), "--eval_after", "false", *extra]) == 0
+
+
+def test_a_resume_only_continues_its_own_run_and_a_failed_one_changes_nothing(
+    tmp_path: Path, tiny_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    _train(tiny_config, run_a)
+    _train(tiny_config, run_b)
+    before_a, before_b = _snapshot(run_a), _snapshot(run_b)
+    assert "tensorboard/config.yaml" in before_b and "checkpoints/last.ckpt" in before_b
+    foreign = str(run_a / "checkpoints" / "last.ckpt")
+
+    # Another run's checkpoint into a folder that holds a run: refused.
+    assert train_cli.main(["--config", str(tiny_config), "--out", str(run_b), "--resume", foreign]) == 2
+    assert f"--resume {foreign}: the checkpoint belongs to another run" in _error_line(capsys, "gex train")
+    # The run's own checkpoint with another model: refused before its config or logs are touched.
+    mismatch = ["--resume", "last", "--model.arch", "se_cifar_resnet20", "--trainer.max_epochs", "2"]
+    assert train_cli.main(["--config", str(tiny_config), "--out", str(run_b), *mismatch]) == 2
+    assert "arch: checkpoint 'cifar_resnet20', this run 'se_cifar_resnet20'" in _error_line(capsys, "gex train")
+    # An incomplete checkpoint: named, refused before any work.
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((run_a / "checkpoints" / "last.ckpt").read_bytes()[:1000])
+    assert train_cli.main(["--config", str(tiny_config), "--out", str(tmp_path / "c"), "--resume", str(truncated)]) == 2
+    assert f"checkpoint {str(truncated)!r} is incomplete or corrupt" in _error_line(capsys, "gex train")
+    assert _snapshot(run_b) == before_b and not (tmp_path / "c").exists()
+
+    # Another run's checkpoint into a new folder continues it there, leaving the original alone.
+    _train(tiny_config, tmp_path / "d", "--resume", foreign, "--trainer.max_epochs", "2")
+    continued = torch.load(tmp_path / "d" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert continued["epoch"] == 1 and continued["global_step"] == 8  # 4 steps an epoch, epoch 2 of 2
+    assert _snapshot(run_a) == before_a

@@ -249,6 +249,11 @@ def test_kill_mid_epoch_then_resume_finishes(tmp_path: Path) -> None:
     final = torch.load(last, weights_only=True)
     # Continued from step 60 to the end: 3 epochs of 60 steps in all.
     assert final["epoch"] == 2 and final["global_step"] == 180
+    # One CSV row per training step (logged every step): the killed epoch's rows were dropped, not repeated.
+    with open(out / "csv" / "metrics.csv") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle) if row.get("train/loss_step")]
+    assert sorted(steps) == list(range(180)), [step for step in steps if steps.count(step) > 1][:10]
+    assert len(epoch_losses(out)) == 3
 
 
 def _train_with(tmp_path: Path, *, model: dict[str, Any], trainer: dict[str, Any], epochs: int) -> Path:
