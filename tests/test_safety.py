@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from gather_excite import create_model
-from gather_excite.cli import compare as compare_cli
 from gather_excite.cli import evaluate as eval_cli
 from gather_excite.cli import train as train_cli
 from gather_excite.data import cifar_dataset
@@ -239,23 +238,6 @@ def test_gex_eval_checks_out_before_the_work_and_leaves_no_temporary(
         write_eval_json({"top1_err": 1.0}, tmp_path / "reports")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "reports"]
     assert list((tmp_path / "reports").iterdir()) == []
-
-
-def test_gex_compare_never_writes_into_an_earlier_comparison(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    def no_work(**kwargs: object) -> None:
-        raise AssertionError("training started before --out was checked")
-
-    monkeypatch.setattr(compare_cli, "run_compare", no_work)
-    earlier = tmp_path / "compare"
-    earlier.mkdir()
-    (earlier / "results.json").write_text('{"earlier": true}')
-    assert compare_cli.main(["--out", str(earlier)]) == 2
-    assert f"--out {earlier} already holds a comparison" in _error_line(capsys, "gex compare")
-    assert (earlier / "results.json").read_text() == '{"earlier": true}'
-    assert compare_cli.main(["--out", str(earlier / "results.json")]) == 2
-    assert "is a file; expected a folder" in _error_line(capsys, "gex compare")
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
