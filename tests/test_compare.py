@@ -15,6 +15,7 @@ from gather_excite.cli import compare as compare_cli
 from gather_excite.compare import (
     SweepConfig,
     build_results,
+    estimate_cpu_hours,
     format_table,
     mean_se,
     paired_difference,
@@ -273,3 +274,17 @@ def test_compare_bad_arguments_are_named(tmp_path: Path, capsys: pytest.CaptureF
     (tmp_path / "file").write_text("x")
     assert compare_cli.main(["--out", str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_paper_preset_estimate_and_confirmation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 1 variant x 1 seed, 2 epochs over 1000 images, 300 curve images: 2000 training images plus
+    # (300 + 10000) test images at a third of the cost; at 100 images per CPU-second, 34.33 s.
+    config = SweepConfig(variants=(("baseline", "m"),), seeds=(0,), epochs=2, train_size=1000, curve_size=300)
+    assert estimate_cpu_hours(config, {"m": 100.0}) == pytest.approx((2000 + 10300 / 3) / 100 / 3600)
+    # The paper preset: 5 seeds x 30 epochs x 60k images; it prints its estimate and waits for --yes.
+    out = tmp_path / "paper"
+    argv = ["--preset", "paper", "--variants", "baseline", "--width", "4", "--out", str(out)]
+    assert compare_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "5 runs of 30 epochs over 60000 images; estimated" in err and "CPU hours" in err
+    assert "--preset paper starts only with --yes" in err and not out.exists()
