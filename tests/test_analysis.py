@@ -344,6 +344,8 @@ def test_extent_report_orders_extents_and_uses_eval_json(tmp_path):
         ("se_cifar_resnet20", 7.0),
     ]
     assert model_extent("ge_theta_e4_resnet50") == ("ge_theta", 4)
+    assert model_extent("ge_theta_minus_max_e2_wrn16_8") == ("ge_theta_minus_max", 2)
+    assert model_extent("se_resnet50") == ("se", "global") and model_extent("resnet50") == (None, None)
 
 
 def test_epoch_curves_from_compare_results_average_seeds(tmp_path):

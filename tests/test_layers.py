@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from gather_excite import GatherExcite, SqueezeExcite, create_context, list_context_specs
-from gather_excite.layers import ConvGather, GlobalConvGather, PoolGather, get_context, resample_kernel
+from gather_excite.layers import (
+    ContextSpec,
+    ConvGather,
+    GlobalConvGather,
+    PoolGather,
+    context_specs,
+    get_context,
+    resample_kernel,
+)
 
 
 def selection_window(u: int, extent: int, size: int) -> range:
@@ -318,3 +326,67 @@ def test_torch_compile_inductor_matches_eager():
     module = create_context("ge_theta_e4", 8)
     x = torch.randn(2, 8, 10, 10)
     torch.testing.assert_close(torch.compile(module)(x), module(x), rtol=1e-4, atol=1e-5)
+
+
+# --- the vocabulary: ContextSpec ----------------------------------------------------------
+
+# The README's table of variants, written out by hand: spec variant -> (gather, excite).
+README_TABLE = {
+    "ge_theta_minus": ("avg", "plain"),
+    "ge_theta_minus_max": ("max", "plain"),
+    "ge_theta": ("conv", "plain"),
+    "ge_theta_plus": ("conv", "mlp"),
+}
+
+
+def test_context_specs_are_every_variant_at_every_extent():
+    # SE (global only) + 4 GE variants x (global, E2, E4, E8) = 1 + 16 = 17 spec strings.
+    names = [spec.name for spec in context_specs()]
+    assert len(names) == len(set(names)) == 17
+    assert sorted(names) == list_context_specs()
+    assert all(ContextSpec.parse(name).name == name for name in names)
+
+
+@pytest.mark.parametrize(
+    ("name", "variant", "extent", "paper_label"),
+    [
+        ("se", "se", None, "SE"),
+        ("ge_theta_minus", "ge_theta_minus", None, "GE-θ− (global)"),
+        ("ge_theta_minus_max_e4", "ge_theta_minus_max", 4, "GE-θ− (max) (E4)"),
+        ("ge_theta_e8", "ge_theta", 8, "GE-θ (E8)"),
+        ("ge_theta_plus_e2", "ge_theta_plus", 2, "GE-θ+ (E2)"),
+    ],
+)
+def test_context_spec_parse_known_answers(name, variant, extent, paper_label):
+    spec = ContextSpec.parse(name)
+    assert (spec.variant, spec.extent, spec.paper_label) == (variant, extent, paper_label)
+    assert spec == ContextSpec(variant, extent)  # frozen dataclass: equal by value
+
+
+@pytest.mark.parametrize("bad", ["se_e2", "ge_theta_e3", "ge_theta_e08", "ge_theta_e16", "ge_thta", "ge_theta_", ""])
+def test_context_spec_rejects_unknown_names(bad):
+    with pytest.raises(ValueError, match="unknown context spec"):
+        ContextSpec.parse(bad)
+    with pytest.raises(TypeError, match="str"):
+        ContextSpec.parse(8)
+
+
+@pytest.mark.parametrize("spec", [s for s in context_specs() if s.variant != "se"], ids=lambda s: s.name)
+def test_context_spec_build_matches_the_readme_table(spec):
+    # Two formulations: the spec's constructor and GatherExcite with the README's arguments.
+    gather, excite = README_TABLE[spec.variant]
+    torch.manual_seed(0)
+    built = spec.build(8, feature_size=6)
+    torch.manual_seed(0)
+    direct = GatherExcite(8, spec.extent, gather=gather, excite=excite, feature_size=6)
+    assert (built.extent, built.gather_mode, built.excite_mode) == (spec.extent, gather, excite)
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(built(x), direct(x), rtol=0, atol=0)
+    assert isinstance(ContextSpec("se").build(8), SqueezeExcite)
+
+
+def test_context_spec_timm_arguments():
+    # timm.layers.GatherExcite: extra_params=True is the conv gather, use_mlp the MLP excite, extent 0 global.
+    assert ContextSpec.parse("ge_theta_e4").timm_kwargs == {"extra_params": True, "use_mlp": False, "extent": 4}
+    assert ContextSpec.parse("se").timm_kwargs == {"extra_params": False, "use_mlp": True, "extent": 0}
+    assert ContextSpec.parse("ge_theta_minus_max").timm_kwargs is None  # timm has no max-pool gather

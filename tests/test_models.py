@@ -43,9 +43,10 @@ def _small_input_size(name: str) -> int:
 
 
 def test_registry_holds_every_name_of_the_issue() -> None:
-    # 9 backbones x (baseline + SE + 3 GE variants x 4 extents) = 9 x 14 = 126 names.
+    # 9 backbones x (baseline + SE + 4 GE variants x 4 extents) = 9 x 18 = 162 names: every layer
+    # spec (ge_theta_minus_max[_eN] included, 17 specs) is a model name for every backbone.
     names = list_models()
-    assert len(names) == 126
+    assert len(names) == 162
     for name in (
         "resnet50",
         "se_resnet50",
@@ -62,21 +63,26 @@ def test_registry_holds_every_name_of_the_issue() -> None:
         "se_wrn16_8",
         "ge_theta_minus_cifar_resnet20",
         "ge_theta_cifar_resnet56",
+        "ge_theta_minus_max_resnet50",
+        "ge_theta_minus_max_e8_wrn16_8",
     ):
         assert name in names
     assert names == sorted(names)
 
 
 def test_list_models_filters_by_fnmatch_pattern() -> None:
-    # baseline, se, and 3 variants x 4 extents end in "_resnet50" or are "resnet50": 14.
-    assert len(list_models("*resnet50")) == 14
+    # baseline, se, and 4 GE variants x 4 extents end in "_resnet50" or are "resnet50": 18.
+    assert len(list_models("*resnet50")) == 18
     assert list_models("se_*shufflenet*") == ["se_shufflenet_g3"]
     assert list_models("no_such_*") == []
 
 
 def test_every_context_name_is_a_layers_spec() -> None:
-    # The registry must not name a context module that create_context cannot build.
-    assert set(CONTEXT_NAMES) <= set(list_context_specs())
+    # The registry must not name a context module that create_context cannot build, and every
+    # spec that create_context builds is a model name with every backbone.
+    assert set(CONTEXT_NAMES) == set(list_context_specs())
+    names = set(list_models())
+    assert {f"{spec}_{backbone}" for spec in list_context_specs() for backbone in BACKBONES} <= names
 
 
 def test_unknown_name_suggests_the_closest() -> None:
@@ -122,16 +128,19 @@ def _forward_backward(name: str) -> list[str]:
 # train one step on 2 CPU cores: the default run covers their baseline and GE-θ+ (every part a
 # context module can have); the other 24 run with the slow tests.
 _DEEP_DEFAULT = {"resnet101", "ge_theta_plus_resnet101", "resnet152", "ge_theta_plus_resnet152"}
+# The max-pool gather is GE-θ−'s parameter-free gather with another pooling: the default run
+# builds it on ResNet-20 at every extent and on ResNet-50 once; the other 31 run with the slow tests.
+_MAX_DEFAULT = {f"{spec}_cifar_resnet20" for spec in CONTEXT_NAMES if "_max" in spec} | {"ge_theta_minus_max_resnet50"}
+
+
+def _is_slow(name: str) -> bool:
+    if "_max" in name:
+        return name not in _MAX_DEFAULT
+    return _backbone(name) in DEEP_RESNETS and name not in _DEEP_DEFAULT
 
 
 @pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.slow)
-        if _backbone(name) in DEEP_RESNETS and name not in _DEEP_DEFAULT
-        else name
-        for name in list_models()
-    ],
+    "name", [pytest.param(name, marks=pytest.mark.slow) if _is_slow(name) else name for name in list_models()]
 )
 def test_model_forward_backward(name: str) -> None:
     assert _forward_backward(name) == []

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .layers import GatherExcite, SqueezeExcite
+from .layers.context_spec import TABLE_VARIANTS, ContextSpec
 
 __all__ = ["PAPER_ROWS", "PaperRow", "complexity", "measure_paper_row"]
 
@@ -153,10 +154,7 @@ PAPER_ROWS: tuple[PaperRow, ...] = (
         )
         for variant, prefix in (
             ("baseline", ""),
-            ("SE", "se_"),
-            ("GE-θ−", "ge_theta_minus_"),
-            ("GE-θ", "ge_theta_"),
-            ("GE-θ+", "ge_theta_plus_"),
+            *((ContextSpec(name).label, f"{name}_") for name in TABLE_VARIANTS),
         )
     ),
 )

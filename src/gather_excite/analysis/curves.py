@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..layers import ContextSpec
 from ..models import split_model_name
 from .plotting import new_figure
 
@@ -32,15 +32,6 @@ __all__ = [
     "read_run",
 ]
 
-_VARIANT_NAMES = {
-    None: "baseline",
-    "se": "SE",
-    "ge_theta_minus": "GE-θ−",
-    "ge_theta_minus_max": "GE-θ− (max)",
-    "ge_theta": "GE-θ",
-    "ge_theta_plus": "GE-θ+",
-}
-_EXTENT_SUFFIX = re.compile(r"^(?P<variant>.+)_e(?P<extent>\d+)$")
 METRIC_COLUMNS = {"train": "train/top1_err", "val": "val/top1_err"}
 
 
@@ -196,10 +187,8 @@ def model_extent(model: str) -> tuple[str | None, int | str | None]:
     _, spec = split_model_name(model)
     if spec is None:
         return None, None
-    match = _EXTENT_SUFFIX.match(spec)
-    if match:
-        return match["variant"], int(match["extent"])
-    return spec, "global"
+    parsed = ContextSpec.parse(spec)
+    return parsed.variant, "global" if parsed.extent is None else parsed.extent
 
 
 def _compare_errors(path: Path) -> list[dict[str, Any]]:
@@ -244,7 +233,7 @@ def extent_report(runs: Sequence[str | Path]) -> dict[str, Any]:
             references.append({"label": entry["label"], **point})
             continue
         group = variants.setdefault(
-            variant, {"variant": variant, "label": _VARIANT_NAMES.get(variant, variant), "points": []}
+            variant, {"variant": variant, "label": ContextSpec(variant).label, "points": []}
         )
         group["points"].append(point)
     for group in variants.values():

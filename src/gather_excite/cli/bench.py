@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import create_context
+from ..layers.context_spec import EXTENTS, GE_VARIANTS, ContextSpec
 from ..layers.fused import bn_context, fused_enabled, set_fused
 
 __all__ = [
@@ -38,11 +39,12 @@ __all__ = [
 
 # ResNet-50's residual-branch outputs (channels, size) at 224 px: conv2_x .. conv5_x.
 STAGES = ((256, 56), (512, 28), (1024, 14), (2048, 7))
+# The GE variants of the paper's main tables at every extent, then SE.
 OP_VARIANTS = (
-    *(f"{base}{sfx}" for base in ("ge_theta_minus", "ge_theta", "ge_theta_plus") for sfx in ("_e2", "_e4", "_e8", "")),
+    *(ContextSpec(variant, extent).name for variant in GE_VARIANTS for extent in (*EXTENTS, None)),
     "se",
 )
-NET_MODELS = ("resnet50", "ge_theta_minus_resnet50", "ge_theta_resnet50", "ge_theta_plus_resnet50", "se_resnet50")
+NET_MODELS = ("resnet50", *(f"{variant}_resnet50" for variant in (*GE_VARIANTS, "se")))
 
 
 def environment(device: str = "cpu") -> dict[str, object]:
@@ -159,17 +161,11 @@ def _timm_context(spec: str, channels: int, size: int) -> tuple[nn.Module | None
         from timm.layers import GatherExcite as TimmGatherExcite
     except ImportError as err:
         return None, f"timm not installed ({err})"
-    base, _, suffix = spec.rpartition("_e")
-    extent = int(suffix) if suffix.isdigit() else 0
-    base = base if suffix.isdigit() else spec
-    kwargs = {
-        "ge_theta_minus": {"extra_params": False, "use_mlp": False},
-        "ge_theta": {"extra_params": True, "use_mlp": False},
-        "ge_theta_plus": {"extra_params": True, "use_mlp": True},
-        "se": {"extra_params": False, "use_mlp": True},
-    }[base]
+    kwargs = ContextSpec.parse(spec).timm_kwargs
+    if kwargs is None:
+        return None, f"timm's GatherExcite has no equivalent of {spec!r}"
     try:
-        return TimmGatherExcite(channels, feat_size=(size, size), extent=extent, **kwargs), None
+        return TimmGatherExcite(channels, feat_size=(size, size), **kwargs), None
     except Exception as err:  # report whatever timm raises; the benchmark does not work around it
         return None, f"{type(err).__name__}: {err}"
 

@@ -7,22 +7,7 @@ import json
 
 import torch
 
-from ..layers import create_context, list_context_specs
-
-PAPER_NAMES = {
-    "se": "SE",
-    "ge_theta_minus": "GE-θ−",
-    "ge_theta_minus_max": "GE-θ− (max)",
-    "ge_theta": "GE-θ",
-    "ge_theta_plus": "GE-θ+",
-}
-
-
-def paper_name(spec: str) -> str:
-    base, _, extent = spec.rpartition("_e")
-    if extent.isdigit():
-        return f"{PAPER_NAMES[base]} (E{extent})"
-    return f"{PAPER_NAMES[spec]} (global)" if spec != "se" else "SE"
+from ..layers import context_specs
 
 
 def main(argv: list[str]) -> int:
@@ -35,11 +20,12 @@ def main(argv: list[str]) -> int:
         parser.error("--channels and --feature-size must be >= 1")
     x = torch.randn(2, args.channels, args.feature_size, args.feature_size)
     rows = []
-    for spec in list_context_specs():
-        module = create_context(spec, args.channels, feature_size=args.feature_size).eval()
+    for spec in sorted(context_specs(), key=lambda spec: spec.name):
+        module = spec.build(args.channels, feature_size=args.feature_size).eval()
         with torch.no_grad():
             assert module(x).shape == x.shape
-        rows.append({"spec": spec, "paper": paper_name(spec), "params": sum(p.numel() for p in module.parameters())})
+        params = sum(p.numel() for p in module.parameters())
+        rows.append({"spec": spec.name, "paper": spec.paper_label, "params": params})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

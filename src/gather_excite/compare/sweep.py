@@ -31,6 +31,7 @@ import torch
 
 from ..engine import atomic_torch_save
 from ..errors import ConfigError, RunExistsError
+from ..layers.context_spec import TABLE_VARIANTS, ContextSpec
 from .data import TensorSplit, load_fashion_mnist
 from .run import RunSpec, lightning_checkpoint, train_run
 
@@ -50,10 +51,7 @@ __all__ = [
 # (label, model name) in the paper's order; every GE variant has global extent, as in Tables 2-5.
 VARIANTS: tuple[tuple[str, str], ...] = (
     ("baseline", "cifar_resnet20"),
-    ("SE", "se_cifar_resnet20"),
-    ("GE-θ−", "ge_theta_minus_cifar_resnet20"),
-    ("GE-θ", "ge_theta_cifar_resnet20"),
-    ("GE-θ+", "ge_theta_plus_cifar_resnet20"),
+    *((ContextSpec(variant).label, f"{variant}_cifar_resnet20") for variant in TABLE_VARIANTS),
 )
 SWEEP_FORMAT = "gex-compare-sweep/1"
 

@@ -1,4 +1,4 @@
-"""Context modules by name: the short spec strings that the model zoo and the CLI use.
+"""Context modules by name: the spec strings of :mod:`.context_spec`, mapped to their constructors.
 
 ``"se"``, ``"ge_theta_minus"``, ``"ge_theta"``, ``"ge_theta_plus"`` are the paper's global
 variants; a suffix ``_e2`` / ``_e4`` / ``_e8`` picks the extent ratio, and
@@ -7,31 +7,18 @@ variants; a suffix ``_e2`` / ``_e4`` / ``_e8`` picks the extent ratio, and
 
 from __future__ import annotations
 
-import difflib
-import functools
 import inspect
 from collections.abc import Callable
 
 from torch import nn
 
-from .gather_excite import GatherExcite, SqueezeExcite
+from .context_spec import ContextSpec, context_specs
 
 __all__ = ["CONTEXT_SPECS", "ContextArg", "create_context", "get_context", "list_context_specs"]
 
 ContextArg = str | type[nn.Module] | Callable[..., nn.Module] | None
 
-_VARIANTS = {
-    "ge_theta_minus": {"gather": "avg", "excite": "plain"},
-    "ge_theta_minus_max": {"gather": "max", "excite": "plain"},
-    "ge_theta": {"gather": "conv", "excite": "plain"},
-    "ge_theta_plus": {"gather": "conv", "excite": "mlp"},
-}
-
-CONTEXT_SPECS: dict[str, Callable[..., nn.Module]] = {"se": SqueezeExcite}
-for _name, _kwargs in _VARIANTS.items():
-    CONTEXT_SPECS[_name] = functools.partial(GatherExcite, extent=None, **_kwargs)
-    for _extent in (2, 4, 8):
-        CONTEXT_SPECS[f"{_name}_e{_extent}"] = functools.partial(GatherExcite, extent=_extent, **_kwargs)
+CONTEXT_SPECS: dict[str, Callable[..., nn.Module]] = {spec.name: spec.factory for spec in context_specs()}
 
 
 def list_context_specs() -> list[str]:
@@ -41,16 +28,9 @@ def list_context_specs() -> list[str]:
 
 def get_context(spec: str) -> Callable[..., nn.Module]:
     """The constructor (class or partial) that a spec string names."""
-    if not isinstance(spec, str):
-        raise TypeError(f"context spec must be a str, got {type(spec).__name__}")
-    try:
+    if isinstance(spec, str) and spec in CONTEXT_SPECS:
         return CONTEXT_SPECS[spec]
-    except KeyError:
-        close = difflib.get_close_matches(spec, CONTEXT_SPECS, n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(
-            f"unknown context spec {spec!r}.{hint} Known specs: {', '.join(list_context_specs())}"
-        ) from None
+    return ContextSpec.parse(spec).factory  # raises, naming the closest specs
 
 
 def _accepts(fn: Callable[..., object], name: str) -> bool:

@@ -1,8 +1,8 @@
 """Model names: ``<context spec>_<backbone>``, e.g. ``ge_theta_e8_resnet50``; a bare backbone is the baseline.
 
-The context specs are those of :mod:`gather_excite.layers` (``se``, ``ge_theta_minus``,
-``ge_theta``, ``ge_theta_plus`` at global extent and with ``_e2``/``_e4``/``_e8``); the backbones
-are the paper's networks plus ResNet-20/56 for quick CIFAR-style runs.
+Every context spec of :mod:`gather_excite.layers` (``se``; ``ge_theta_minus``, ``ge_theta_minus_max``,
+``ge_theta``, ``ge_theta_plus`` at global extent and with ``_e2``/``_e4``/``_e8``) names a model with
+every backbone; the backbones are the paper's networks plus ResNet-20/56 for quick CIFAR-style runs.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..layers import context_specs
 from .cifar_resnet import cifar_resnet20, cifar_resnet56, cifar_resnet110
 from .preact_resnet import cifar_resnet164
 from .resnet import resnet50, resnet101, resnet152
@@ -33,14 +34,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "wrn16_8": wrn16_8,
 }
 
-CONTEXT_NAMES: tuple[str, ...] = (
-    "se",
-    *(
-        f"{variant}{suffix}"
-        for variant in ("ge_theta_minus", "ge_theta", "ge_theta_plus")
-        for suffix in ("", "_e2", "_e4", "_e8")
-    ),
-)
+CONTEXT_NAMES: tuple[str, ...] = tuple(spec.name for spec in context_specs())
 
 # model name -> (backbone, context spec or None)
 MODELS: dict[str, tuple[str, str | None]] = {}
