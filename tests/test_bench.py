@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from gather_excite.cli import bench
+from gather_excite import bench
+from gather_excite.cli import bench as bench_cli
 
 
 def test_saved_bytes_counts_each_storage_once_and_skips_parameters():
@@ -48,7 +49,7 @@ def test_paired_ratio_takes_ratios_within_each_round():
 @pytest.mark.slow  # imports timm and builds 2048-channel units: ~5-20 s on a shared 2-core machine
 def test_gex_bench_op_json(capsys):
     """One variant at the smallest stage shape: the fused path keeps half the plain path's bytes."""
-    assert bench.main(["op", "--variants", "ge_theta_minus", "--stages", "4", "--batch", "1", "--repeats", "1",
+    assert bench_cli.main(["op", "--variants", "ge_theta_minus", "--stages", "4", "--batch", "1", "--repeats", "1",
                        "--json"]) == 0  # fmt: skip
     doc = json.loads(capsys.readouterr().out)
     (row,) = doc["rows"]
@@ -63,7 +64,7 @@ def test_gex_bench_op_json(capsys):
 def test_gex_bench_net_json(capsys):
     """ResNet-50 vs GE-θ− ResNet-50 at 64 px: the baseline's paired ratio to itself is exactly 1,
     and the fused path keeps fewer bytes than the plain composition (which also keeps BN(z))."""
-    assert bench.main(["net", "--models", "resnet50", "ge_theta_minus_resnet50", "--batch", "2",
+    assert bench_cli.main(["net", "--models", "resnet50", "ge_theta_minus_resnet50", "--batch", "2",
                        "--image-size", "64", "--repeats", "2", "--threads", "1", "--json"]) == 0  # fmt: skip
     doc = json.loads(capsys.readouterr().out)
     rows = {(row["model"], row["path"]): row for row in doc["rows"]}
@@ -84,7 +85,7 @@ def test_gex_bench_net_json(capsys):
 def test_gex_bench_net_bf16_autocast_records_it_and_keeps_the_fused_saving(capsys):
     """--bf16 runs forward and loss under torch.autocast(bfloat16) (here on the CPU); the row
     says so, and the fused path still keeps fewer bytes than the plain composition."""
-    assert bench.main(["net", "--models", "resnet50", "ge_theta_resnet50", "--batch", "2", "--image-size", "32",
+    assert bench_cli.main(["net", "--models", "resnet50", "ge_theta_resnet50", "--batch", "2", "--image-size", "32",
                        "--repeats", "1", "--threads", "1", "--bf16", "--json"]) == 0  # fmt: skip
     rows = {(r["model"], r["path"]): r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert {r["autocast"] for r in rows.values()} == {"bfloat16"} and {r["device"] for r in rows.values()} == {"cpu"}
@@ -99,4 +100,4 @@ def test_check_device_names_the_problem():
     assert bench.check_device("cpu", "cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA is not available"):
-            bench.main(["net", "--device", "cuda", "--repeats", "1"])
+            bench_cli.main(["net", "--device", "cuda", "--repeats", "1"])
