@@ -39,6 +39,12 @@ class ExciteMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _check_floating(x: torch.Tensor) -> None:
+    # An integer map would gate to zeros (the [0, 1] gate truncates); the gate needs real values.
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+
+
 def _excite(x: torch.Tensor, logits: torch.Tensor, probe: GateProbe) -> torch.Tensor:
     """``x * sigmoid(nearest_resize(logits))`` with the gate passed through ``probe``.
 
@@ -131,6 +137,7 @@ class GatherExcite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels)
+        _check_floating(x)
         return _excite(x, self.gate_logits(x), self.gate)
 
     def extra_repr(self) -> str:
@@ -154,5 +161,6 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels)
+        _check_floating(x)
         squeezed = x.mean((2, 3), keepdim=True, dtype=accumulate_dtype(x.dtype)).to(x.dtype)
         return _excite(x, self.mlp(squeezed), self.gate)
