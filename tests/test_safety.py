@@ -97,6 +97,8 @@ BAD_ARGUMENTS = [
     (["--model.num_classes", "0"], "num_classes must be an int >= 1, got 0"),
     (["--model.in_chans", "0"], "in_chans must be an int >= 1, got 0"),
     (["--trainer.max_epochs", "-2"], "max_epochs` must be a non-negative integer or -1. You passed in -2"),
+    (["--data.dataset", "cifar1O"], 'Parser key "data.dataset": Expected a typing.Literal'),
+    (["--data.batch_size", "many"], "Parser key \"data.batch_size\": Expected a <class 'int'>. Got value: many"),
 ]
 if not torch.cuda.is_available():
     BAD_ARGUMENTS.append((["--trainer.accelerator", "gpu"], "No supported gpu backend found"))

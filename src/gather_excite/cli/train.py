@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -243,7 +244,8 @@ def _parse(argv: list[str]) -> GexCLI:
             auto_configure_optimizers=False,
             save_config_callback=_SaveConfigAfterRestore,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "gex train", "default_env": False, "allow_abbrev": False},
+            # exit_on_error=False: a value jsonargparse rejects raises, to be reported as one line.
+            parser_kwargs={"prog": "gex train", "default_env": False, "allow_abbrev": False, "exit_on_error": False},
         )
     finally:
         sys.argv = saved_argv  # the DDP launcher starts the other processes with sys.argv
@@ -278,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"top-1 error {result['top1_err']:.2f}%  top-5 error {result['top5_err']:.2f}%  -> {path}")
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    # Lightning's own type for a Trainer setting it cannot honour (e.g. --trainer.accelerator gpu without one).
-    except (GexError, MisconfigurationException) as err:
+    # Lightning's own type for a Trainer setting it cannot honour (e.g. --trainer.accelerator gpu without one);
+    # jsonargparse's for a value of the wrong type or outside its choices.
+    except (GexError, MisconfigurationException, ArgumentError) as err:
         hint = _DATA_HINT if isinstance(err, DataNotFoundError) else ""
         print(f"gex train: error: {one_line(err)}{hint}", file=sys.stderr)
         return 2
