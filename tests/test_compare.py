@@ -288,3 +288,20 @@ def test_paper_preset_estimate_and_confirmation(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err
     assert "5 runs of 30 epochs over 60000 images; estimated" in err and "CPU hours" in err
     assert "--preset paper starts only with --yes" in err and not out.exists()
+
+
+@pytest.mark.slow
+def test_bench_sweep_reports_paired_ratios(tmp_path: Path) -> None:
+    from gather_excite.compare.bench import bench_sweep, format_bench
+
+    root = write_fashion_idx(tmp_path / "data", train=64, test=10)
+    rows = bench_sweep(models=("cifar_resnet20",), data_root=str(root), steps=2, warmup=1, batch_size=16, rounds=2,
+                       jobs=2, plain_threads=(1,))  # fmt: skip
+    (row,) = rows
+    fast, plain = row["samples"]["fast"], row["samples"]["plain 1t"]
+    # The ratio is the median of the per-round quotients (two rounds: their mean).
+    expected = (
+        fast[0]["images_per_s"] / plain[0]["images_per_s"] + fast[1]["images_per_s"] / plain[1]["images_per_s"]
+    ) / 2
+    assert row["fast / plain 1t: images_per_s"] == pytest.approx(expected)
+    assert "fast, 2 processes x 1 thread" in format_bench(rows)
