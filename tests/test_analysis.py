@@ -179,6 +179,20 @@ def test_unit_names_follow_the_paper():
         find_gate_probe(resolve_unit(resnet, "conv5_1")[1])
 
 
+def test_stage_units_and_residual_units_walk_the_same_units():
+    # ResNet-50's conv3_x is torchvision's layer2: 4 units, named by the stage label or the module path.
+    resnet = models.create_model("resnet50", num_classes=3, input_size=64)
+    by_label = stage_units(resnet, "conv3_x")
+    assert list(by_label) == ["conv3_1", "conv3_2", "conv3_3", "conv3_4"]
+    assert list(by_label.values()) == list(models.residual_units(resnet, "conv3_x"))
+    assert [name for name, _ in models.residual_units(resnet, "layer2")] == [f"layer2.{i}" for i in range(4)]
+    assert list(stage_units(resnet, "layer2")) == [f"layer2_{i}" for i in range(1, 5)]
+    with pytest.raises(ValueError, match="no child units"):
+        stage_units(resnet, "fc")
+    with pytest.raises(ValueError, match="conv9_x"):
+        stage_units(resnet, "conv9_x")
+
+
 # --------------------------------------------------------------------------------------- pruning
 
 
@@ -364,9 +378,22 @@ def test_epoch_curves_from_compare_results_average_seeds(tmp_path):
         [41.0, 21.0],
         [31.0, 26.0],
     )
+    # Two seeds 30 and 32: mean 31, sample sd sqrt(2), SE sqrt(2)/sqrt(2) = 1: the band is [30, 32].
+    assert [bound for band in first["val_top1_err_band"] for bound in band] == pytest.approx([30.0, 32.0, 25.0, 27.0])
     assert (second["label"], second["val_top1_err"]) == ("train", [40.0])
     with pytest.raises(ValueError, match="one label per curve"):
         epoch_curves_report([results, run], labels=["only one"])
+
+
+def test_epoch_curves_read_the_held_out_error_gex_compare_writes(tmp_path):
+    # gex compare logs its per-epoch test-subset error as "curve_top1_err".
+    history = [{"epoch": 1, "train_top1_err": 50.0, "curve_top1_err": 45.0}]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"variants": [{"label": "SE", "model": "se_cifar_resnet20", "curves": [history]}]}))
+    report = epoch_curves_report([path], title="one seed")
+    (run,) = report["runs"]
+    assert (run["val_top1_err"], run["train_top1_err"], report["title"]) == ([45.0], [50.0], "one seed")
+    assert "val_top1_err_band" not in run  # one seed: no band
 
 
 # --------------------------------------------------------------------------------------- figures

@@ -7,6 +7,7 @@ import re
 from torch import nn
 
 from ..layers import GateProbe
+from ..models import residual_units
 
 __all__ = ["find_gate_probe", "resolve_unit", "stage_units", "unit_label"]
 
@@ -28,28 +29,10 @@ def stage_units(model: nn.Module, stage: str) -> dict[str, tuple[str, nn.Module]
     """The units of a stage by paper label, each with its module path, in forward order.
 
     ``stage`` is a key of ``model.stage_names`` (e.g. ``"conv4_x"``, ``"stage3"``) or the
-    path of an ``nn.Sequential`` whose children are the units.
+    path of an ``nn.Sequential`` whose children are the units (see :func:`residual_units`).
     """
-    if not isinstance(stage, str) or not stage:
-        raise TypeError(f"stage must be a non-empty str, got {stage!r}")
-    names = _stage_names(model)
-    if stage in names:
-        path = names[stage]
-    else:
-        try:
-            model.get_submodule(stage)
-        except AttributeError:
-            raise ValueError(
-                f"stage {stage!r} is neither one of the model's stages {sorted(names)} nor a module path"
-            ) from None
-        path = stage
-    container = model.get_submodule(path)
-    children = list(container.named_children())
-    if not children:
-        raise ValueError(f"stage {stage!r} (module {path!r}) has no child units")
-    return {
-        unit_label(stage, i): (f"{path}.{child_name}", child) for i, (child_name, child) in enumerate(children, start=1)
-    }
+    units = residual_units(model, stage)
+    return {unit_label(stage, index): unit for index, unit in enumerate(units, start=1)}
 
 
 def resolve_unit(model: nn.Module, unit: str) -> tuple[str, nn.Module]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -122,13 +123,37 @@ def _compare_variants(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def _numbers(values: list[Any]) -> list[float]:
+    return [float(v) for v in values if v is not None and not math.isnan(float(v))]
+
+
 def _mean_or_none(values: list[Any]) -> float | None:
-    numbers = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    numbers = _numbers(values)
     return sum(numbers) / len(numbers) if numbers else None
 
 
+def _band_or_none(values: list[Any]) -> list[float] | None:
+    """``[mean - SE, mean + SE]`` over the seeds (SE: sample standard deviation over sqrt(n))."""
+    numbers = _numbers(values)
+    if len(numbers) < 2:
+        return None
+    mean, se = statistics.fmean(numbers), statistics.stdev(numbers) / math.sqrt(len(numbers))
+    return [mean - se, mean + se]
+
+
+# The held-out error per epoch: gex compare logs it as "curve_top1_err" (its test subset).
+_HELD_OUT_KEYS = ("curve_top1_err", "test_top1_err", "val_top1_err")
+
+
+def _held_out(row: Mapping[str, Any]) -> Any:
+    return next((row[key] for key in _HELD_OUT_KEYS if key in row), None)
+
+
 def _compare_curves(path: Path) -> list[dict[str, Any]]:
-    """Per variant of a gex compare results.json: train/test error per epoch, averaged over seeds."""
+    """Per variant of a gex compare results.json: train/test error per epoch, the mean over seeds.
+
+    With several seeds, ``*_band`` holds each epoch's mean ± its standard error (drawn shaded).
+    """
     rows = []
     for entry in _compare_variants(path):
         histories = entry.get("curves") or []
@@ -136,28 +161,32 @@ def _compare_curves(path: Path) -> list[dict[str, Any]]:
             raise ValueError(f"{str(path)!r}: variant {entry['model']!r} holds no per-epoch 'curves'")
         epochs = sorted({row["epoch"] for history in histories for row in history})
         by_epoch = [[row for history in histories for row in history if row["epoch"] == e] for e in epochs]
-        rows.append(
-            {
-                "path": str(path),
-                "label": entry.get("label", entry["model"]),
-                "model": entry["model"],
-                "epoch": epochs,
-                "train_top1_err": [_mean_or_none([r.get("train_top1_err") for r in rs]) for rs in by_epoch],
-                "val_top1_err": [
-                    _mean_or_none([r.get("test_top1_err", r.get("val_top1_err", r.get("curve_top1_err"))) for r in rs])
-                    for rs in by_epoch
-                ],
-                "seeds": len(histories),
-            }
-        )
+        train = [[r.get("train_top1_err") for r in rs] for rs in by_epoch]
+        held_out = [[_held_out(r) for r in rs] for rs in by_epoch]
+        row: dict[str, Any] = {
+            "path": str(path),
+            "label": entry.get("label", entry["model"]),
+            "model": entry["model"],
+            "epoch": epochs,
+            "train_top1_err": [_mean_or_none(values) for values in train],
+            "val_top1_err": [_mean_or_none(values) for values in held_out],
+            "seeds": len(histories),
+        }
+        if len(histories) > 1:
+            row["train_top1_err_band"] = [_band_or_none(values) for values in train]
+            row["val_top1_err_band"] = [_band_or_none(values) for values in held_out]
+        rows.append(row)
     return rows
 
 
-def epoch_curves_report(runs: Sequence[str | Path], *, labels: Sequence[str] | None = None) -> dict[str, Any]:
+def epoch_curves_report(
+    runs: Sequence[str | Path], *, labels: Sequence[str] | None = None, title: str | None = None
+) -> dict[str, Any]:
     """Figure 4 data: per run, top-1 train and validation error per epoch.
 
     ``runs`` are run folders or ``metrics.csv`` files (one curve each) or ``gex compare``
-    ``results.json`` files (one curve per variant, the mean over its seeds).
+    ``results.json`` files (one curve per variant, the mean over its seeds ± its standard error shaded).
+    ``title`` heads the figure.
     """
     if not runs:
         raise ValueError("runs must name at least one run folder or metrics.csv")
@@ -176,7 +205,10 @@ def epoch_curves_report(runs: Sequence[str | Path], *, labels: Sequence[str] | N
             raise ValueError(f"labels must give one label per curve ({len(rows)}), got {len(labels)}")
         for row, label in zip(rows, labels, strict=True):
             row["label"] = label
-    return {"analysis": "curves", "kind": "epochs", "runs": rows}
+    report: dict[str, Any] = {"analysis": "curves", "kind": "epochs", "runs": rows}
+    if title is not None:
+        report["title"] = title
+    return report
 
 
 def model_extent(model: str) -> tuple[str | None, int | str | None]:
@@ -232,9 +264,7 @@ def extent_report(runs: Sequence[str | Path]) -> dict[str, Any]:
         if variant is None or variant == "se":
             references.append({"label": entry["label"], **point})
             continue
-        group = variants.setdefault(
-            variant, {"variant": variant, "label": ContextSpec(variant).label, "points": []}
-        )
+        group = variants.setdefault(variant, {"variant": variant, "label": ContextSpec(variant).label, "points": []})
         group["points"].append(point)
     for group in variants.values():
         group["points"].sort(key=lambda p: math.inf if p["extent"] == "global" else p["extent"])
@@ -249,7 +279,10 @@ def _plot_epochs(report: Mapping[str, Any]) -> Figure:
         for ax, key in ((train_ax, "train_top1_err"), (val_ax, "val_top1_err")):
             points = [(e, v) for e, v in zip(run["epoch"], run[key], strict=True) if v is not None]
             if points:
-                ax.plot(*zip(*points, strict=True), "-", color=color, label=run["label"])
+                ax.plot(*zip(*points, strict=True), "-o", markersize=3, color=color, label=run["label"])
+            spans = [(e, *span) for e, span in zip(run["epoch"], run.get(f"{key}_band", ()), strict=False) if span]
+            if spans:
+                ax.fill_between(*zip(*spans, strict=True), color=color, alpha=0.15)
     for ax, split in ((train_ax, "training"), (val_ax, "validation")):
         ax.set_title(f"top-1 {split} error")
         ax.set_xlabel("epoch")
@@ -257,6 +290,8 @@ def _plot_epochs(report: Mapping[str, Any]) -> Figure:
         ax.set_ylabel("top-1 error (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+    if report.get("title"):
+        fig.suptitle(report["title"])
     return fig
 
 

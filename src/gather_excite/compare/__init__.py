@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from ..analysis import epoch_curves_report, plot_curves
 from ..complexity import complexity
 from ..engine import write_eval_json
 from ..models import create_model
-from .report import RESULTS_SCHEMA, build_results, format_table, plot_curves, validate_results
+from .report import RESULTS_SCHEMA, build_results, curves_title, format_table, validate_results
 from .run import RunSpec, train_run
 from .stats import mean_se, paired_difference, resolved
 from .sweep import (
@@ -43,11 +44,11 @@ __all__ = [
     "available_cores",
     "build_results",
     "calibrate",
+    "curves_title",
     "estimate_cpu_hours",
     "format_table",
     "mean_se",
     "paired_difference",
-    "plot_curves",
     "resolve_device",
     "resolved",
     "run_compare",
@@ -97,5 +98,6 @@ def run_compare(
         wall_seconds=time.perf_counter() - started,
     )
     write_eval_json(results, out / "results.json")
-    plot_curves(results, out / "curves.png")
+    report = epoch_curves_report([out / "results.json"], title=curves_title(results))
+    plot_curves(report).savefig(out / "curves.png", dpi=120)
     return results

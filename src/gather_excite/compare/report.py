@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from .stats import mean_se, paired_difference, resolved
 
-__all__ = ["RESULTS_FORMAT", "RESULTS_SCHEMA", "build_results", "format_table", "plot_curves", "validate_results"]
+__all__ = ["RESULTS_FORMAT", "RESULTS_SCHEMA", "build_results", "curves_title", "format_table", "validate_results"]
 
 RESULTS_FORMAT = "gex-compare-results/2"
 
@@ -229,38 +228,10 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(results: dict[str, Any], path: Path) -> Path:
-    """``curves.png``: per variant the mean over seeds of the test (curve subset) and training top-1 error per
-    epoch, with a band of ± one standard error."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for entry in results["variants"]:
-        epochs = [row["epoch"] for row in entry["curves"][0]]
-        for axis, key in zip(axes, ("curve_top1_err", "train_top1_err"), strict=True):
-            columns = list(zip(*[[row[key] for row in curve] for curve in entry["curves"]], strict=True))
-            means, ses = zip(*(mean_se(column) for column in columns), strict=True)
-            (line,) = axis.plot(epochs, means, marker="o", markersize=3, label=entry["label"])
-            if not any(math.isnan(se) for se in ses):
-                low = [m - s for m, s in zip(means, ses, strict=True)]
-                high = [m + s for m, s in zip(means, ses, strict=True)]
-                axis.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+def curves_title(results: dict[str, Any]) -> str:
+    """The heading of ``curves.png`` (drawn by :func:`gather_excite.analysis.plot_curves`)."""
     settings = results["settings"]
-    titles = (f"test top-1 error (%), {settings['curve_test_images']} test images", "training top-1 error (%)")
-    for axis, title in zip(axes, titles, strict=True):
-        axis.set_xlabel("epoch")
-        axis.set_ylabel(title)
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.suptitle(
+    return (
         f"Fashion-MNIST, ResNet-20 (width {settings['width']}), {settings['train_images']} training images, "
-        f"{len(settings['seeds'])} seeds: mean ± SE"
+        f"{len(settings['seeds'])} seeds: mean ± SE; validation: {settings['curve_test_images']} test images"
     )
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path

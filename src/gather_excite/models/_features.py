@@ -34,15 +34,30 @@ def feature(module: str, *, num_chs: int, reduction: int, stage: str) -> Feature
 def residual_units(model: nn.Module, stage: str | None = None) -> Iterator[tuple[str, nn.Module]]:
     """``(dotted name, unit)`` of every residual unit, in forward order, optionally of one ``stage``.
 
-    Each unit has a ``context`` attribute (``nn.Identity`` when the model has no context module).
+    ``stage`` is a key of ``model.stage_names`` (e.g. ``"conv4_x"``) or the module path of an
+    ``nn.Sequential`` whose children are the units. Each unit of a backbone has a ``context``
+    attribute (``nn.Identity`` when the model has no context module).
     """
     stage_names: dict[str, str] | None = getattr(model, "stage_names", None)
-    if not isinstance(stage_names, dict):
-        raise TypeError(f"model must expose stage_names (a dict), got {type(model).__name__}")
-    if stage is not None and stage not in stage_names:
-        raise ValueError(f"stage must be one of {sorted(stage_names)}, got {stage!r}")
-    for label, path in stage_names.items():
-        if stage is not None and label != stage:
-            continue
-        for child, unit in model.get_submodule(path).named_children():
+    if stage is None:
+        if not isinstance(stage_names, dict):
+            raise TypeError(f"model must expose stage_names (a dict), got {type(model).__name__}")
+        paths = list(stage_names.values())
+    elif not isinstance(stage, str) or not stage:
+        raise TypeError(f"stage must be a non-empty str, got {stage!r}")
+    elif stage_names and stage in stage_names:
+        paths = [stage_names[stage]]
+    else:
+        try:
+            model.get_submodule(stage)
+        except AttributeError:
+            raise ValueError(
+                f"stage must be one of the model's stages {sorted(stage_names or ())} or a module path, got {stage!r}"
+            ) from None
+        paths = [stage]
+    for path in paths:
+        children = list(model.get_submodule(path).named_children())
+        if stage is not None and not children:
+            raise ValueError(f"stage {stage!r} (module {path!r}) has no child units")
+        for child, unit in children:
             yield f"{path}.{child}", unit
