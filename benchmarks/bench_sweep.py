@@ -1,7 +1,7 @@
 """Sweep benchmark: training images/s of ``gex compare``'s fast loop against a plain eager PyTorch loop.
 
 Both train ResNet-20 (and its GE-θ version) on Fashion-MNIST with batch 128 in the same run; see
-:mod:`gather_excite.compare.bench` for what each loop is. E.g.
+:mod:`gather_excite.bench.sweep` for what each loop is. E.g.
 ``python benchmarks/bench_sweep.py --rounds 3 --json > sweep.json``.
 """
 
@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from gather_excite.compare.bench import bench_sweep, format_bench
+from gather_excite.bench.sweep import bench_sweep, format_bench
 from gather_excite.data import DEFAULT_FASHION_MNIST_ROOT
 
 

@@ -292,7 +292,7 @@ def test_paper_preset_estimate_and_confirmation(tmp_path: Path, capsys: pytest.C
 
 @pytest.mark.slow
 def test_bench_sweep_reports_paired_ratios(tmp_path: Path) -> None:
-    from gather_excite.compare.bench import bench_sweep, format_bench
+    from gather_excite.bench.sweep import bench_sweep, format_bench
 
     root = write_fashion_idx(tmp_path / "data", train=64, test=10)
     rows = bench_sweep(models=("cifar_resnet20",), data_root=str(root), steps=2, warmup=1, batch_size=16, rounds=2,

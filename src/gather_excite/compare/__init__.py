@@ -2,8 +2,8 @@
 
 :func:`run_compare` runs a :class:`SweepConfig` (every variant x every seed, parallel processes,
 resumable) into a folder and writes ``results.json`` (:data:`RESULTS_SCHEMA`) and ``curves.png``.
-``gex compare`` is its command line; ``gex bench sweep`` measures its training speed against a
-plain eager PyTorch loop.
+``gex compare`` is its command line; ``benchmarks/bench_sweep.py`` (:mod:`gather_excite.bench.sweep`)
+measures its training speed against a plain eager PyTorch loop.
 """
 
 from __future__ import annotations

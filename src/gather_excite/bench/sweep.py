@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..compare.data import TensorSplit, load_fashion_mnist
+from ..compare.run import RunSpec, train_run
 from ..data import fashion_mnist_dataset
 from ..data.transforms import build_normalized_augment
 from ..models import create_model
-from .data import TensorSplit, load_fashion_mnist
-from .run import RunSpec, train_run
 
-__all__ = ["bench_sweep", "plain_loop_speed"]
+__all__ = ["bench_sweep", "fast_loop_speed", "format_bench", "plain_loop_speed"]
 
 
 def plain_loop_speed(
