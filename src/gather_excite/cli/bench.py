@@ -16,29 +16,27 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:,.1f}"
 
 
+def _print_columns(*columns: str) -> None:
+    print(" | ".join(columns), flush=True)
+
+
 def _print_op(row: dict) -> None:
     s, m = row["seconds"], row["saved_bytes"]
-    timm_t = f"{s['timm'] * 1e3:8.1f}" if "timm" in s else "       -"
-    timm_m = f"{_mb(m['timm']):>8}" if "timm" in m else "       -"
+    paths = {"bn": "bn_only", "plain": "plain", "ours": "ours", "timm": "timm"}
+    ms = " ".join(f"{name} {s[key] * 1e3:7.1f}" if key in s else f"{name} {'-':>7}" for name, key in paths.items())
+    mib = " ".join(f"{name} {_mb(m[key]):>7}" if key in m else f"{name} {'-':>7}" for name, key in paths.items())
     vs_timm = f"{row['time_vs_timm']:.2f}x" if row["time_vs_timm"] is not None else "  -  "
-    print(
-        f"{row['variant']:<18} {row['channels']:>4}x{row['size']:<3} | ms  bn {s['bn_only'] * 1e3:7.1f} "
-        f"plain {s['plain'] * 1e3:7.1f} ours {s['ours'] * 1e3:7.1f} timm {timm_t} | MiB bn {_mb(m['bn_only']):>7} "
-        f"plain {_mb(m['plain']):>7} ours {_mb(m['ours']):>7} timm {timm_m} | ours/plain "
-        f"{row['time_vs_plain']:.2f}x {row['bytes_vs_plain']:.2f}x  ours/timm time {vs_timm}",
-        flush=True,
-    )
+    ratios = f"ours/plain {row['time_vs_plain']:.2f}x {row['bytes_vs_plain']:.2f}x  ours/timm time {vs_timm}"
+    _print_columns(f"{row['variant']:<18} {row['channels']:>4}x{row['size']:<3}", f"ms  {ms}", f"MiB {mib}", ratios)
 
 
 def _print_net(row: dict) -> None:
     q1, q3 = row["time_vs_baseline_quartiles"]
-    print(
+    _print_columns(
         f"{row['model']:<26} {row['path']:<5} cl={int(row['channels_last'])} compile={int(row['compile'])} "
-        f"{row['device']} autocast={row['autocast']} | "
-        f"step {row['seconds']:7.3f} s ({row['time_vs_baseline']:.3f}x, quartiles {q1:.3f}-{q3:.3f}) | "
-        f"saved {_mb(row['saved_bytes']):>9} MiB "
-        f"({row['bytes_vs_baseline']:.3f}x)",
-        flush=True,
+        f"{row['device']} autocast={row['autocast']}",
+        f"step {row['seconds']:7.3f} s ({row['time_vs_baseline']:.3f}x, quartiles {q1:.3f}-{q3:.3f})",
+        f"saved {_mb(row['saved_bytes']):>9} MiB ({row['bytes_vs_baseline']:.3f}x)",
     )
 
 

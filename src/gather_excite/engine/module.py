@@ -12,6 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..errors import CheckpointError, ConfigError
+from ..layers._validate import pair
 from ..models import create_model, list_models
 
 __all__ = ["MODEL_KEYS", "ClassificationModule", "Schedule", "describe_model_mismatch"]
@@ -52,9 +53,11 @@ def _check_model_arguments(arch: str, *, num_classes: int, in_chans: int, input_
 
 
 def _size_pair(size: Any) -> Any:
-    if isinstance(size, int) and not isinstance(size, bool):
-        return (size, size)
-    return tuple(size) if isinstance(size, (list, tuple)) else size
+    """``(h, w)`` of a valid image size; anything else (an old checkpoint's ``None``) as it is, to be reported."""
+    try:
+        return pair(size, "input_size")
+    except ValueError:
+        return size
 
 
 class ClassificationModule(L.LightningModule):
@@ -127,7 +130,7 @@ class ClassificationModule(L.LightningModule):
     @property
     def image_size(self) -> tuple[int, int, int]:
         """``(channels, height, width)`` of the inputs the network was built for."""
-        height, width = _size_pair(self.hparams["input_size"])
+        height, width = pair(self.hparams["input_size"], "input_size")
         return (int(self.hparams["in_chans"]), int(height), int(width))
 
     def configure_model(self) -> None:

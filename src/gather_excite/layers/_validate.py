@@ -1,17 +1,18 @@
-"""Argument checks shared by the operators: each error names the argument and what was expected."""
+"""Argument checks shared by the operators and networks: each error names the argument and what was expected."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["accumulate_dtype", "check_extent", "check_input", "check_positive_int", "pair"]
+__all__ = ["accumulate_dtype", "check_extent", "check_input", "check_int", "pair"]
 
 
-def check_positive_int(value: object, name: str) -> int:
+def check_int(value: object, name: str, *, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum``; raises naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import accumulate_dtype, check_extent, check_input, check_positive_int
+from ._validate import accumulate_dtype, check_extent, check_input, check_int
 from .gather import ConvGather, GlobalConvGather, PoolGather
 
 __all__ = ["ExciteMLP", "GateProbe", "GatherExcite", "SqueezeExcite"]
@@ -29,7 +29,7 @@ class ExciteMLP(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
-        check_positive_int(reduction, "reduction")
+        check_int(reduction, "reduction")
         hidden = max(1, channels // reduction)
         self.fc1 = nn.Conv2d(channels, hidden, 1, bias=True)
         self.act = nn.ReLU(inplace=True)
@@ -99,7 +99,7 @@ class GatherExcite(nn.Module):
         strict_size: bool = False,
     ) -> None:
         super().__init__()
-        self.channels = check_positive_int(channels, "channels")
+        self.channels = check_int(channels, "channels")
         self.extent = check_extent(extent)
         if gather not in GATHERS:
             raise ValueError(f"gather must be one of {GATHERS}, got {gather!r}")
@@ -155,7 +155,7 @@ class SqueezeExcite(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
-        self.channels = check_positive_int(channels, "channels")
+        self.channels = check_int(channels, "channels")
         self.mlp = ExciteMLP(channels, reduction)
         self.gate = GateProbe()
 

@@ -11,30 +11,9 @@ from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["check_input_size", "check_int", "conv_out_size", "init_backbone"]
+from ..layers._validate import check_int, pair
 
-
-def check_int(value: object, name: str, *, minimum: int = 1) -> int:
-    """``value`` as an int ``>= minimum``; raises naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def check_input_size(input_size: object) -> tuple[int, int]:
-    """The image size ``(h, w)`` from an int or a pair of ints >= 1."""
-    if isinstance(input_size, (tuple, list)) and len(input_size) == 2:
-        sizes = tuple(input_size)
-    elif isinstance(input_size, int) and not isinstance(input_size, bool):
-        sizes = (input_size, input_size)
-    else:
-        raise ValueError(f"input_size must be an int or a pair (h, w) of ints, got {input_size!r}")
-    for size in sizes:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"input_size must be an int >= 1 or a pair (h, w) of them, got {input_size!r}")
-    return int(sizes[0]), int(sizes[1])
+__all__ = ["check_int", "conv_out_size", "init_backbone", "pair"]
 
 
 def conv_out_size(size: tuple[int, int], *, kernel: int, stride: int = 1, padding: int = 0) -> tuple[int, int]:

@@ -13,8 +13,9 @@ from torch import nn
 from ..layers import create_context
 from ..layers._registry import ContextArg
 from ..layers.fused import bn_context
-from ._builder import check_input_size, check_int, conv_out_size, init_backbone
-from ._features import FeatureInfo, feature
+from ._backbone import Backbone, Stage
+from ._builder import check_int, init_backbone
+from ._features import feature
 
 __all__ = ["BasicUnit", "CifarResNet", "PadShortcut", "cifar_resnet20", "cifar_resnet56", "cifar_resnet110"]
 
@@ -66,16 +67,13 @@ class BasicUnit(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(Backbone):
     """ResNet for 32x32 images with basic units and one pluggable context module.
 
     Args:
         depth: 6n+2 layers (n units per stage): 20, 56, 110, ...
         width: channels of the first stage (16 in the paper); the others double it.
-        num_classes, in_chans: classifier outputs and input channels.
-        input_size: the image size (int or ``(h, w)``) the global-extent gathers are sized for.
-        context_layer: the context module of every unit (spec string, class, partial, or None).
-        zero_init_residual: start every branch's last BatchNorm scale at zero.
+        num_classes, in_chans, input_size, context_layer, zero_init_residual: see :class:`Backbone`.
     """
 
     def __init__(
@@ -89,49 +87,26 @@ class CifarResNet(nn.Module):
         context_layer: ContextArg = None,
         zero_init_residual: bool = False,
     ) -> None:
-        super().__init__()
         check_int(depth, "depth", minimum=8)
         if (depth - 2) % 6:
             raise ValueError(f"depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}")
         check_int(width, "width")
-        check_int(num_classes, "num_classes")
-        check_int(in_chans, "in_chans")
+        super().__init__(num_classes=num_classes, in_chans=in_chans, input_size=input_size)
         units_per_stage = (depth - 2) // 6
-        self.num_classes = num_classes
-        self.input_size = check_input_size(input_size)
 
         self.conv1 = nn.Conv2d(in_chans, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        size = self.input_size
-        self.feature_info: list[FeatureInfo] = [feature("relu", num_chs=width, reduction=1, stage="conv1")]
+        self.feature_info.append(feature("relu", num_chs=width, reduction=1, stage="conv1"))
 
-        in_chs, reduction = width, 1
-        self.stage_names: dict[str, str] = {}
-        for index in range(3):
-            label = f"stage{index + 1}"
-            out_chs = width * 2**index
-            stride = 1 if index == 0 else 2
-            size = conv_out_size(size, kernel=3, stride=stride, padding=1)
-            reduction *= stride
-            units = []
-            for unit_index in range(units_per_stage):
-                units.append(
-                    BasicUnit(
-                        in_chs,
-                        out_chs,
-                        stride=stride if unit_index == 0 else 1,
-                        context_layer=context_layer,
-                        feature_size=size,
-                    )
-                )
-                in_chs = out_chs
-            self.add_module(label, nn.Sequential(*units))
-            self.stage_names[label] = label
-            self.feature_info.append(feature(label, num_chs=out_chs, reduction=reduction, stage=label))
-        self.num_features = in_chs
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_chs, num_classes)
+        def make_unit(stage: Stage, index: int, in_chs: int, stride: int, size: tuple[int, int]) -> nn.Module:
+            return BasicUnit(in_chs, stage.out_chs, stride=stride, context_layer=context_layer, feature_size=size)
+
+        plan = [
+            Stage(f"stage{index + 1}", f"stage{index + 1}", units_per_stage, width * 2**index, 1 if index == 0 else 2)
+            for index in range(3)
+        ]
+        self.add_head(self.add_stages(plan, make_unit, in_chs=width, size=self.input_size, reduction=1))
         zero_init = [u.bn2 for u in self.modules() if isinstance(u, BasicUnit)] if zero_init_residual else ()
         init_backbone(self, zero_init=zero_init)
 
@@ -139,14 +114,6 @@ class CifarResNet(nn.Module):
         """The stage3 feature map."""
         x = self.relu(self.bn1(self.conv1(x)))
         return self.stage3(self.stage2(self.stage1(x)))
-
-    def forward_head(self, x: torch.Tensor, *, pre_logits: bool = False) -> torch.Tensor:
-        """Global average pooling and the classifier (or the pooled features if ``pre_logits``)."""
-        x = torch.flatten(self.avgpool(x), 1)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def cifar_resnet20(**kwargs: object) -> CifarResNet:

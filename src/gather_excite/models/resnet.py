@@ -15,8 +15,9 @@ from torch import nn
 from ..layers import create_context
 from ..layers._registry import ContextArg
 from ..layers.fused import bn_context
-from ._builder import check_input_size, check_int, conv_out_size, init_backbone
-from ._features import FeatureInfo, feature
+from ._backbone import Backbone, Stage
+from ._builder import check_int, conv_out_size, init_backbone
+from ._features import feature
 
 __all__ = ["STAGE_LABELS", "Bottleneck", "ResNet", "resnet50", "resnet101", "resnet152"]
 
@@ -63,20 +64,17 @@ class Bottleneck(nn.Module):
         return self.relu(out + shortcut)
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     """ResNet with bottleneck units and one pluggable context module (Section 3 of the paper).
 
     Args:
         layers: units per stage conv2_x..conv5_x, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
-        num_classes: classifier outputs.
-        in_chans: input image channels.
-        input_size: the image size (int or ``(h, w)``) the global-extent gathers are sized for.
+        num_classes, in_chans, input_size, zero_init_residual: see :class:`Backbone`.
         context_layer: context module of every unit in ``stages``: a spec string (``"se"``,
             ``"ge_theta_e8"``, ...), a class, a ``functools.partial``, or ``None``.
         stages: the stages (``"conv2_x"``..``"conv5_x"``) whose units get the context module
             (Table 1); ``None`` means all of them.
         stride_in_1x1: ``True`` the authors' v1 layout, ``False`` torchvision's v1.5.
-        zero_init_residual: start every branch's last BatchNorm scale at zero.
     """
 
     def __init__(
@@ -91,56 +89,40 @@ class ResNet(nn.Module):
         stride_in_1x1: bool = True,
         zero_init_residual: bool = False,
     ) -> None:
-        super().__init__()
         if not isinstance(layers, Sequence) or len(layers) != 4:
             raise ValueError(f"layers must be 4 unit counts (conv2_x..conv5_x), got {layers!r}")
         for count in layers:
             check_int(count, "layers[i]")
-        check_int(num_classes, "num_classes")
-        check_int(in_chans, "in_chans")
         if stages is None:
             stages = STAGE_LABELS
         elif isinstance(stages, str) or not all(s in STAGE_LABELS for s in stages):
             raise ValueError(f"stages must be a list of labels from {STAGE_LABELS} or None, got {stages!r}")
-        self.num_classes = num_classes
-        self.input_size = check_input_size(input_size)
+        super().__init__(num_classes=num_classes, in_chans=in_chans, input_size=input_size)
 
         self.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         size = conv_out_size(self.input_size, kernel=7, stride=2, padding=3)
-        self.feature_info: list[FeatureInfo] = [feature("relu", num_chs=64, reduction=2, stage="conv1")]
+        self.feature_info.append(feature("relu", num_chs=64, reduction=2, stage="conv1"))
         size = conv_out_size(size, kernel=3, stride=2, padding=1)
 
-        in_chs, reduction = 64, 4
-        self.stage_names: dict[str, str] = {}
-        for index, (label, count) in enumerate(zip(STAGE_LABELS, layers, strict=True)):
-            planes = 64 * 2**index
-            stride = 1 if index == 0 else 2
-            size = conv_out_size(size, kernel=1, stride=stride)
-            reduction *= stride
-            context = context_layer if label in stages else None
-            units = []
-            for unit_index in range(count):
-                units.append(
-                    Bottleneck(
-                        in_chs,
-                        planes,
-                        stride=stride if unit_index == 0 else 1,
-                        stride_in_1x1=stride_in_1x1,
-                        context_layer=context,
-                        feature_size=size,
-                    )
-                )
-                in_chs = planes * Bottleneck.expansion
-            name = f"layer{index + 1}"  # torchvision's names, so that its state dicts load
-            self.add_module(name, nn.Sequential(*units))
-            self.stage_names[label] = name
-            self.feature_info.append(feature(name, num_chs=in_chs, reduction=reduction, stage=label))
-        self.num_features = in_chs
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_chs, num_classes)
+        def make_unit(stage: Stage, index: int, in_chs: int, stride: int, size: tuple[int, int]) -> nn.Module:
+            return Bottleneck(
+                in_chs,
+                stage.out_chs // Bottleneck.expansion,
+                stride=stride,
+                stride_in_1x1=stride_in_1x1,
+                context_layer=context_layer if stage.label in stages else None,
+                feature_size=size,
+            )
+
+        # torchvision's module names ("layer1".."layer4"), so that its state dicts load.
+        plan = [
+            Stage(label, f"layer{index + 1}", count, 64 * 2**index * Bottleneck.expansion, 1 if index == 0 else 2)
+            for index, (label, count) in enumerate(zip(STAGE_LABELS, layers, strict=True))
+        ]
+        self.add_head(self.add_stages(plan, make_unit, in_chs=64, size=size, reduction=4))
         zero_init = [unit.bn3 for unit in self.modules() if isinstance(unit, Bottleneck)] if zero_init_residual else ()
         init_backbone(self, zero_init=zero_init)
 
@@ -148,14 +130,6 @@ class ResNet(nn.Module):
         """The conv5_x feature map."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-    def forward_head(self, x: torch.Tensor, *, pre_logits: bool = False) -> torch.Tensor:
-        """Global average pooling and the classifier (or the pooled features if ``pre_logits``)."""
-        x = torch.flatten(self.avgpool(x), 1)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def resnet50(**kwargs: object) -> ResNet:

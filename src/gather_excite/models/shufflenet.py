@@ -14,8 +14,9 @@ from torch import nn
 from ..layers import create_context
 from ..layers._registry import ContextArg
 from ..layers.fused import bn_context
-from ._builder import check_input_size, check_int, conv_out_size, init_backbone
-from ._features import FeatureInfo, feature
+from ._backbone import Backbone, Stage
+from ._builder import conv_out_size, init_backbone
+from ._features import feature
 
 __all__ = ["STAGE_CHANNELS", "ShuffleNet", "ShuffleUnit", "shufflenet_g3"]
 
@@ -83,16 +84,13 @@ class ShuffleUnit(nn.Module):
         return self.relu(out + shortcut)
 
 
-class ShuffleNet(nn.Module):
+class ShuffleNet(Backbone):
     """ShuffleNet v1 with one pluggable context module in every unit.
 
     Args:
         groups: groups of the pointwise convs (1, 2, 3, 4 or 8).
         width: channel multiplier ("ShuffleNet s x"); every channel count is scaled by it.
-        num_classes, in_chans: classifier outputs and input channels.
-        input_size: the image size (int or ``(h, w)``) the global-extent gathers are sized for.
-        context_layer: the context module of every unit (spec string, class, partial, or None).
-        zero_init_residual: start every branch's last BatchNorm scale at zero.
+        num_classes, in_chans, input_size, context_layer, zero_init_residual: see :class:`Backbone`.
     """
 
     def __init__(
@@ -106,15 +104,11 @@ class ShuffleNet(nn.Module):
         context_layer: ContextArg = None,
         zero_init_residual: bool = False,
     ) -> None:
-        super().__init__()
         if groups not in STAGE_CHANNELS:
             raise ValueError(f"groups must be one of {sorted(STAGE_CHANNELS)}, got {groups!r}")
         if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
             raise ValueError(f"width must be a positive number (e.g. 0.5, 1.0, 2.0), got {width!r}")
-        check_int(num_classes, "num_classes")
-        check_int(in_chans, "in_chans")
-        self.num_classes = num_classes
-        self.input_size = check_input_size(input_size)
+        super().__init__(num_classes=num_classes, in_chans=in_chans, input_size=input_size)
         stem_chs = int(STEM_CHANNELS * width)
         stage_chs = [int(chs * width) for chs in STAGE_CHANNELS[groups]]
 
@@ -123,36 +117,26 @@ class ShuffleNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         size = conv_out_size(self.input_size, kernel=3, stride=2, padding=1)
-        self.feature_info: list[FeatureInfo] = [feature("relu", num_chs=stem_chs, reduction=2, stage="conv1")]
+        self.feature_info.append(feature("relu", num_chs=stem_chs, reduction=2, stage="conv1"))
         size = conv_out_size(size, kernel=3, stride=2, padding=1)
 
-        in_chs, reduction = stem_chs, 4
-        self.stage_names: dict[str, str] = {}
-        for index, (out_chs, repeats) in enumerate(zip(stage_chs, STAGE_REPEATS, strict=True)):
-            label = f"stage{index + 2}"
-            size = conv_out_size(size, kernel=3, stride=2, padding=1)
-            reduction *= 2
-            units = []
-            for unit_index in range(repeats):
-                units.append(
-                    ShuffleUnit(
-                        in_chs,
-                        out_chs,
-                        stride=2 if unit_index == 0 else 1,
-                        groups=groups,
-                        mid_chs=out_chs // 4,
-                        group_first_conv=not (index == 0 and unit_index == 0),
-                        context_layer=context_layer,
-                        feature_size=size,
-                    )
-                )
-                in_chs = out_chs
-            self.add_module(label, nn.Sequential(*units))
-            self.stage_names[label] = label
-            self.feature_info.append(feature(label, num_chs=out_chs, reduction=reduction, stage=label))
-        self.num_features = in_chs
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_chs, num_classes)
+        def make_unit(stage: Stage, index: int, in_chs: int, stride: int, size: tuple[int, int]) -> nn.Module:
+            return ShuffleUnit(
+                in_chs,
+                stage.out_chs,
+                stride=stride,
+                groups=groups,
+                mid_chs=stage.out_chs // 4,
+                group_first_conv=not (stage.label == "stage2" and index == 0),
+                context_layer=context_layer,
+                feature_size=size,
+            )
+
+        plan = [
+            Stage(f"stage{index + 2}", f"stage{index + 2}", repeats, out_chs, 2)
+            for index, (out_chs, repeats) in enumerate(zip(stage_chs, STAGE_REPEATS, strict=True))
+        ]
+        self.add_head(self.add_stages(plan, make_unit, in_chs=stem_chs, size=size, reduction=4))
         zero_init = [u.bn3 for u in self.modules() if isinstance(u, ShuffleUnit)] if zero_init_residual else ()
         init_backbone(self, zero_init=zero_init)
 
@@ -160,14 +144,6 @@ class ShuffleNet(nn.Module):
         """The stage4 feature map."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.stage4(self.stage3(self.stage2(x)))
-
-    def forward_head(self, x: torch.Tensor, *, pre_logits: bool = False) -> torch.Tensor:
-        """Global average pooling and the classifier (or the pooled features if ``pre_logits``)."""
-        x = torch.flatten(self.avgpool(x), 1)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def shufflenet_g3(**kwargs: object) -> ShuffleNet:

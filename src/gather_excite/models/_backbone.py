@@ -1,0 +1,115 @@
+"""What every backbone shares: its argument checks, its stages of residual units and its head.
+
+A backbone builds its stem, then describes its stages as :class:`Stage` records and a function
+that builds one unit; :meth:`Backbone.add_stages` builds them in order, deriving each unit's
+spatial size (which the global-extent gathers need) and recording ``stage_names`` and
+``feature_info``. :meth:`Backbone.add_head` adds global average pooling and the classifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._builder import check_int, conv_out_size, pair
+from ._features import FeatureInfo, feature
+
+__all__ = ["Backbone", "Stage", "UnitFactory"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of residual units.
+
+    Args:
+        label: the paper's name of the stage (``"conv4_x"``, ``"stage3"``), a key of ``stage_names``.
+        module: the attribute holding its ``nn.Sequential`` of units (``"layer3"`` keeps
+            torchvision's state-dict keys).
+        units: how many units.
+        out_chs: the output channels of every unit.
+        stride: the stride of the first unit (the others have stride 1).
+    """
+
+    label: str
+    module: str
+    units: int
+    out_chs: int
+    stride: int
+
+
+# (stage, index of the unit in its stage, input channels, stride, the unit's output size) -> unit
+UnitFactory = Callable[[Stage, int, int, int, tuple[int, int]], nn.Module]
+
+
+class Backbone(nn.Module):
+    """Base of the classification backbones: stages of residual units and a pooled linear head.
+
+    Subclasses build their stem, call :meth:`add_stages` and :meth:`add_head`, and define
+    :meth:`forward_features`. The arguments every backbone takes:
+
+    Args:
+        num_classes: classifier outputs.
+        in_chans: input image channels.
+        input_size: the image size (int or ``(h, w)``) the global-extent gathers are sized for.
+        context_layer: (of the subclasses) the context module of every unit: a spec string
+            (``"se"``, ``"ge_theta_e8"``, ...), a class, a ``functools.partial``, or ``None``.
+        zero_init_residual: (of the subclasses that have it) start every branch's last
+            BatchNorm scale at zero.
+    """
+
+    def __init__(self, *, num_classes: int, in_chans: int, input_size: int | tuple[int, int]) -> None:
+        super().__init__()
+        check_int(num_classes, "num_classes")
+        check_int(in_chans, "in_chans")
+        self.num_classes = num_classes
+        self.input_size = pair(input_size, "input_size")
+        self.feature_info: list[FeatureInfo] = []
+        self.stage_names: dict[str, str] = {}
+
+    def add_stages(
+        self,
+        stages: Sequence[Stage],
+        make_unit: UnitFactory,
+        *,
+        in_chs: int,
+        size: tuple[int, int],
+        reduction: int,
+    ) -> int:
+        """Add each stage as an ``nn.Sequential`` of ``make_unit``'s units; the channels they end with.
+
+        ``in_chs``, ``size`` and ``reduction`` describe the stem's output.
+        """
+        for stage in stages:
+            # A stride-s 1x1 conv and a stride-s 3x3 conv with padding 1 give the same size, so
+            # one formula serves every unit layout.
+            size = conv_out_size(size, kernel=3, stride=stage.stride, padding=1)
+            reduction *= stage.stride
+            units = []
+            for index in range(stage.units):
+                units.append(make_unit(stage, index, in_chs, stage.stride if index == 0 else 1, size))
+                in_chs = stage.out_chs
+            self.add_module(stage.module, nn.Sequential(*units))
+            self.stage_names[stage.label] = stage.module
+            self.feature_info.append(feature(stage.module, num_chs=in_chs, reduction=reduction, stage=stage.label))
+        return in_chs
+
+    def add_head(self, num_features: int) -> None:
+        """Global average pooling and a linear classifier over ``num_features`` channels."""
+        self.num_features = num_features
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(num_features, self.num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map."""
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, *, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pooling and the classifier (or the pooled features if ``pre_logits``)."""
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
