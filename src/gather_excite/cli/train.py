@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
-import inspect
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-from jsonargparse import ArgumentError
+from jsonargparse import ActionConfigFile, ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from ..configs import BASES, RECIPES, base_path, format_recipes
 from ..data import ImageClassificationData
 from ..engine import (
     LAST_CHECKPOINT,
@@ -31,93 +32,76 @@ from ..engine import (
 )
 from ..errors import CheckpointError, ConfigError, DataNotFoundError, GexError, RunExistsError, one_line
 
-__all__ = ["GexCLI", "check_config_keys", "config_dir", "main", "resolve_config_names"]
+__all__ = ["GexCLI", "main"]
 
 
-def config_dir() -> Path:
-    """The folder of the packaged recipes (``gather_excite/configs``)."""
-    return Path(__file__).resolve().parent.parent / "configs"
+class RecipeConfigFile(ActionConfigFile):
+    """``--config``: a YAML file, a packaged base recipe (``imagenet``) or a paper row's name.
+
+    A row's name (``imagenet_ge_theta_resnet50``, see ``--list-recipes``) applies its base recipe
+    and then sets ``model.arch``, exactly as ``--config imagenet --model.arch ge_theta_resnet50``.
+    """
+
+    def __call__(self, parser: Any, cfg: Any, values: Any, option_string: str | None = None) -> None:
+        value = str(values)
+        if Path(value).expanduser().is_file():
+            return super().__call__(parser, cfg, values, option_string)
+        recipe = RECIPES.get(value.removesuffix(".yaml"))
+        base = base_path(recipe.base if recipe is not None else value)
+        if not base.is_file():
+            known = ", ".join(BASES)
+            raise ConfigError(
+                f"--config {value}: no such file, base recipe or paper row (base recipes: {known}; "
+                f"gex train --list-recipes names every row)"
+            )
+        super().__call__(parser, cfg, str(base), option_string)
+        if recipe is not None:
+            cfg["model.arch"] = recipe.arch
 
 
-def resolve_config_names(argv: list[str]) -> list[str]:
-    """Replace ``--config NAME`` by the packaged recipe ``configs/NAME.yaml`` when NAME is not a file."""
-    resolved = list(argv)
-    for index, arg in enumerate(resolved):
-        value, prefix = None, ""
-        if arg == "--config" and index + 1 < len(resolved):
-            value, target = resolved[index + 1], index + 1
-        elif arg.startswith("--config="):
-            value, target, prefix = arg.split("=", 1)[1], index, "--config="
-        if value is None or Path(value).exists():
-            continue
-        packaged = config_dir() / (value if value.endswith(".yaml") else f"{value}.yaml")
-        if packaged.is_file():
-            resolved[target] = prefix + str(packaged)
-    return resolved
+class _ListRecipes(argparse.Action):
+    """``--list-recipes``: print the paper rows with their commands and exit."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        print(format_recipes())
+        parser.exit(0)
 
 
-def _valid_keys() -> dict[str, list[str]]:
-    """The accepted keys of each config group, from the signatures that LightningCLI reads."""
-    import lightning as L
-
-    def names(fn: Any) -> list[str]:
-        return [name for name in inspect.signature(fn).parameters if name not in ("self", "args", "kwargs")]
-
-    return {
-        "model": names(ClassificationModule.__init__),
-        "data": names(ImageClassificationData.__init__),
-        "trainer": names(L.Trainer.__init__),
-        "": ["config", "print_config", "seed_everything", "model", "data", "trainer", "out", "resume", "eval_after"],
-    }
-
-
-def _unknown_key_message(key: str, group: str, valid: list[str], where: str) -> str:
+def _explain(error: Exception, parser: Any, argv: list[str]) -> str:
+    """jsonargparse's message for a rejected argument, with the valid keys and close matches for an unknown one."""
+    text = one_line(error)
+    where = "the command line"
+    if match := re.search(r"Group '([\w.]+)' does not accept option '(\w+)'", text):
+        group, key = match.groups()
+        where = "the config"
+    elif match := re.search(r"Option '(\w+)[\w.]*' is not accepted", text):
+        group, key, where = "", match.group(1), "the config"
+    elif match := re.search(r"unrecognized arguments: --([\w.-]+)", text):
+        group, _, key = match.group(1).split("=")[0].rpartition(".")
+        if "." in group:  # --model.arch_kwargs.width: the unknown key is the first level below the group
+            group, key = group.split(".", 1)[0], group.split(".", 1)[1].split(".")[0]
+    elif match := re.search(r"argument (\w+) --> ([\w.]+):", text):
+        return f"--{match.group(2)} is set from --{match.group(1)}; pass --{match.group(1)} instead"
+    elif "could not determine a constructor for the tag" in text:
+        configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("-c", "--config")]
+        # yaml.safe_load builds plain data only: a Python tag lands here and never runs.
+        return (
+            f"--config {', '.join(configs) or '?'}: not a plain YAML file ({text}); tags such as !!python/object "
+            f"are refused, since a config holds values only"
+        )
+    else:
+        return text
+    defaults = parser.get_defaults()
+    scope = defaults.get(group) if group else defaults
+    valid = [name for name in vars(scope) if not name.startswith("_")] if scope is not None else []
+    if where == "the config":
+        configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("-c", "--config")]
+        where = ", ".join(configs) or where
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
     label = f"{group}.{key}" if group else key
-    scope = f"'{group}'" if group else "the top level"
-    return f"unknown config key {label!r} in {where}{hint}; valid keys of {scope}: {', '.join(valid)}"
-
-
-def check_config_keys(argv: list[str]) -> None:
-    """Raise ``ValueError`` naming an unknown key (and the valid ones) of a YAML config or an override."""
-    valid = _valid_keys()
-    for index, arg in enumerate(argv):
-        value = None
-        if arg == "--config" and index + 1 < len(argv):
-            value = argv[index + 1]
-        elif arg.startswith("--config="):
-            value = arg.split("=", 1)[1]
-        if value is not None:
-            path = Path(value)
-            if not path.is_file():
-                raise ConfigError(
-                    f"--config {value}: no such file and no packaged recipe of that name "
-                    f"(recipes: {', '.join(sorted(p.stem for p in config_dir().glob('*.yaml')))})"
-                )
-            try:
-                with open(path) as handle:
-                    loaded = yaml.safe_load(handle) or {}
-            except yaml.YAMLError as err:
-                # safe_load builds plain data only: a Python tag (!!python/object...) lands here, never runs.
-                raise ConfigError(
-                    f"--config {value}: not a plain YAML file ({one_line(err)}); tags such as !!python/object are "
-                    f"refused, since a config holds values only"
-                ) from None
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"--config {value}: expected a YAML mapping, got {type(loaded).__name__}")
-            for key, section in loaded.items():
-                if key not in valid[""]:
-                    raise ConfigError(_unknown_key_message(key, "", valid[""], str(path)))
-                if key in ("model", "data", "trainer") and isinstance(section, dict):
-                    for sub in section:
-                        if sub not in valid[key]:
-                            raise ConfigError(_unknown_key_message(sub, key, valid[key], str(path)))
-        elif arg.startswith("--") and "." in arg:
-            group, _, key = arg[2:].split("=", 1)[0].partition(".")
-            key = key.split(".", 1)[0]
-            if group in ("model", "data", "trainer") and key not in valid[group]:
-                raise ConfigError(_unknown_key_message(key, group, valid[group], "the command line"))
+    scope_name = f"'{group}'" if group else "the top level"
+    return f"unknown config key {label!r} in {where}{hint}; valid keys of {scope_name}: {', '.join(valid)}"
 
 
 class _SaveConfigAfterRestore(SaveConfigCallback):
@@ -135,9 +119,19 @@ class _SaveConfigAfterRestore(SaveConfigCallback):
 
 
 class GexCLI(LightningCLI):
-    """LightningCLI with ``--out`` (run folder: checkpoints, logs, eval.json) and ``--resume``."""
+    """LightningCLI with ``--out`` (run folder: checkpoints, logs, eval.json), ``--resume`` and the recipe table."""
+
+    def init_parser(self, **kwargs: Any) -> Any:
+        parser = self.parser_class(**kwargs)
+        parser.add_argument(
+            "-c", "--config", action=RecipeConfigFile, help="a YAML file, a base recipe or a paper row (--list-recipes)"
+        )
+        return parser
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--list-recipes", action=_ListRecipes, nargs=0, help="print the paper's rows with their commands and exit"
+        )
         parser.add_argument("--out", type=str, default="runs/train", help="run folder: checkpoints, logs, eval.json")
         parser.add_argument(
             "--resume",
@@ -148,13 +142,14 @@ class GexCLI(LightningCLI):
         parser.add_argument(
             "--eval_after", type=bool, default=True, help="evaluate the final weights and write OUT/eval.json"
         )
+        # Lightning's own files (e.g. lightning_logs/) go into the run folder too.
+        parser.link_arguments("out", "trainer.default_root_dir")
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config
-        out = Path(config["out"])
-        trainer = config["trainer"]
-        if trainer.get("default_root_dir") is None:
-            trainer["default_root_dir"] = str(out)
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ConfigError(_explain(err, parser, list(args or []))) from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         out = Path(self.config["out"])
@@ -244,7 +239,7 @@ def _parse(argv: list[str]) -> GexCLI:
             auto_configure_optimizers=False,
             save_config_callback=_SaveConfigAfterRestore,
             save_config_kwargs={"overwrite": True},
-            # exit_on_error=False: a value jsonargparse rejects raises, to be reported as one line.
+            # exit_on_error=False: what jsonargparse rejects raises (GexCLI.parse_arguments words it as one line).
             parser_kwargs={"prog": "gex train", "default_env": False, "allow_abbrev": False, "exit_on_error": False},
         )
     finally:
@@ -261,9 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     A mistake in the arguments, the config, the data or the checkpoint ends with one line on
     stderr and exit status 2, before any training where it can be seen beforehand.
     """
-    argv = resolve_config_names(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        check_config_keys(argv)
         cli = _parse(argv)
         out = Path(cli.config["out"])
         ckpt_path = _resume_path(cli.config["resume"], out)
@@ -280,9 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"top-1 error {result['top1_err']:.2f}%  top-5 error {result['top5_err']:.2f}%  -> {path}")
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    # Lightning's own type for a Trainer setting it cannot honour (e.g. --trainer.accelerator gpu without one);
-    # jsonargparse's for a value of the wrong type or outside its choices.
-    except (GexError, MisconfigurationException, ArgumentError) as err:
+    # Lightning's own type for a Trainer setting it cannot honour (e.g. --trainer.accelerator gpu without one).
+    except (GexError, MisconfigurationException) as err:
         hint = _DATA_HINT if isinstance(err, DataNotFoundError) else ""
         print(f"gex train: error: {one_line(err)}{hint}", file=sys.stderr)
         return 2
