@@ -22,6 +22,7 @@ from gather_excite.compare import (
     resolve_device,
     resolved,
     run_sweep,
+    summarize_finished,
     validate_results,
 )
 from gather_excite.compare import run as run_module
@@ -211,6 +212,10 @@ def test_resume_after_a_killed_sweep_redoes_nothing_finished(tmp_path: Path, mon
         run_sweep(config, out, jobs=1)
     first = out / "runs" / "cifar_resnet20" / "seed0" / "run.json"
     kept = first.read_bytes(), first.stat().st_mtime_ns
+    # --report-only: the table of what finished, 1 of the 3 runs.
+    partial, total = summarize_finished(config, out)
+    assert total == 3 and [v["model"] for v in partial["variants"]] == ["cifar_resnet20"]
+    assert partial["variants"][0]["test_top1_err"] == [json.loads(kept[0])["test_top1_err"]]
     # The same command again without --resume is refused; another sweep in that folder too.
     with pytest.raises(FileExistsError, match="pass --resume"):
         run_sweep(config, out, jobs=1)

@@ -24,6 +24,7 @@ from ..compare import (
     format_table,
     resolve_device,
     run_compare,
+    summarize_finished,
 )
 from ..compare.sweep import calibrate, estimate_cpu_hours
 from ..data import DEFAULT_FASHION_MNIST_ROOT
@@ -44,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="runs/compare", help="the sweep's folder (refused if it holds files)")
     parser.add_argument(
         "--resume", action="store_true", help="continue the sweep in --out: finished runs are kept, not redone"
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: print the table of the runs of this sweep in --out finished so far",
     )
     parser.add_argument(
         "--preset",
@@ -131,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         jobs = _at_least("jobs", args.jobs, 1) if args.jobs is not None else (1 if on_gpu else min(cores, runs))
         threads = _at_least("threads", args.threads, 1) if args.threads is not None else max(1, cores // jobs)
         out = Path(args.out)
+        if args.report_only:
+            results, total = summarize_finished(config, out)
+            print(format_table(results))
+            print(
+                f"\n{len(results['runs'])} of {total} runs finished; {results['cpu_seconds'] / 60:.1f} CPU-minutes "
+                f"and {results['wall_seconds'] / 60:.1f} minutes of the runs' own wall clock"
+            )
+            return 0
         if args.preset == "paper" and not args.resume:
             hours = estimate_cpu_hours(config, calibrate(config))
             print(

@@ -18,6 +18,7 @@ import torch
 from ..analysis import epoch_curves_report, plot_curves
 from ..complexity import complexity
 from ..engine import write_eval_json
+from ..errors import RunExistsError
 from ..models import create_model
 from .report import RESULTS_SCHEMA, build_results, curves_title, format_table, validate_results
 from .run import RunSpec, train_run
@@ -30,6 +31,8 @@ from .sweep import (
     available_cores,
     calibrate,
     estimate_cpu_hours,
+    finished_records,
+    prepare_folder,
     resolve_device,
     run_sweep,
 )
@@ -53,6 +56,7 @@ __all__ = [
     "resolved",
     "run_compare",
     "run_sweep",
+    "summarize_finished",
     "train_run",
     "validate_results",
 ]
@@ -62,6 +66,34 @@ def variant_complexity(model: str, *, width: int) -> dict[str, int]:
     """``params`` and ``macs`` of one 28x28 image through ``model`` (gate products not counted)."""
     counts = complexity(create_model(model, num_classes=10, in_chans=1, input_size=28, width=width), (1, 28, 28))
     return {"params": int(counts["params"]), "macs": int(counts["macs"])}
+
+
+def _aggregate(
+    config: SweepConfig, records: list[dict[str, Any]], *, jobs: int, threads: int, wall_seconds: float
+) -> dict[str, Any]:
+    """``results.json``'s object from the run records (variants without a finished run left out)."""
+    finished = {record["model"] for record in records}
+    variants = tuple((label, model) for label, model in config.variants if model in finished)
+    first = records[0]
+    settings = {
+        **config.identity(),
+        "data_root": config.data_root,
+        "train_images": first["train_images"],
+        "test_images": first["test_images"],
+        "curve_test_images": first["curve_images"],
+        "schedule": "SGD (Nesterov momentum 0.9, weight decay 5e-4), cosine learning rate over the epochs",
+        "augmentation": "pad 2 + random 28x28 crop + horizontal flip" if config.augment else "none",
+        "jobs": jobs,
+        "threads_per_job": threads,
+        "torch": torch.__version__,
+    }
+    return build_results(
+        records,
+        variants=variants,
+        complexity={model: variant_complexity(model, width=config.width) for _label, model in variants},
+        settings=settings,
+        wall_seconds=wall_seconds,
+    )
 
 
 def run_compare(
@@ -76,28 +108,28 @@ def run_compare(
     """Run the sweep into ``out`` (see :func:`run_sweep`); write ``results.json`` (returned) and ``curves.png``."""
     started = time.perf_counter()
     records = run_sweep(config, out, jobs=jobs, threads=threads, resume=resume, on_done=on_done)
-    counts = {model: variant_complexity(model, width=config.width) for _label, model in config.variants}
-    first = records[0]
-    settings = {
-        **config.identity(),
-        "data_root": config.data_root,
-        "train_images": first["train_images"],
-        "test_images": first["test_images"],
-        "curve_test_images": first["curve_images"],
-        "schedule": "SGD (Nesterov momentum 0.9, weight decay 5e-4), cosine learning rate over the epochs",
-        "augmentation": "pad 2 + random 28x28 crop + horizontal flip" if config.augment else "none",
-        "jobs": jobs,
-        "threads_per_job": threads,
-        "torch": torch.__version__,
-    }
-    results = build_results(
-        records,
-        variants=config.variants,
-        complexity=counts,
-        settings=settings,
-        wall_seconds=time.perf_counter() - started,
-    )
+    results = _aggregate(config, records, jobs=jobs, threads=threads, wall_seconds=time.perf_counter() - started)
     write_eval_json(results, out / "results.json")
     report = epoch_curves_report([out / "results.json"], title=curves_title(results))
     plot_curves(report).savefig(out / "curves.png", dpi=120)
     return results
+
+
+def summarize_finished(config: SweepConfig, out: Path) -> tuple[dict[str, Any], int]:
+    """The results of the runs of ``config`` finished so far in ``out`` (no training, nothing written).
+
+    Returns the results object (as :func:`run_compare` would, over those runs; ``wall_seconds`` is
+    the sum of the runs' own) and the number of runs the sweep has in all. Raises like ``--resume``
+    where ``out`` holds another sweep, and ``RunExistsError`` where no run has finished yet.
+    """
+    if not (out / "sweep.json").is_file():
+        raise RunExistsError(f"--out {str(out)!r} holds no sweep (no sweep.json) to report on")
+    prepare_folder(out, config, resume=True)
+    runs = config.runs()
+    done = finished_records(out, runs)
+    records = [done[(spec.model, spec.seed)] for spec in runs if (spec.model, spec.seed) in done]
+    if not records:
+        raise RunExistsError(f"--out {str(out)!r}: no run has finished yet")
+    wall = sum(record["wall_seconds"] for record in records)
+    first = records[0]
+    return _aggregate(config, records, jobs=0, threads=first["threads"], wall_seconds=wall), len(runs)

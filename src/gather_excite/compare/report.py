@@ -204,7 +204,8 @@ def _pm(mean: float, se: float | None) -> str:
 
 def format_table(results: dict[str, Any]) -> str:
     """Markdown table: test error mean ± SE over seeds, the paired difference to the baseline ± SE (* > 2 SE)."""
-    seeds = len(results["settings"]["seeds"])
+    counts = sorted({len(entry["seeds"]) for entry in results["variants"]})
+    seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"  # a sweep still running
     lines = [
         f"| variant | model | params | MACs | test top-1 error % (mean ± SE, {seeds} seeds) "
         "| − baseline (paired by seed, ± SE) | train images/s per process |",
