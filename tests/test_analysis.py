@@ -41,7 +41,8 @@ NUM_CLASSES = 5
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    # Tiny convolutions on a shared 2-core machine run ~50x faster without intra-op threads.
+    # Tiny convolutions run far faster without intra-op threads: a thread pool's spin-waiting
+    # costs more than their work, worst on a machine shared with other jobs.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

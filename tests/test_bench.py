@@ -46,7 +46,7 @@ def test_paired_ratio_takes_ratios_within_each_round():
     assert bench.paired_ratio({"v": [3.0], "b": [2.0]}, "v", "b") == (1.5, 1.5, 1.5)
 
 
-@pytest.mark.slow  # imports timm and builds 2048-channel units: ~5-20 s on a shared 2-core machine
+@pytest.mark.slow  # imports timm and builds 2048-channel units
 def test_gex_bench_op_json(capsys):
     """One variant at the smallest stage shape: the fused path keeps half the plain path's bytes."""
     assert bench_cli.main(["op", "--variants", "ge_theta_minus", "--stages", "4", "--batch", "1", "--repeats", "1",

@@ -55,7 +55,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-# two process start-ups: ~10 s on 2 idle cores; in the default run because issue 4 names it
+# two process start-ups; in the default run because issue 4 names it
 def test_two_process_ddp_ends_with_identical_weights(tmp_path: Path) -> None:
     root = write_fashion_idx(tmp_path / "data", train=96, test=8)
     script = tmp_path / "ddp_run.py"
@@ -79,7 +79,7 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path: Path) -> None:
     assert not torch.equal(ranks[0]["state"]["fc.weight"], ranks[0]["initial"]["fc.weight"])
 
 
-@pytest.mark.slow  # two process start-ups plus training: ~15-40 s on 2 shared cores
+@pytest.mark.slow  # two process start-ups plus training
 def test_gex_train_under_ddp_checkpoints_and_evaluates(tmp_path: Path) -> None:
     """The full CLI with its progress bar on rank 0 (a synced per-step metric once deadlocked here)."""
     root = write_fashion_idx(tmp_path / "data", train=64, test=16)

@@ -124,9 +124,9 @@ def _forward_backward(name: str) -> list[str]:
     return [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
 
 
-# ResNet-101/152 differ from ResNet-50 only in unit counts and take 1-3 s each to build and
-# train one step on 2 CPU cores: the default run covers their baseline and GE-θ+ (every part a
-# context module can have); the other 24 run with the slow tests.
+# ResNet-101/152 differ from ResNet-50 only in unit counts and are the costliest to build and
+# train one step: the default run covers their baseline and GE-θ+ (every part a context module
+# can have); the others run with the slow tests.
 _DEEP_DEFAULT = {"resnet101", "ge_theta_plus_resnet101", "resnet152", "ge_theta_plus_resnet152"}
 # The max-pool gather is GE-θ−'s parameter-free gather with another pooling: the default run
 # builds it on ResNet-20 at every extent and on ResNet-50 once; the other 31 run with the slow tests.
