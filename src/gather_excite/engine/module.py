@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..errors import CheckpointError, ConfigError
-from ..layers._validate import pair
+from ..layers._validate import check_int, pair
 from ..models import create_model, list_models
 
 __all__ = ["MODEL_KEYS", "ClassificationModule", "Schedule", "describe_model_mismatch"]
@@ -44,12 +44,12 @@ def _check_model_arguments(arch: str, *, num_classes: int, in_chans: int, input_
         close = difflib.get_close_matches(str(arch), names, n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
         raise ConfigError(f"arch={arch!r} is not a registered model{hint}; gather_excite.list_models() names all")
-    for name, value in (("num_classes", num_classes), ("in_chans", in_chans)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
-    sizes = list(input_size) if isinstance(input_size, (list, tuple)) else [input_size]
-    if len(sizes) not in (1, 2) or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
-        raise ConfigError(f"input_size must be an int >= 1 or a pair (h, w) of them, got {input_size!r}")
+    try:
+        check_int(num_classes, "num_classes")
+        check_int(in_chans, "in_chans")
+        pair(input_size, "input_size")
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
 
 
 def _size_pair(size: Any) -> Any:

@@ -10,9 +10,9 @@ __all__ = ["accumulate_dtype", "check_extent", "check_input", "check_int", "pair
 def check_int(value: object, name: str, *, minimum: int = 1) -> int:
     """``value`` as an int ``>= minimum``; raises naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} ({value!r})")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
 
 
