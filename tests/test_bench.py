@@ -101,3 +101,10 @@ def test_check_device_names_the_problem():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA is not available"):
             bench_cli.main(["net", "--device", "cuda", "--repeats", "1"])
+
+
+def test_unknown_variant_or_model_is_one_line_before_any_work():
+    with pytest.raises(SystemExit, match=r"^gex bench op: --variants: unknown context spec 'ge_thta'.*'ge_theta'"):
+        bench_cli.main(["op", "--variants", "ge_theta", "ge_thta"])
+    with pytest.raises(SystemExit, match=r"^gex bench net: --models: unknown model name 'resnet5O'.*'resnet50'"):
+        bench_cli.main(["net", "--models", "resnet50", "resnet5O"])

@@ -8,6 +8,8 @@ import json
 import torch
 
 from ..bench import CLOCKS, NET_MODELS, OP_VARIANTS, STAGES, bench_net, bench_op, check_device, environment
+from ..layers import ContextSpec
+from ..models import split_model_name
 
 __all__ = ["build_parser", "main"]
 
@@ -87,6 +89,14 @@ def main(argv: list[str]) -> int:
         check_device(device, args.clock)
     except ValueError as err:
         raise SystemExit(f"gex bench {args.what}: {err}") from None
+    names = [("--variants", ContextSpec.parse, getattr(args, "variants", ())),
+             ("--models", split_model_name, getattr(args, "models", ()))]  # fmt: skip
+    for option, check, values in names:
+        for value in values:
+            try:
+                check(value)
+            except ValueError as err:
+                raise SystemExit(f"gex bench {args.what}: {option}: {err}") from None
     env = environment(device)
     progress = None
     if not args.json:
