@@ -279,3 +279,42 @@ def test_a_resume_only_continues_its_own_run_and_a_failed_one_changes_nothing(
     continued = torch.load(tmp_path / "d" / "checkpoints" / "last.ckpt", weights_only=True)
     assert continued["epoch"] == 1 and continued["global_step"] == 8  # 4 steps an epoch, epoch 2 of 2
     assert _snapshot(run_a) == before_a
+
+
+def _hand_made_checkpoint(path: Path, data_root: Path) -> Path:
+    """A checkpoint as gex train writes it (module arguments, weights, data arguments), without training."""
+    module = ClassificationModule("cifar_resnet20", num_classes=10, in_chans=1, input_size=28, arch_kwargs={"width": 4})
+    data = {"dataset": "fashion_mnist", "root": str(data_root), "batch_size": 8, "num_workers": 0}
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "datamodule_hyper_parameters": data,
+        },
+        path,
+    )
+    return path
+
+
+def test_eval_and_analyze_errors_are_one_line_with_their_own_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gather_excite.cli import analyze as analyze_cli
+
+    missing = tmp_path / "moved"
+    checkpoint = _hand_made_checkpoint(tmp_path / "last.ckpt", missing)
+    # The checkpoint names a data folder that is gone: gex eval's flag for another one is --data-root.
+    assert eval_cli.main([str(checkpoint), "--accelerator", "cpu", "--out", str(tmp_path / "e.json")]) == 2
+    line = _error_line(capsys, "gex eval")
+    assert f"data path {str(missing)!r} does not exist" in line and "--data-root" in line
+    assert "--data.download" not in line
+    assert analyze_cli.main(["selectivity", str(checkpoint), "--out", str(tmp_path / "a")]) == 2
+    assert "--data-root" in _error_line(capsys, "gex analyze selectivity")
+    if not torch.cuda.is_available():
+        root = write_fashion_idx(tmp_path / "data", train=16, test=8)
+        gpu = ["--accelerator", "gpu", "--data-root", str(root)]
+        assert eval_cli.main([str(checkpoint), *gpu, "--out", str(tmp_path / "e.json")]) == 2
+        assert "gpu" in _error_line(capsys, "gex eval")
+        assert analyze_cli.main(["prune", str(checkpoint), *gpu, "--out", str(tmp_path / "a")]) == 2
+        assert "--accelerator gpu: no CUDA device is available" in _error_line(capsys, "gex analyze prune")
+    assert not (tmp_path / "e.json").exists() and not (tmp_path / "a").exists()
