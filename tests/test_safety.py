@@ -318,3 +318,25 @@ def test_eval_and_analyze_errors_are_one_line_with_their_own_flags(
         assert analyze_cli.main(["prune", str(checkpoint), *gpu, "--out", str(tmp_path / "a")]) == 2
         assert "--accelerator gpu: no CUDA device is available" in _error_line(capsys, "gex analyze prune")
     assert not (tmp_path / "e.json").exists() and not (tmp_path / "a").exists()
+
+
+def test_the_gex_dispatcher_reports_a_user_error_any_command_let_through(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gather_excite import cli
+    from gather_excite.cli import ops
+    from gather_excite.errors import ConfigError
+
+    def refuse(argv: list[str]) -> int:
+        raise ConfigError("--channels must be >= 1, got 0")
+
+    monkeypatch.setattr(ops, "main", refuse)
+    assert cli.main(["ops", "--channels", "0"]) == 2
+    assert _error_line(capsys, "gex ops") == "gex ops: error: --channels must be >= 1, got 0"
+
+    def bug(argv: list[str]) -> int:
+        raise ValueError("a bug, not the user's mistake")
+
+    monkeypatch.setattr(ops, "main", bug)
+    with pytest.raises(ValueError, match="a bug"):  # keeps its traceback
+        cli.main(["ops"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from ..errors import GexError, one_line
+
 # name -> (module under gather_excite.cli, one-line help). Modules load lazily so that
 # `gex ops` does not pay for importing Lightning.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -42,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gex: command {name!r} is not available in this build", file=sys.stderr)
             return 2
         raise
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except GexError as err:
+        # Every command reports its user errors itself; this catches one that reached here all the same.
+        print(f"gex {name}: error: {one_line(err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
