@@ -12,12 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..layers.context_spec import ContextSpec
+from ..layers.context_spec import TABLE_VARIANTS, ContextSpec
 from ..models import split_model_name
 
 __all__ = ["BASES", "RECIPES", "Recipe", "base_path", "format_recipes"]
 
-_CONTEXTS = ("", "se_", "ge_theta_minus_", "ge_theta_", "ge_theta_plus_")
+# The rows of the paper's Tables 2, 3 and 5: the baseline, then each table variant at global extent.
+_CONTEXTS = ("", *(f"{variant}_" for variant in TABLE_VARIANTS))
 _BACKBONE_LABELS = {
     "resnet50": "ResNet-50",
     "resnet101": "ResNet-101",
