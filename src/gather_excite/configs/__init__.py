@@ -63,6 +63,8 @@ BASES: dict[str, tuple[str, list[tuple[str, tuple[str, ...]]]]] = {
         "fashion_mnist",
         [("none (Fashion-MNIST)", tuple(f"{c}cifar_resnet20" for c in _CONTEXTS))],
     ),
+    # Not a paper row: fine-tuning any ResNet-50/101/152 variant from torchvision's weights.
+    "imagenet_from_torchvision": ("imagenet_from_torchvision", []),
 }
 
 

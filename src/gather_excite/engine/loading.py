@@ -84,7 +84,8 @@ def module_from_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[s
     Only the module's own arguments are read; a class path or instantiator saved beside them is
     never imported (so a checkpoint cannot name code to run).
     """
-    accepted = set(inspect.signature(ClassificationModule.__init__).parameters) - {"self"}
+    # The checkpoint holds the trained weights: never fetch again the ones that training started from.
+    accepted = set(inspect.signature(ClassificationModule.__init__).parameters) - {"self", "pretrained", "context_init"}
     hparams = {key: value for key, value in checkpoint["hyper_parameters"].items() if key in accepted}
     module = ClassificationModule(**hparams)
     try:

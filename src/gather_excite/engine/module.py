@@ -71,6 +71,10 @@ class ClassificationModule(L.LightningModule):
         num_classes, in_chans, input_size: passed to :func:`~gather_excite.create_model`
             (``input_size`` sizes the global-extent gathers: 224 for ImageNet, 32 for CIFAR).
         arch_kwargs: further keyword arguments of the backbone (e.g. ``{"width": 8}``).
+        pretrained, context_init: start from weights (``create_model``'s arguments: a file, a
+            ``gex export`` folder, a URL, ``hf-hub:ORG/REPO``, ``torchvision``) and initialise the
+            context modules they lack (``"identity"``). Only read when the module is built for
+            training: loading a checkpoint of this module passes ``pretrained=None``.
         lr, momentum, weight_decay, nesterov: SGD (the paper: 0.1, 0.9, 1e-4). The learning rate
             is for the global batch; it is not rescaled with the number of devices.
         schedule: ``"plateau"`` divides the rate by ``1/gamma`` when ``plateau_monitor`` has not
@@ -90,6 +94,8 @@ class ClassificationModule(L.LightningModule):
         in_chans: int = 3,
         input_size: int | tuple[int, int] = 32,
         arch_kwargs: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        context_init: str | None = None,
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
@@ -119,7 +125,13 @@ class ClassificationModule(L.LightningModule):
             input_size = tuple(input_size)  # type: ignore[assignment]
         self.save_hyperparameters()
         self.net: nn.Module = create_model(
-            arch, num_classes=num_classes, in_chans=in_chans, input_size=input_size, **dict(arch_kwargs or {})
+            arch,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            input_size=input_size,
+            pretrained=pretrained,
+            context_init=context_init,
+            **dict(arch_kwargs or {}),
         )
         top_k = min(5, num_classes)
         for stage in ("train", "val", "test"):

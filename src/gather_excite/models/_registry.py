@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import os
 from collections.abc import Callable
 
 from torch import nn
@@ -64,11 +65,30 @@ def split_model_name(name: str) -> tuple[str, str | None]:
         raise ValueError(f"unknown model name {name!r}.{hint} See gather_excite.list_models().") from None
 
 
-def create_model(name: str, num_classes: int = 1000, **kwargs: object) -> nn.Module:
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    *,
+    pretrained: str | os.PathLike[str] | None = None,
+    pretrained_file: str | os.PathLike[str] | None = None,
+    context_init: str | None = None,
+    **kwargs: object,
+) -> nn.Module:
     """Build a registered model; ``kwargs`` go to the backbone (``in_chans``, ``input_size``, ...).
 
     A baseline name accepts a ``context_layer`` keyword (any spec, class or partial); a name
     that already names a context module does not.
+
+    Args:
+        num_classes: classifier outputs (default: the weights', else 1000). Other than the
+            weights' replaces their classifier, with a warning.
+        pretrained: weights to load (a file, a ``gex export`` folder, a URL, ``hf-hub:ORG/REPO``
+            or ``torchvision``; see :func:`gather_excite.models._pretrained.read_weights`). The
+            constructor arguments recorded with them are the defaults of ``kwargs``.
+        pretrained_file: a local copy of what ``pretrained`` would download.
+        context_init: ``"identity"`` starts every context module that the weights do not hold
+            (all of them without weights) so that the network computes the baseline's function,
+            as far as the operator allows (see :mod:`gather_excite.models._retrofit`).
     """
     backbone, context = split_model_name(name)
     if context is not None:
@@ -78,4 +98,23 @@ def create_model(name: str, num_classes: int = 1000, **kwargs: object) -> nn.Mod
                 f"only with a baseline name such as {backbone!r}"
             )
         kwargs["context_layer"] = context
-    return BACKBONES[backbone](num_classes=num_classes, **kwargs)
+    if pretrained is not None or pretrained_file is not None:
+        from ._pretrained import create_pretrained
+
+        return create_pretrained(
+            name,
+            BACKBONES[backbone],
+            backbone=backbone,
+            context=context,
+            num_classes=num_classes,
+            pretrained=pretrained if pretrained is not None else pretrained_file,  # type: ignore[arg-type]
+            pretrained_file=pretrained_file if pretrained is not None else None,
+            context_init=context_init,
+            kwargs=kwargs,
+        )
+    model = BACKBONES[backbone](num_classes=1000 if num_classes is None else num_classes, **kwargs)
+    if context_init is not None:
+        from ._retrofit import init_context
+
+        init_context(model, context_init)
+    return model

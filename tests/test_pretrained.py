@@ -1,0 +1,342 @@
+"""Weights in and out: create_model(pretrained=...) from files, checkpoints, export folders, URLs, the Hub cache,
+torchvision; key-by-key mismatch messages; context_init="identity"; gex export."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import http.server
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from gather_excite import create_model, resolve_data_config
+from gather_excite.cli import export as export_cli
+from gather_excite.data import DATASET_STATS, FASHION_MNIST_CLASSES
+from gather_excite.layers import GateProbe
+from gather_excite.models._retrofit import IDENTITY_GATE
+from test_train import train_tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
+
+TINY = {"width": 4, "num_classes": 10, "in_chans": 1, "input_size": 28}
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One epoch of ``gex train`` on tiny Fashion-MNIST-format data for GE-θ and GE-θ+: their run folders."""
+    torch.set_num_threads(1)
+    runs = {}
+    for arch in ("ge_theta_cifar_resnet20", "ge_theta_plus_cifar_resnet20"):
+        runs[arch] = train_tiny(tmp_path_factory.mktemp(arch), "fashion_mnist", epochs=1, arch=arch)
+    return runs
+
+
+def checkpoint_net(run: Path) -> nn.Module:
+    from gather_excite.engine import load_model
+
+    return load_model(run / "checkpoints" / "last.ckpt").net
+
+
+def hub_cache(folder: Path, cache: Path, repo_id: str) -> None:
+    """Lay ``folder``'s files out as huggingface_hub's cache does: blobs by hash, a snapshot of links, refs/main."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for file in folder.iterdir():
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copy(file, repo / "blobs" / digest)
+        (snapshot / file.name).symlink_to(Path("..") / ".." / "blobs" / digest)
+
+
+@pytest.mark.parametrize("arch", ["ge_theta_cifar_resnet20", "ge_theta_plus_cifar_resnet20"])
+def test_checkpoint_export_folder_and_offline_hub_give_identical_logits(
+    trained: dict[str, Path], arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    run = trained[arch]
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    expected = logits(checkpoint_net(run), x)
+
+    # A gex train checkpoint: architecture arguments come from its hyperparameters (width 4, 1 channel, 28 px).
+    from_checkpoint = create_model(arch, pretrained=checkpoint)
+    assert torch.equal(logits(from_checkpoint, x), expected)
+
+    out = tmp_path / "export"
+    assert export_cli.main([str(checkpoint), "--format", "safetensors", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == arch
+    assert config["model_args"] == {"num_classes": 10, "in_chans": 1, "input_size": 28, "width": 4}
+    mean, std = DATASET_STATS["fashion_mnist"]
+    assert config["pretrained_cfg"]["mean"] == list(mean) and config["pretrained_cfg"]["std"] == list(std)
+    assert config["pretrained_cfg"]["input_size"] == [1, 28, 28]
+    assert config["label_names"] == list(FASHION_MNIST_CLASSES)
+    # gex train wrote OUT/eval.json; its figures travel with the weights and into the card's model-index.
+    figures = json.loads((run / "eval.json").read_text())
+    assert config["eval"]["top1_err"] == figures["top1_err"]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: gather-excite" in card and "model-index" in card
+
+    from_folder = create_model(arch, pretrained=out)
+    assert torch.equal(logits(from_folder, x), expected)
+
+    # The same folder through huggingface_hub with no network: HF_HUB_OFFLINE and a laid-out cache.
+    cache = tmp_path / "hub"
+    hub_cache(out, cache, "someone/tiny-ge")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    from_hub = create_model(arch, pretrained="hf-hub:someone/tiny-ge")
+    assert torch.equal(logits(from_hub, x), expected)
+    with pytest.raises(FileNotFoundError, match="not in the Hub cache"):
+        create_model(arch, pretrained="hf-hub:someone/absent")
+
+    # The data configuration travels: a white 28x28 image becomes (1 - mean) / std everywhere.
+    data_config = resolve_data_config(from_hub)
+    assert data_config.input_size == (1, 28, 28) and data_config.label_names == FASHION_MNIST_CLASSES
+    image = torch.full((1, 28, 28), 255, dtype=torch.uint8)
+    assert torch.allclose(data_config.eval_transform()(image), torch.full((1, 28, 28), (1 - mean[0]) / std[0]))
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, str]]:
+    """A folder served over HTTP on 127.0.0.1 (a free port) and a private torch.hub cache."""
+    root = tmp_path / "served"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    hub_dir = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "torch-hub"))
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        torch.hub.set_dir(hub_dir)
+        server.shutdown()
+        server.server_close()
+
+
+def test_url_download_checks_the_hash(http_root: tuple[Path, str]) -> None:
+    from safetensors.torch import save_file
+
+    root, address = http_root
+    model = create_model("ge_theta_plus_cifar_resnet20", **TINY)
+    save_file(model.state_dict(), str(root / "weights.safetensors"))
+    digest = hashlib.sha256((root / "weights.safetensors").read_bytes()).hexdigest()
+    x = torch.randn(2, 1, 28, 28)
+
+    wrong = "0" * 64
+    with pytest.raises(ValueError, match="SHA-256 does not match") as failure:
+        create_model("ge_theta_plus_cifar_resnet20", pretrained=f"{address}/weights.safetensors#sha256={wrong}", **TINY)
+    assert "\n" not in str(failure.value)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / "weights.safetensors"
+    assert not cached.exists()  # a download that fails its check is not kept
+
+    loaded = create_model(
+        "ge_theta_plus_cifar_resnet20", pretrained=f"{address}/weights.safetensors#sha256={digest}", **TINY
+    )
+    assert torch.equal(logits(loaded, x), logits(model, x))
+    assert cached.is_file()
+    # torch.hub's naming convention: the file name carries a prefix of its hash.
+    torch.save(model.state_dict(), root / "tiny-deadbeef.pth")
+    with pytest.raises(ValueError, match="SHA-256 does not match"):
+        create_model("ge_theta_plus_cifar_resnet20", pretrained=f"{address}/tiny-deadbeef.pth", **TINY)
+
+
+def test_mismatches_are_named_key_by_key(tmp_path: Path) -> None:
+    state = create_model("cifar_resnet20", **TINY).state_dict()
+    del state["stage2.0.bn1.running_var"]
+    state["extra.weight"] = torch.zeros(3)
+    path = tmp_path / "weights.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError) as failure:
+        create_model("cifar_resnet20", pretrained=path, **{**TINY, "width": 8})
+    message = str(failure.value)
+    assert message.splitlines()[0] == f"pretrained weights {path!s} do not fit cifar_resnet20:"
+    assert "    stage2.0.bn1.running_var (model [16])" in message.splitlines()  # width 8: stage2 has 16 channels
+    assert "    extra.weight (weights [3])" in message.splitlines()
+    assert "    conv1.weight: weights [4, 1, 3, 3], model [8, 1, 3, 3]" in message.splitlines()
+    # 1 + 19 convs and 19 BNs (x4 tensors + num_batches_tracked) change width; stage2.0.bn1 has 4 of its 5 left.
+    assert "  shapes differ (" in message
+
+
+def test_an_unsafe_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "pickled.pth"
+    torch.save({"state_dict": argparse.Namespace(weight=torch.zeros(1))}, path)
+    with pytest.raises(ValueError, match="refused") as failure:
+        create_model("cifar_resnet20", pretrained=path, **TINY)
+    assert "\n" not in str(failure.value)
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        create_model("cifar_resnet20", pretrained=tmp_path / "absent.pth", **TINY)
+
+
+def test_another_class_count_replaces_the_classifier_and_says_so(tmp_path: Path) -> None:
+    source = create_model("ge_theta_cifar_resnet20", **TINY)
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    with pytest.warns(UserWarning, match="classify 10 classes, the model 7; the classifier 'fc' is newly initialised"):
+        model = create_model("ge_theta_cifar_resnet20", pretrained=path, **{**TINY, "num_classes": 7})
+    assert model.fc.out_features == 7
+    kept = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in kept.items())
+
+
+def gates(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        for m in model.modules()
+        if isinstance(m, GateProbe)
+    ]
+    logits(model, x)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize(
+    "arch",
+    ["ge_theta_cifar_resnet20", "ge_theta_plus_cifar_resnet20", "ge_theta_e4_cifar_resnet20", "se_cifar_resnet20"],
+)
+def test_identity_init_gives_a_constant_gate_and_the_baselines_logits(arch: str, tmp_path: Path) -> None:
+    baseline = create_model("cifar_resnet20", **TINY)
+    torch.nn.init.normal_(baseline.stage3[2].bn2.weight)  # trained-looking BN scales, not all 1
+    path = tmp_path / "baseline.pth"
+    torch.save(baseline.state_dict(), path)
+    model = create_model(arch, pretrained=path, context_init="identity", **TINY)
+    x = torch.randn(4, 1, 28, 28)
+    seen = gates(model, x)
+    assert len(seen) == 9  # ResNet-20: 9 units
+    for gate in seen:
+        # The gate's logits are 0*input + logit(0.9): every gate value is 0.9 whatever the input.
+        assert torch.allclose(gate, torch.full_like(gate, IDENTITY_GATE), atol=1e-6)
+    # The feeding BN scaled by 1/0.9 undoes the gate: the same function as the baseline.
+    torch.testing.assert_close(logits(model, x), logits(baseline, x), rtol=1e-5, atol=1e-5)
+    # Training mode (batch statistics) too.
+    model.train(), baseline.train()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), baseline(x), rtol=1e-4, atol=1e-5)
+
+
+def test_ge_theta_minus_has_no_parameters_to_make_it_the_identity(tmp_path: Path) -> None:
+    baseline = create_model("cifar_resnet20", **TINY)
+    path = tmp_path / "baseline.pth"
+    torch.save(baseline.state_dict(), path)
+    model = create_model("ge_theta_minus_cifar_resnet20", pretrained=path, context_init="identity", **TINY)
+    x = torch.randn(4, 1, 28, 28)
+    # Its gate is sigmoid(spatial mean of the branch), in (0, 1) and input-dependent: the logits move.
+    assert not torch.allclose(logits(model, x), logits(baseline, x), atol=1e-3)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in baseline.parameters())
+
+
+@pytest.fixture(scope="module")
+def torchvision_resnet50(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
+    """torchvision's ResNet-50 with seeded random weights (no ImageNet weights offline), saved as a state dict."""
+    torch.manual_seed(0)
+    network = torchvision.models.resnet50().eval()
+    path = tmp_path_factory.mktemp("tv") / "resnet50.pth"
+    torch.save(network.state_dict(), path)
+    return network, path
+
+
+@pytest.mark.parametrize(
+    "arch", ["resnet50", "se_resnet50", "ge_theta_resnet50", "ge_theta_plus_resnet50", "ge_theta_plus_e8_resnet50"]
+)
+def test_torchvision_retrofit_starts_at_torchvisions_logits(
+    torchvision_resnet50: tuple[nn.Module, Path], arch: str
+) -> None:
+    network, path = torchvision_resnet50
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    model = create_model(
+        arch,
+        stride_in_1x1=False,
+        input_size=64,
+        pretrained="torchvision",
+        pretrained_file=path,
+        context_init="identity",
+    )
+    expected = logits(network, x)
+    if arch == "resnet50":
+        assert torch.equal(logits(model, x), expected)  # same layers, same weights, same order of operations
+    else:
+        # The gate 0.9 and the 1/0.9 in bn3 cancel up to float rounding.
+        torch.testing.assert_close(logits(model, x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    config = resolve_data_config(model)  # torchvision's DEFAULT (V2) preset travels with the weights
+    assert config.mean == (0.485, 0.456, 0.406) and config.resize_size == 232 and len(config.label_names) == 1000
+
+
+def test_torchvision_needs_the_v15_layout(torchvision_resnet50: tuple[nn.Module, Path]) -> None:
+    _, path = torchvision_resnet50
+    with pytest.raises(ValueError, match="pass stride_in_1x1=False"):
+        create_model("resnet50", stride_in_1x1=True, pretrained="torchvision", pretrained_file=path)
+    with pytest.raises(ValueError, match="ResNet-50/101/152"):
+        create_model("cifar_resnet20", pretrained="torchvision", pretrained_file=path)
+
+
+def test_export_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_cli.main([str(tmp_path / "absent.ckpt"), "--format", "safetensors", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gex export: error: pretrained=") and "absent.ckpt" in err and err.count("\n") == 1
+    bare = tmp_path / "bare.pth"
+    torch.save(create_model("cifar_resnet20", **TINY).state_dict(), bare)
+    assert export_cli.main([str(bare), "--format", "safetensors", "--out", str(tmp_path / "o")]) == 2
+    assert "does not record its architecture" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("depth", [50, 101, 152])
+def test_every_resnet_variant_loads_torchvision_weights(depth: int, tmp_path: Path) -> None:
+    from gather_excite.models import CONTEXT_NAMES
+
+    path = tmp_path / f"resnet{depth}.pth"
+    torch.save(getattr(torchvision.models, f"resnet{depth}")().state_dict(), path)
+    x = torch.randn(1, 3, 64, 64)
+    for context in CONTEXT_NAMES:
+        model = create_model(
+            f"{context}_resnet{depth}",
+            stride_in_1x1=False,
+            input_size=64,
+            pretrained="torchvision",
+            pretrained_file=path,
+            context_init="identity",
+        )
+        assert logits(model, x).shape == (1, 1000), context
+
+
+def test_push_to_hub_offline_fails_in_one_line_after_writing_the_folder(
+    trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    checkpoint = trained["ge_theta_cifar_resnet20"] / "checkpoints" / "last.ckpt"
+    out = tmp_path / "export"
+    argv = [str(checkpoint), "--format", "safetensors", "--out", str(out), "--push-to-hub", "someone/tiny-ge"]
+    assert export_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gex export: error: ") and err.count("\n") == 1
+    assert (out / "model.safetensors").is_file()  # the folder is written before the upload is tried
