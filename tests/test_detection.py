@@ -8,6 +8,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from gather_excite import GatherExcite, create_model
 from gather_excite.detection import fasterrcnn_ge_resnet
+from gather_excite.models import BACKBONES
 
 
 def _targets(n: int) -> list[dict[str, torch.Tensor]]:
@@ -55,7 +56,29 @@ def test_backbone_weights_load_and_bad_arguments():
     torch.testing.assert_close(model.backbone.conv1.weight, classifier.conv1.weight)
     with pytest.raises(ValueError, match="layout"):
         fasterrcnn_ge_resnet("resnet50", layout="c5")
-    with pytest.raises(ValueError, match="ImageNet ResNet"):
-        fasterrcnn_ge_resnet("cifar_resnet20")
+    with pytest.raises(ValueError, match="'shufflenet_g3' has no C4 feature maps"):
+        fasterrcnn_ge_resnet("shufflenet_g3", layout="c4")
     with pytest.raises(ValueError, match="do not fit"):
         fasterrcnn_ge_resnet("ge_theta_resnet50", backbone_weights=create_model("se_resnet50").state_dict())
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_every_backbone_feeds_an_fpn_detector(backbone, one_thread_private_cache):
+    """Every registered backbone (feature_info) builds an FPN detector whose maps sit at the levels' strides."""
+    # CIFAR-style nets keep full resolution in their first stage: start the FPN after it.
+    levels = {"wrn16_8": ["stage2", "stage3"], "cifar_resnet164": ["stage2", "stage3"]}
+    model = fasterrcnn_ge_resnet(
+        backbone, num_classes=4, layout="fpn", feature_levels=levels.get(backbone), fpn_channels=16,
+        representation_size=32, min_size=64, max_size=64, backbone_kwargs={"input_size": 64},
+    ).eval()
+    infos = create_model(backbone).feature_info
+    expected = levels.get(backbone) or [info["stage"] for info in infos[1:]]
+    with torch.no_grad():
+        features = model.backbone(torch.zeros(1, 3, 64, 64))
+        detections = model([torch.rand(3, 64, 64)])
+    # one FPN map per chosen level, plus torchvision's pooled level at twice the last stride
+    assert list(features) == [*map(str, range(len(expected))), "pool"]
+    strides = [info["reduction"] for info in infos if info["stage"] in expected]
+    assert [64 // f.shape[-1] for f in features.values()] == [*strides, 2 * strides[-1]]
+    assert all(f.shape[1] == 16 for f in features.values())
+    assert set(detections[0]) == {"boxes", "labels", "scores"}

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "train and compare baseline/SE/GE variants on Fashion-MNIST (the main job)"),
     "bench": ("bench", "speed and memory benchmarks of the operators and networks"),
     "analyze": ("analyze", "the paper's Section 4 analyses: selectivity, prune, curves"),
+    "detect": ("detect", "Faster R-CNN on a GE backbone: train, eval (COCO AP), data (Fashion-MNIST canvases)"),
 }
 
 

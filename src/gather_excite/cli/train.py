@@ -119,7 +119,16 @@ class _SaveConfigAfterRestore(SaveConfigCallback):
 
 
 class GexCLI(LightningCLI):
-    """LightningCLI with ``--out`` (run folder: checkpoints, logs, eval.json), ``--resume`` and the recipe table."""
+    """LightningCLI with ``--out`` (run folder: checkpoints, logs, eval.json), ``--resume`` and the recipe table.
+
+    ``best.ckpt`` keeps the best ``monitor`` value (``monitor_mode``: ``"min"`` or ``"max"``);
+    ``last_on_train_epoch_end`` writes ``last.ckpt`` after each training epoch instead of after
+    each validation (see :func:`~gather_excite.engine.checkpoint_callbacks`).
+    """
+
+    monitor: str | None = "val/top1_err"
+    monitor_mode: str = "min"
+    last_on_train_epoch_end: bool = False
 
     def init_parser(self, **kwargs: Any) -> Any:
         parser = self.parser_class(**kwargs)
@@ -154,7 +163,16 @@ class GexCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         out = Path(self.config["out"])
         callbacks = list(kwargs.pop("callbacks", None) or [])
-        callbacks += [*checkpoint_callbacks(out / "checkpoints"), TrainSpeed(), DiscardRedoneRows()]
+        callbacks += [
+            *checkpoint_callbacks(
+                out / "checkpoints",
+                monitor=self.monitor,
+                mode=self.monitor_mode,
+                last_on_train_epoch_end=self.last_on_train_epoch_end,
+            ),
+            TrainSpeed(),
+            DiscardRedoneRows(),
+        ]
         if kwargs.get("logger") in (None, True):
             kwargs["logger"] = [
                 TensorBoardLogger(str(out), name="", version="tensorboard", default_hp_metric=False),
@@ -221,17 +239,24 @@ def _check_model_matches_data(model: ClassificationModule, data: ImageClassifica
         raise ConfigError("model and data disagree: " + "; ".join(differences))
 
 
-def _parse(argv: list[str]) -> GexCLI:
+def _parse(
+    argv: list[str],
+    *,
+    cli_class: type[GexCLI] = GexCLI,
+    model_class: type = ClassificationModule,
+    data_class: type = ImageClassificationData,
+    prog: str = "gex train",
+) -> GexCLI:
     """The parsed config with the model, data and trainer built (nothing run yet)."""
-    saved_argv, sys.argv = sys.argv, ["gex train"]  # LightningCLI warns when sys.argv and args differ
+    saved_argv, sys.argv = sys.argv, [prog]  # LightningCLI warns when sys.argv and args differ
     # "Seed set to N" would precede a one-line error about the arguments; the seed is in the config.
     seed_log = logging.getLogger("lightning.fabric.utilities.seed")
     level = seed_log.level
     seed_log.setLevel(logging.WARNING)
     try:
-        return GexCLI(
-            ClassificationModule,
-            ImageClassificationData,
+        return cli_class(
+            model_class,
+            data_class,
             run=False,
             args=argv,
             subclass_mode_model=False,
@@ -240,7 +265,7 @@ def _parse(argv: list[str]) -> GexCLI:
             save_config_callback=_SaveConfigAfterRestore,
             save_config_kwargs={"overwrite": True},
             # exit_on_error=False: what jsonargparse rejects raises (GexCLI.parse_arguments words it as one line).
-            parser_kwargs={"prog": "gex train", "default_env": False, "allow_abbrev": False, "exit_on_error": False},
+            parser_kwargs={"prog": prog, "default_env": False, "allow_abbrev": False, "exit_on_error": False},
         )
     finally:
         sys.argv = saved_argv  # the DDP launcher starts the other processes with sys.argv

@@ -43,7 +43,7 @@ class TrainSpeed(L.Callback):
     ) -> None:
         self._sync(trainer)
         self.seconds += time.perf_counter() - self._start
-        self.images += int(batch[0].shape[0])
+        self.images += len(batch[0])  # a tensor batch or a detection batch's list of images
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.log("train/images_per_s", self.images_per_second)

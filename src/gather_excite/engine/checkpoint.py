@@ -74,6 +74,11 @@ def read_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if isinstance(hparams, dict) and "arch" not in hparams and {"backbone", "layout"} <= set(hparams):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a detector checkpoint (gex detect train); expected a classifier "
+            "checkpoint (gex train, gex compare): evaluate detectors with gex detect eval"
+        )
     if not isinstance(hparams, dict) or "arch" not in hparams or not isinstance(checkpoint.get("state_dict"), dict):
         tensors = isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
         if checkpoint and tensors:
@@ -102,8 +107,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
-def checkpoint_callbacks(directory: str | os.PathLike[str], *, monitor: str | None = "val/top1_err") -> list[Any]:
-    """``last.ckpt`` rewritten after every epoch, plus ``best.ckpt`` at the lowest ``monitor`` (if given)."""
+def checkpoint_callbacks(
+    directory: str | os.PathLike[str], *, monitor: str | None = "val/top1_err", mode: str = "min"
+) -> list[Any]:
+    """``last.ckpt`` rewritten after every epoch, plus ``best.ckpt`` at the best (``mode``: min/max) ``monitor``."""
     directory = str(directory)
     callbacks: list[Any] = [
         ModelCheckpoint(
@@ -121,7 +128,7 @@ def checkpoint_callbacks(directory: str | os.PathLike[str], *, monitor: str | No
                 dirpath=directory,
                 filename="best",
                 monitor=monitor,
-                mode="min",
+                mode=mode,
                 save_top_k=1,
                 enable_version_counter=False,
                 auto_insert_metric_name=False,

@@ -1,0 +1,266 @@
+"""``gex detect``: Faster R-CNN on a GE backbone: ``train`` (YAML recipe, Lightning), ``eval`` (COCO AP), ``data``.
+
+``gex detect train`` is ``gex train`` for detectors: the same recipe format and overrides,
+``--out``/``--resume``, checkpoints, TensorBoard/CSV logs, DDP and the final ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import pickle
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+from ..errors import CheckpointError, CheckpointNotFoundError, GexError, UnsafeFileError, one_line
+
+__all__ = ["main"]
+
+_USAGE = """usage: gex detect <train|eval|data> [options]
+
+  train  train a detector from a YAML recipe (configs/detect_*.yaml), then write OUT/eval.json
+  eval   COCO AP/AR (pycocotools), per-class AP, params and MACs of a detector checkpoint, as JSON
+  data   write the Fashion-MNIST canvas detection set (COCO folders) used by the small recipe
+
+Run `gex detect <command> --help` for its options."""
+
+# The project's input errors, Lightning's for a Trainer setting it cannot honour, and
+# jsonargparse's for a recipe value of the wrong type or outside its choices.
+_ERRORS = (GexError, MisconfigurationException, ArgumentError)
+
+
+def _fail(command: str, err: BaseException) -> int:
+    print(f"gex detect {command}: error: {one_line(err)}", file=sys.stderr)
+    return 2
+
+
+def _train(argv: list[str]) -> int:
+    """Parse the recipe and overrides, train, then evaluate the final weights into OUT/eval.json."""
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from ..detection import CocoDetectionData, DetectionModule, evaluate_detector
+    from ..engine import LAST_CHECKPOINT, TrainSpeed, write_eval_json
+    from .train import GexCLI, _parse, _resume_path, check_config_keys, resolve_config_names
+
+    class DetectCLI(GexCLI):
+        monitor, monitor_mode = "val/AP", "max"
+
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            super().add_arguments_to_parser(parser)
+            # One resize setting (the data's) for the training transform and the detector,
+            # and the category map read from the training JSON into the model (and checkpoint).
+            parser.link_arguments("data.min_size", "model.min_size")
+            parser.link_arguments("data.max_size", "model.max_size")
+            parser.link_arguments("data.categories", "model.categories", apply_on="instantiate")
+
+    argv = resolve_config_names(argv)
+    try:
+        check_config_keys(argv, DetectionModule, CocoDetectionData)
+        cli = _parse(
+            argv,
+            cli_class=DetectCLI,
+            model_class=DetectionModule,
+            data_class=CocoDetectionData,
+            prog="gex detect train",
+        )
+        out = Path(cli.config["out"])
+        ckpt_path = _resume_path(cli.config["resume"], out)
+        cpu_start = time.process_time()
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+        cpu_seconds = time.process_time() - cpu_start
+        if cli.config["eval_after"] and not cli.trainer.interrupted:
+            # Every process evaluates its share; the predictions are gathered, rank 0 writes the file.
+            last = str(out / "checkpoints" / LAST_CHECKPOINT)
+            result = evaluate_detector(cli.model, cli.datamodule, trainer=cli.trainer, checkpoint=last)
+            speed = next((c for c in cli.trainer.callbacks if isinstance(c, TrainSpeed)), None)
+            if cli.trainer.is_global_zero:
+                result["train"] = {
+                    "seed": cli.config.get("seed_everything"),
+                    "max_epochs": cli.trainer.max_epochs,
+                    "steps": cli.trainer.global_step,
+                    # this process only: its share of the batch, its threads' CPU time
+                    "images_per_s": speed.images_per_second if speed is not None else None,
+                    "cpu_s": cpu_seconds,
+                }
+                path = write_eval_json(result, out / "eval.json")
+                print(f"AP {result['AP']:.3f}  AP50 {result['AP50']:.3f}  -> {path}")
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    except _ERRORS as err:
+        return _fail("train", err)
+    return 0
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gex detect eval",
+        description="COCO bounding-box AP/AR (pycocotools), per-class AP, params and MACs of a detector "
+        "checkpoint on its validation split, written as JSON.",
+    )
+    parser.add_argument("checkpoint", help="a .ckpt written by gex detect train")
+    parser.add_argument("--out", default=None, help="JSON file to write (default: eval.json beside the checkpoint)")
+    parser.add_argument("--data-root", default=None, help="data folder (default: the one the model was trained on)")
+    parser.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
+    parser.add_argument("--num-workers", type=int, default=None, help="data loader processes")
+    parser.add_argument("--subset", type=int, default=None, help="evaluate on the first N validation images")
+    parser.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default)")
+    return parser
+
+
+def load_detector(checkpoint: str | Path, data: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """The :class:`DetectionModule` of ``checkpoint`` (eval mode) and its datamodule; refuses a classifier's."""
+    import torch
+
+    from ..detection import CocoDetectionData, DetectionModule, is_detector_checkpoint
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeFileError(
+            f"checkpoint {str(path)!r} was refused as unsafe: it holds pickled Python objects that a weights-only "
+            f"load does not build ({one_line(err)[:200]}); it was not loaded"
+        ) from None
+    except (RuntimeError, EOFError) as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete or corrupt: {one_line(err)[:200]}") from None
+    if not isinstance(saved, dict) or not is_detector_checkpoint(saved):
+        kind = (
+            "a classifier checkpoint (gex train; evaluate it with gex eval)"
+            if isinstance(saved, dict) and "arch" in (saved.get("hyper_parameters") or {})
+            else "not a Lightning detector checkpoint"
+        )
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is {kind}; gex detect eval expects a gex detect train checkpoint"
+        )
+    # Only the module's own arguments are read (a class path saved beside them is never imported);
+    # backbone_init was read when the run started, the checkpoint holds the trained weights.
+    accepted = set(inspect.signature(DetectionModule.__init__).parameters) - {"self"}
+    hparams = {key: value for key, value in saved["hyper_parameters"].items() if key in accepted}
+    module = DetectionModule(**{**hparams, "backbone_init": None})
+    try:
+        module.load_state_dict(saved["state_dict"])
+    except (RuntimeError, KeyError) as err:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: its weights do not fit its detector: {one_line(err)[:300]}"
+        ) from None
+    arguments = dict(saved.get(CocoDetectionData.CHECKPOINT_HYPER_PARAMS_KEY) or {})
+    accepted = set(inspect.signature(CocoDetectionData.__init__).parameters) - {"self"}
+    arguments = {key: value for key, value in arguments.items() if key in accepted}
+    arguments.update(data or {})
+    datamodule = CocoDetectionData(**arguments)
+    datamodule.categories = module.hparams["categories"]  # the checkpoint's map, not the training JSON's
+    return module.eval(), datamodule
+
+
+def _eval(argv: list[str]) -> int:
+    import lightning as L
+
+    from ..detection import evaluate_detector
+    from ..engine import write_eval_json
+
+    args = _eval_parser().parse_args(argv)
+    overrides: dict[str, object] = {}
+    for key, value in (
+        ("root", args.data_root),
+        ("eval_batch_size", args.batch_size),
+        ("num_workers", args.num_workers),
+        ("val_subset", args.subset),
+    ):
+        if value is not None:
+            overrides[key] = value
+    try:
+        module, datamodule = load_detector(args.checkpoint, overrides)
+        trainer = L.Trainer(
+            accelerator=args.accelerator,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+        )
+        result = evaluate_detector(module, datamodule, trainer=trainer, checkpoint=str(args.checkpoint))
+    except _ERRORS as err:
+        return _fail("eval", err)
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval.json"
+    write_eval_json(result, out)
+    print(
+        f"{result['model']} ({result['layout']}): AP {result['AP']:.3f}  AP50 {result['AP50']:.3f}  "
+        f"params {result['params'] / 1e6:.3f} M  MACs {result['macs'] / 1e9:.2f} G at {result['eval_size']}  "
+        f"({result['num_images']} images) -> {out}"
+    )
+    return 0
+
+
+def _data_parser() -> argparse.ArgumentParser:
+    from ..data.fashion_mnist import DEFAULT_FASHION_MNIST_ROOT
+    from ..detection import CanvasSpec
+
+    spec = CanvasSpec()
+    parser = argparse.ArgumentParser(
+        prog="gex detect data",
+        description="Paste real Fashion-MNIST images onto blank canvases and write a COCO-format detection set "
+        "(train: Fashion-MNIST's training images, val: its test images). Deterministic for a seed.",
+    )
+    parser.add_argument("--out", required=True, help="folder to write train/, val/ and annotations/ into")
+    parser.add_argument("--data-root", default=DEFAULT_FASHION_MNIST_ROOT, help="Fashion-MNIST IDX files")
+    parser.add_argument("--download", action="store_true", help="fetch Fashion-MNIST into --data-root if missing")
+    parser.add_argument("--canvas-size", type=int, default=spec.canvas_size, help="canvas side in pixels")
+    parser.add_argument("--train-count", type=int, default=spec.train_count, help="training canvases")
+    parser.add_argument("--val-count", type=int, default=spec.val_count, help="validation canvases")
+    parser.add_argument("--min-items", type=int, default=spec.min_items, help="fewest items a canvas")
+    parser.add_argument("--max-items", type=int, default=spec.max_items, help="most items a canvas")
+    parser.add_argument("--min-scale", type=float, default=spec.min_scale, help="smallest item scale (x 28 px)")
+    parser.add_argument("--max-scale", type=float, default=spec.max_scale, help="largest item scale (x 28 px)")
+    parser.add_argument(
+        "--max-overlap",
+        type=float,
+        default=spec.max_overlap,
+        help="largest intersection of two items' boxes over the smaller box",
+    )
+    parser.add_argument("--seed", type=int, default=spec.seed, help="random seed")
+    return parser
+
+
+def _data(argv: list[str]) -> int:
+    from ..detection import CanvasSpec, make_fashion_mnist_detection
+
+    args = _data_parser().parse_args(argv)
+    try:
+        spec = CanvasSpec(
+            canvas_size=args.canvas_size,
+            train_count=args.train_count,
+            val_count=args.val_count,
+            min_items=args.min_items,
+            max_items=args.max_items,
+            min_scale=args.min_scale,
+            max_scale=args.max_scale,
+            max_overlap=args.max_overlap,
+            seed=args.seed,
+        )
+        paths = make_fashion_mnist_detection(args.out, spec, root=args.data_root, download=args.download)
+    except _ERRORS as err:
+        return _fail("data", err)
+    print(
+        f"wrote {spec.train_count} training and {spec.val_count} validation canvases: "
+        f"{paths['train_annotations']}, {paths['val_annotations']}"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``gex detect train|eval|data``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": _train, "eval": _eval, "data": _data}
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_USAGE)
+        return 0
+    if argv[0] not in commands:
+        print(f"gex detect: unknown command {argv[0]!r} (expected train, eval or data)", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])

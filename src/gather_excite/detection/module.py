@@ -1,0 +1,254 @@
+"""The LightningModule that trains a Faster R-CNN on a GE backbone and evaluates it with COCO's protocol."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeFileError, one_line
+from .coco_eval import coco_evaluate
+from .model import fasterrcnn_ge_resnet
+
+__all__ = ["DETECTOR_KEYS", "DetectionModule", "is_detector_checkpoint", "load_backbone_state"]
+
+DetectionSchedule = Literal["multistep", "cosine", "constant"]
+
+# Hyperparameters that only a detector checkpoint has; a classifier's (gex train) has ``arch``.
+DETECTOR_KEYS = ("backbone", "layout", "categories")
+
+
+def is_detector_checkpoint(checkpoint: dict[str, Any]) -> bool:
+    """Whether a loaded Lightning checkpoint was written by ``gex detect train``."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    return all(key in hparams for key in DETECTOR_KEYS)
+
+
+def load_backbone_state(path: str | Path, backbone: str) -> dict[str, torch.Tensor]:
+    """The backbone weights in ``path``: a ``gex train`` checkpoint of ``backbone`` or a plain state dict.
+
+    A plain state dict is a torchvision ResNet's (``torchvision.models.resnet50(weights=...)
+    .state_dict()`` saved with ``torch.save``) or any of this library's networks; a detector
+    checkpoint is refused. Loaded with ``weights_only=True``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"backbone_init {str(path)!r} does not exist")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # the weights-only unpickler met a pickled object: loading it fully could run code
+        raise UnsafeFileError(
+            f"backbone_init {str(path)!r} was refused as unsafe: it holds pickled Python objects that a "
+            f"weights-only load does not build ({one_line(err)[:200]}); it was not loaded"
+        ) from None
+    except (RuntimeError, EOFError) as err:
+        raise CheckpointError(
+            f"backbone_init {str(path)!r} is not a torch checkpoint or state dict: {one_line(err)[:200]}"
+        ) from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"backbone_init {str(path)!r} holds a {type(loaded).__name__}, expected a state dict")
+    if "state_dict" in loaded and isinstance(loaded.get("hyper_parameters"), dict):
+        if is_detector_checkpoint(loaded):
+            raise CheckpointError(
+                f"backbone_init {str(path)!r} is a detector checkpoint (gex detect train); it expects a "
+                "classifier checkpoint (gex train) or a torchvision ResNet state dict"
+            )
+        arch = loaded["hyper_parameters"].get("arch")
+        if arch != backbone:
+            raise CheckpointError(
+                f"backbone_init {str(path)!r} was trained as {arch!r}, but the backbone is {backbone!r}"
+            )
+        return {k[len("net.") :]: v for k, v in loaded["state_dict"].items() if k.startswith("net.")}
+    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+
+
+class DetectionModule(L.LightningModule):
+    """Faster R-CNN (:func:`~gather_excite.detection.fasterrcnn_ge_resnet`) trained with SGD, evaluated by COCOeval.
+
+    Every argument is a plain value saved as a hyperparameter, so a checkpoint rebuilds the
+    detector and keeps the category map (``categories``: label i+1 is entry i's COCO id).
+
+    Args:
+        backbone: a registered model name, e.g. ``ge_theta_e8_resnet50``.
+        layout: ``"c4"`` (the paper's) or ``"fpn"``.
+        categories: ``[{"id": coco_id, "name": ...}]``, set from the training data by ``gex detect train``.
+        backbone_init: a ``gex train`` checkpoint or a ResNet state dict to start the backbone
+            from (read once when the module is built; ``None``: random initialisation).
+        frozen_bn: freeze every BatchNorm of the backbone (``False`` trains them).
+        backbone_kwargs, feature_levels, fpn_channels, representation_size, anchor_sizes,
+            aspect_ratios: see :func:`~gather_excite.detection.fasterrcnn_ge_resnet`.
+        min_size, max_size: the detector's resize (linked to the data's by ``gex detect train``).
+        detector_kwargs: further ``FasterRCNN`` arguments (RPN/RoI sampling, ``image_mean``, ...).
+        lr, momentum, weight_decay: SGD, lr for the global batch.
+        warmup_steps: linear warm-up from ``lr * warmup_factor`` over this many steps.
+        schedule: ``"multistep"`` divides by ``1/gamma`` at the ``milestones`` (epochs),
+            ``"cosine"`` decays to zero over the run, ``"constant"``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "ge_theta_e8_resnet50",
+        *,
+        layout: str = "c4",
+        categories: list[dict[str, Any]] | None = None,
+        backbone_init: str | None = None,
+        frozen_bn: bool = True,
+        backbone_kwargs: dict[str, Any] | None = None,
+        feature_levels: list[str] | None = None,
+        fpn_channels: int = 256,
+        representation_size: int = 1024,
+        anchor_sizes: list[list[int]] | None = None,
+        aspect_ratios: list[float] | None = None,
+        min_size: int = 800,
+        max_size: int = 1333,
+        detector_kwargs: dict[str, Any] | None = None,
+        lr: float = 0.02,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        warmup_steps: int = 500,
+        warmup_factor: float = 0.001,
+        schedule: DetectionSchedule = "multistep",
+        milestones: list[int] | None = None,
+        gamma: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if schedule not in ("multistep", "cosine", "constant"):
+            raise ConfigError(f"schedule must be multistep, cosine or constant, got {schedule!r}")
+        if not lr > 0:
+            raise ConfigError(f"lr must be > 0, got {lr!r}")
+        if categories is None or not categories:
+            raise ConfigError("categories must list the data's categories ([{'id': ..., 'name': ...}]), got none")
+        self.save_hyperparameters()
+        weights = load_backbone_state(backbone_init, backbone) if backbone_init else None
+        self.model = fasterrcnn_ge_resnet(
+            backbone,
+            num_classes=len(categories) + 1,
+            layout=layout,
+            frozen_bn=frozen_bn,
+            backbone_weights=weights,
+            backbone_kwargs=backbone_kwargs,
+            feature_levels=feature_levels,
+            fpn_channels=fpn_channels,
+            representation_size=representation_size,
+            anchor_sizes=anchor_sizes,
+            aspect_ratios=tuple(aspect_ratios or (0.5, 1.0, 2.0)),
+            min_size=min_size,
+            max_size=max_size,
+            **dict(detector_kwargs or {}),
+        )
+        self._predictions: list[tuple[int, list[dict[str, Any]]]] = []
+        self.coco_result: dict[str, Any] | None = None
+
+    @property
+    def category_ids(self) -> list[int]:
+        """COCO category id of each label 1..K (index 0 is label 1)."""
+        return [int(c["id"]) for c in self.hparams["categories"]]
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return self.model(images)
+
+    def training_step(self, batch: tuple[list[torch.Tensor], list[dict[str, Any]]], batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        losses = self.model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        loss = sum(losses.values())
+        # Per-process losses, unsynced: a collective in the rank-0 progress bar would deadlock DDP.
+        count = len(images)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True, on_epoch=True, batch_size=count)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=count)
+        return loss
+
+    def _collect(self, batch: tuple[list[torch.Tensor], list[dict[str, Any]]]) -> None:
+        images, targets = batch
+        ids = self.category_ids
+        for output, target in zip(self.model(images), targets, strict=True):
+            boxes = output["boxes"].float().cpu()
+            boxes[:, 2:] -= boxes[:, :2]  # COCO results are [x, y, width, height]
+            detections = [
+                {"category_id": ids[label - 1], "bbox": box, "score": score}
+                for box, score, label in zip(
+                    boxes.tolist(), output["scores"].tolist(), output["labels"].tolist(), strict=True
+                )
+            ]
+            self._predictions.append((int(target["image_id"]), detections))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._collect(batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._collect(batch)
+
+    def _evaluate(self, stage: str) -> None:
+        predictions, self._predictions = self._predictions, []
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, predictions)
+            predictions = [p for part in gathered for p in part]
+        if self.trainer.sanity_checking:
+            return
+        datamodule = self.trainer.datamodule
+        result = coco_evaluate(datamodule.val_coco, predictions, categories=self.hparams["categories"])
+        self.coco_result = result
+        # Every process computed the same result from the same gathered list: no sync needed.
+        self.log(f"{stage}/AP", result["AP"] if result["AP"] is not None else 0.0, prog_bar=True)
+        self.log(f"{stage}/AP50", result["AP50"] if result["AP50"] is not None else 0.0, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluate("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluate("test")
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        per_epoch = max(1, total // epochs)
+        warmup, factor = int(hp["warmup_steps"]), float(hp["warmup_factor"])
+        milestones = [int(m) * per_epoch for m in (hp["milestones"] or [])]
+
+        def scale(step: int) -> float:
+            # torchvision's references: linear warm-up, then the schedule, both per step.
+            warm = factor + (1 - factor) * step / warmup if step < warmup else 1.0
+            if hp["schedule"] == "multistep":
+                return warm * hp["gamma"] ** sum(step >= m for m in milestones)
+            if hp["schedule"] == "cosine":
+                return warm * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+            return warm
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not is_detector_checkpoint(checkpoint):
+            raise CheckpointError(
+                "checkpoint is not a detector checkpoint (gex detect train): it lacks "
+                f"{[k for k in DETECTOR_KEYS if k not in (checkpoint.get('hyper_parameters') or {})]}"
+            )
+        saved = checkpoint["hyper_parameters"]
+        keys = (
+            "backbone",
+            "layout",
+            "categories",
+            "backbone_kwargs",
+            "feature_levels",
+            "fpn_channels",
+            "representation_size",
+            "anchor_sizes",
+        )
+        differences = [
+            f"{k}: checkpoint {saved.get(k)!r}, this run {self.hparams.get(k)!r}"
+            for k in keys
+            if saved.get(k) != self.hparams.get(k)
+        ]
+        if differences:
+            raise CheckpointError(
+                "checkpoint was saved for a different detector; it differs in " + "; ".join(differences)
+            )

@@ -1,0 +1,421 @@
+"""gex detect train/eval/data end to end on a tiny COCO-format set made here, and every bad input's message."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from pycocotools.coco import COCO
+
+from gather_excite import GatherExcite
+from gather_excite.cli import detect as detect_cli
+from gather_excite.cli import evaluate as eval_cli
+from gather_excite.cli.train import check_config_keys, config_dir
+from gather_excite.detection import (
+    STAT_NAMES,
+    CocoDetectionData,
+    DetectionModule,
+    check_coco_instances,
+    fasterrcnn_ge_resnet,
+    load_backbone_state,
+)
+from gather_excite.engine import ClassificationModule
+
+# Non-contiguous COCO ids: the detector's labels 1..3 must map back to exactly these.
+CATEGORIES = [{"id": 3, "name": "red"}, {"id": 7, "name": "green"}, {"id": 42, "name": "blue"}]
+COLOURS = {3: (220, 30, 30), 7: (30, 200, 30), 42: (40, 40, 230)}
+# (category id, x, y, w, h) per image on a 128 px grey canvas: small (< 32^2 px), medium and
+# large (> 96^2 px) boxes, so that every area range of COCO's protocol has ground truth.
+LAYOUTS = [
+    [(3, 8, 10, 40, 30), (42, 70, 64, 44, 52)],
+    [(7, 20, 20, 100, 100)],
+    [(42, 5, 90, 20, 20), (3, 60, 8, 50, 40)],
+    [(7, 12, 60, 36, 50), (42, 64, 10, 50, 44), (3, 90, 90, 24, 24)],
+    [],  # an image without objects
+    [(3, 10, 10, 104, 104)],
+    [(42, 30, 40, 60, 50), (7, 96, 96, 18, 18)],
+    [(7, 8, 70, 50, 40), (3, 70, 20, 40, 60)],
+]
+
+TINY_MODEL = {
+    "backbone": "cifar_resnet20",
+    "layout": "fpn",
+    "frozen_bn": False,
+    "backbone_kwargs": {"input_size": 128, "width": 8},
+    "feature_levels": ["stage2", "stage3"],
+    "fpn_channels": 32,
+    "representation_size": 64,
+    "detector_kwargs": {
+        "rpn_pre_nms_top_n_train": 200,
+        "rpn_post_nms_top_n_train": 100,
+        "rpn_pre_nms_top_n_test": 200,
+        "rpn_post_nms_top_n_test": 50,
+        "rpn_batch_size_per_image": 64,
+        "box_batch_size_per_image": 32,
+    },
+    "lr": 0.01,
+    "warmup_steps": 5,
+    "schedule": "constant",
+}
+TRAINER = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "enable_model_summary": False,
+    "enable_progress_bar": False,
+    "log_every_n_steps": 1,
+    "num_sanity_val_steps": 0,
+}
+
+
+def write_coco(root: Path, layouts: list[list[tuple[int, int, int, int, int]]] = LAYOUTS) -> Path:
+    """A COCO-format folder (``images/`` + ``instances.json``) of coloured rectangles, used for train and val."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for index, boxes in enumerate(layouts):
+        canvas = np.full((128, 128, 3), 110, dtype=np.uint8)
+        for category, x, y, w, h in boxes:
+            canvas[y : y + h, x : x + w] = COLOURS[category]
+            annotations.append(
+                {
+                    "id": 100 + len(annotations),
+                    "image_id": 10 + index,
+                    "category_id": category,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+        name = f"img{index}.png"
+        Image.fromarray(canvas).save(root / "images" / name)
+        images.append({"id": 10 + index, "file_name": name, "width": 128, "height": 128})
+    coco = {"images": images, "annotations": annotations, "categories": CATEGORIES}
+    (root / "instances.json").write_text(json.dumps(coco))
+    return root
+
+
+def write_recipe(
+    path: Path, root: Path, *, epochs: int, model: dict[str, Any] | None = None, data: dict[str, Any] | None = None
+) -> Path:
+    config = {
+        "seed_everything": 0,
+        "model": {**TINY_MODEL, **(model or {})},
+        "data": {
+            "root": str(root),
+            "train_images": "images",
+            "train_annotations": "instances.json",
+            "val_images": "images",
+            "val_annotations": "instances.json",
+            "batch_size": 4,
+            "num_workers": 0,
+            "min_size": 128,
+            "max_size": 128,
+            "hflip": 0.5,
+            **(data or {}),
+        },
+        "trainer": {**TRAINER, "max_epochs": epochs},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(main: Any, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One training run of 30 steps (15 epochs of 2 batches) on the tiny set; shared by the tests below."""
+    base = tmp_path_factory.mktemp("detect")
+    root = write_coco(base / "coco")
+    recipe = write_recipe(base / "tiny.yaml", root, epochs=15)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = detect_cli.main(["train", "--config", str(recipe), "--out", str(base / "run")])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return {"root": root, "out": base / "run", "recipe": recipe}
+
+
+def test_training_lowers_the_loss_and_eval_json_has_every_key(trained: dict[str, Path]) -> None:
+    with open(trained["out"] / "csv" / "metrics.csv") as handle:
+        losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(handle) if r.get("train/loss_epoch")]
+    assert len(losses) == 15
+    # The summed Faster R-CNN losses start near their untrained values (~2.8: objectness and
+    # class cross-entropies of a random net) and are noisy (the sampled positives vary), so the
+    # last three epochs' mean is compared: 30 SGD steps must bring it below 75% of the first's.
+    assert sum(losses[-3:]) / 3 < 0.75 * losses[0], losses
+    result = json.loads((trained["out"] / "eval.json").read_text())
+    for key in STAT_NAMES:
+        assert 0.0 <= result[key] <= 1.0, (key, result[key])
+    # evaluated on its own training images: the detector must find some of them
+    assert result["AP50"] > 0
+    assert set(result["per_class_AP"]) == {"red", "green", "blue"}
+    assert result["num_images"] == len(LAYOUTS)  # the empty image is evaluated too
+    assert result["params"] > result["backbone_params"] > 0 and result["macs"] > result["backbone_macs"] > 0
+    assert result["eval_size"] == [3, 128, 128]
+    assert result["train"]["steps"] == 30 and result["train"]["images_per_s"] > 0
+
+
+def test_category_map_survives_the_checkpoint_and_reaches_eval_output(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = trained["out"] / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert saved["hyper_parameters"]["categories"] == CATEGORIES
+    module, _ = detect_cli.load_detector(checkpoint)
+    assert module.category_ids == [3, 7, 42]
+    out = tmp_path / "eval.json"
+    code, err = run(detect_cli.main, ["eval", str(checkpoint), "--out", str(out)], capsys)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert [(c["id"], c["label"]) for c in result["categories"]] == [(3, 1), (7, 2), (42, 3)]
+    # the same weights and images as the run's own final evaluation
+    assert result["AP"] == pytest.approx(json.loads((trained["out"] / "eval.json").read_text())["AP"])
+    # predictions carry the original ids: COCOeval found them in the ground truth's categories
+    assert result["per_class_AP"]["red"] is not None
+
+
+def test_resume_needs_resume_flag(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run(
+        detect_cli.main, ["train", "--config", str(trained["recipe"]), "--out", str(trained["out"])], capsys
+    )
+    assert code == 2 and "already holds a run" in err and "--resume last" in err
+
+
+def test_classifier_and_detector_checkpoints_are_not_interchangeable(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    classifier = ClassificationModule("cifar_resnet20", num_classes=10)
+    path = tmp_path / "classifier.ckpt"
+    torch.save({"state_dict": classifier.state_dict(), "hyper_parameters": dict(classifier.hparams)}, path)
+    code, err = run(detect_cli.main, ["eval", str(path)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is a classifier checkpoint (gex train" in err
+    detector = trained["out"] / "checkpoints" / "last.ckpt"
+    code, err = run(eval_cli.main, [str(detector)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is a detector checkpoint (gex detect train)" in err
+    with pytest.raises(ValueError, match="is a detector checkpoint"):
+        load_backbone_state(detector, "cifar_resnet20")
+
+
+def test_backbone_starts_from_a_gex_train_checkpoint(tmp_path: Path) -> None:
+    classifier = ClassificationModule("cifar_resnet20", num_classes=10, arch_kwargs={"width": 8})
+    path = tmp_path / "classifier.ckpt"
+    torch.save({"state_dict": classifier.state_dict(), "hyper_parameters": dict(classifier.hparams)}, path)
+    module = DetectionModule(
+        "cifar_resnet20", layout="c4", categories=CATEGORIES, backbone_init=str(path), backbone_kwargs={"width": 8}
+    )
+    # c4: the trunk holds conv1..stage2, the RoI head stage3 (the classifier's weights, not a fresh init)
+    torch.testing.assert_close(module.model.backbone.conv1.weight, classifier.net.conv1.weight)
+    torch.testing.assert_close(
+        module.model.roi_heads.box_head[0][0].conv1.weight, classifier.net.stage3[0].conv1.weight
+    )
+    with pytest.raises(ValueError, match="was trained as 'cifar_resnet20'"):
+        DetectionModule("cifar_resnet56", categories=CATEGORIES, backbone_init=str(path), layout="fpn")
+
+
+def _bad_set(tmp_path: Path, edit: Any) -> Path:
+    root = write_coco(tmp_path / "coco", LAYOUTS[:2])
+    coco = json.loads((root / "instances.json").read_text())
+    edit(coco, root)
+    (root / "instances.json").write_text(json.dumps(coco))
+    return root
+
+
+def _set_box(box: list[int]) -> Any:
+    def edit(coco: dict[str, Any], root: Path) -> None:
+        coco["annotations"][1]["bbox"] = box
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda coco, root: coco.pop("categories"), "is not COCO: missing keys ['categories']"),
+        (lambda coco, root: coco["annotations"][0].pop("bbox"), "misses keys ['bbox']"),
+        (_set_box([10, 10, 0, 20]), "annotation id 101 in"),
+        (_set_box([100, 10, 60, 20]), "lies outside its 128x128 image"),
+        (lambda coco, root: (root / "images" / "img1.png").unlink(), "image 'img1.png' (id 11) listed in"),
+    ],
+    ids=["not-coco", "annotation-key", "degenerate", "outside", "missing-image"],
+)
+def test_bad_data_gives_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: Any, message: str
+) -> None:
+    root = _bad_set(tmp_path, edit)
+    recipe = write_recipe(tmp_path / "r.yaml", root, epochs=1)
+    code, err = run(detect_cli.main, ["train", "--config", str(recipe), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("gex detect train: error:"), err
+    assert message in err, err
+
+
+def test_invalid_boxes_drop_mode_counts_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _bad_set(tmp_path, _set_box([10, 10, 0, 20]))
+    _, dropped = check_coco_instances(root / "instances.json", root / "images", invalid_boxes="drop")
+    assert dropped == [101]
+    data = CocoDetectionData(
+        str(root),
+        train_images="images",
+        train_annotations="instances.json",
+        val_images="images",
+        val_annotations="instances.json",
+        invalid_boxes="drop",
+    )
+    data.setup("fit")
+    assert "dropped 1 degenerate or out-of-image boxes" in capsys.readouterr().err
+    # image 10 kept its other box (annotation 100); the dropped one is gone from the targets
+    _, target = data.val_set[0]
+    assert target["boxes"].shape == (1, 4) and target["labels"].tolist() == [1]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"backbone": "shufflenet_g3", "layout": "c4"}, "backbone 'shufflenet_g3' has no C4 feature maps"),
+        ({"feature_levels": ["conv9"]}, "feature_levels ['conv9']: backbone 'cifar_resnet20' has no such"),
+    ],
+    ids=["c4-shufflenet", "fpn-level"],
+)
+def test_backbone_without_the_layouts_maps_gives_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], override: dict[str, Any], message: str
+) -> None:
+    root = write_coco(tmp_path / "coco", LAYOUTS[:1])
+    recipe = write_recipe(tmp_path / "r.yaml", root, epochs=1, model=override)
+    code, err = run(detect_cli.main, ["train", "--config", str(recipe), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_unknown_recipe_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_coco(tmp_path / "coco", LAYOUTS[:1])
+    recipe = write_recipe(tmp_path / "r.yaml", root, epochs=1, model={"layuot": "c4"})
+    code, err = run(detect_cli.main, ["train", "--config", str(recipe)], capsys)
+    assert code == 2 and "unknown config key 'model.layuot'" in err and "did you mean 'layout'" in err
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not (FASHION / "t10k-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist absent")
+def test_fashion_canvases_are_valid_coco_and_deterministic(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ["data", "--train-count", "12", "--val-count", "6", "--canvas-size", "96", "--seed", "3"]
+    for name in ("a", "b"):
+        assert detect_cli.main([*args, "--out", str(tmp_path / name)]) == 0
+    assert detect_cli.main([*args[:-1], "4", "--out", str(tmp_path / "c")]) == 0
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 12 + 6 + 2
+    for relative in files:  # same seed, byte-identical files
+        assert (tmp_path / "a" / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes(), relative
+    assert (tmp_path / "a/annotations/instances_train.json").read_bytes() != (
+        tmp_path / "c/annotations/instances_train.json"
+    ).read_bytes()
+    for split, count in (("train", 12), ("val", 6)):
+        coco = COCO(str(tmp_path / "a" / "annotations" / f"instances_{split}.json"))
+        assert len(coco.getImgIds()) == count and len(coco.getCatIds()) == 10
+        for image_id in coco.getImgIds():
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+            assert 1 <= len(anns) <= 6
+            for ann in anns:
+                x, y, w, h = ann["bbox"]
+                # tight boxes of items of 21..42 px (scales 0.75..1.5), inside the 96 px canvas
+                assert x >= 0 and y >= 0 and x + w <= 96 and y + h <= 96 and 0 < w <= 42 and 0 < h <= 42
+        # and the files check out as a detection set (every image present, boxes valid)
+        check_coco_instances(tmp_path / "a" / "annotations" / f"instances_{split}.json", tmp_path / "a" / split)
+    code, err = run(detect_cli.main, ["data", "--out", str(tmp_path / "d"), "--max-scale", "5"], capsys)
+    assert code == 2 and "max_scale 5.0 makes items of 140 px, larger than canvas_size 96" in err
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+
+    import lightning as L
+    import torch
+    import yaml
+
+    from gather_excite.detection import CocoDetectionData, DetectionModule
+
+    recipe, out = yaml.safe_load(open(sys.argv[1])), Path(sys.argv[2])
+
+    class DumpWeights(L.Callback):
+        def on_train_end(self, trainer, module):
+            state = {k: v.detach().clone() for k, v in module.model.named_parameters()}
+            torch.save({"state": state, "world": trainer.world_size}, out / f"rank{trainer.global_rank}.pt")
+
+    L.seed_everything(0)
+    data = CocoDetectionData(**recipe["data"])
+    module = DetectionModule(**recipe["model"], categories=data.categories, min_size=128, max_size=128)
+    initial = {k: v.detach().clone() for k, v in module.model.named_parameters()}
+    torch.save(initial, out / "initial.pt")
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[DumpWeights()])
+    trainer.fit(module, datamodule=data)
+    """
+)
+
+
+@pytest.mark.slow  # two process start-ups of Lightning + torchvision: ~30 s on a busy machine
+def test_two_process_ddp_detector_ends_with_identical_weights(tmp_path: Path) -> None:
+    root = write_coco(tmp_path / "coco")
+    recipe = write_recipe(tmp_path / "r.yaml", root, epochs=1, data={"hflip": 0.0})
+    script = tmp_path / "ddp_detect.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    done = subprocess.run(
+        [sys.executable, str(script), str(recipe), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    initial = torch.load(tmp_path / "initial.pt", weights_only=True)
+    assert [r["world"] for r in ranks] == [2, 2]
+    # 8 images, global batch 4 -> 2 per process, 2 steps; each process sees other images, but
+    # DDP averages the gradients before each step, so the weights agree bit for bit...
+    for name, tensor in ranks[0]["state"].items():
+        assert torch.equal(tensor, ranks[1]["state"][name]), name
+    # ... and they moved.
+    name = "roi_heads.box_predictor.cls_score.weight"
+    assert not torch.equal(ranks[0]["state"][name], initial[name])
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in config_dir().glob("detect_*.yaml")))
+def test_detect_recipes_parse_and_build(name: str) -> None:
+    path = config_dir() / f"{name}.yaml"
+    check_config_keys(["--config", str(path)], DetectionModule, CocoDetectionData)
+    model = yaml.safe_load(path.read_text())["model"]
+    assert "Beyond image classification" in path.read_text() and "nferred" in path.read_text()
+    keys = (
+        "layout",
+        "frozen_bn",
+        "backbone_kwargs",
+        "feature_levels",
+        "fpn_channels",
+        "representation_size",
+        "anchor_sizes",
+    )
+    with torch.device("meta"):  # the architecture only: no weights computed
+        detector = fasterrcnn_ge_resnet(model["backbone"], num_classes=11, **{k: model[k] for k in keys if k in model})
+    contexts = [m for m in detector.modules() if isinstance(m, GatherExcite)]
+    # ResNet-50 has 3+4+6+3 residual units, ResNet-20 3x3; the GE recipes put one E8 module in each
+    # (in C4 the 3 conv5_x ones sit in the RoI head), the baselines none.
+    units = 16 if "resnet50" in name else 9
+    assert len(contexts) == (units if "ge_theta_e8" in name else 0)
+    assert all(c.extent == 8 for c in contexts)
