@@ -82,3 +82,19 @@ def test_every_backbone_feeds_an_fpn_detector(backbone, one_thread_private_cache
     assert [64 // f.shape[-1] for f in features.values()] == [*strides, 2 * strides[-1]]
     assert all(f.shape[1] == 16 for f in features.values())
     assert set(detections[0]) == {"boxes", "labels", "scores"}
+
+
+def test_backbone_starts_from_a_torchvision_resnet_state_dict(tmp_path, one_thread_private_cache):
+    """A torchvision ResNet-50 state dict saved with torch.save is a valid backbone_init (same key names)."""
+    import torchvision
+
+    from gather_excite.detection import load_backbone_state
+
+    reference = torchvision.models.resnet50()
+    path = tmp_path / "resnet50.pth"
+    torch.save(reference.state_dict(), path)
+    state = load_backbone_state(path, "resnet50")
+    model = fasterrcnn_ge_resnet("resnet50", num_classes=3, backbone_weights=state)
+    # c4: the trunk ends with layer3, the RoI head starts with layer4; both hold torchvision's tensors
+    torch.testing.assert_close(model.backbone.layer3[5].conv2.weight, reference.layer3[5].conv2.weight)
+    torch.testing.assert_close(model.roi_heads.box_head[0][2].conv3.weight, reference.layer4[2].conv3.weight)
