@@ -123,7 +123,8 @@ def write_recipe(
             "hflip": 0.5,
             **(data or {}),
         },
-        "trainer": {**TRAINER, "max_epochs": epochs},
+        # validation (COCO AP) at the end only, as the packaged recipes do
+        "trainer": {**TRAINER, "max_epochs": epochs, "check_val_every_n_epoch": epochs},
     }
     path.write_text(yaml.safe_dump(config))
     return path
@@ -419,3 +420,15 @@ def test_detect_recipes_parse_and_build(name: str) -> None:
     units = 16 if "resnet50" in name else 9
     assert len(contexts) == (units if "ge_theta_e8" in name else 0)
     assert all(c.extent == 8 for c in contexts)
+
+
+def test_last_checkpoint_follows_every_training_epoch(tmp_path: Path, one_thread_private_cache: None) -> None:
+    # Validation every 2 epochs, 1 epoch run: no validation ever happens. Lightning would then
+    # write last.ckpt only after a validation; a resumable detection run needs it every epoch.
+    root = write_coco(tmp_path / "coco", LAYOUTS[:4])
+    recipe = write_recipe(tmp_path / "r.yaml", root, epochs=1)
+    argv = ["train", "--config", str(recipe), "--trainer.check_val_every_n_epoch", "2", "--eval_after", "false"]
+    assert detect_cli.main([*argv, "--out", str(tmp_path / "run")]) == 0
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 0 and saved["global_step"] == 1  # 4 images, batch 4
+    assert not (tmp_path / "run" / "checkpoints" / "best.ckpt").exists()  # never validated

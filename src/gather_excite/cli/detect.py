@@ -48,7 +48,8 @@ def _train(argv: list[str]) -> int:
     from .train import GexCLI, _parse, _resume_path, check_config_keys, resolve_config_names
 
     class DetectCLI(GexCLI):
-        monitor, monitor_mode = "val/AP", "max"
+        # Detection recipes validate every few epochs: last.ckpt still follows every epoch.
+        monitor, monitor_mode, last_on_train_epoch_end = "val/AP", "max", True
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             super().add_arguments_to_parser(parser)

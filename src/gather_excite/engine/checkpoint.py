@@ -108,9 +108,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def checkpoint_callbacks(
-    directory: str | os.PathLike[str], *, monitor: str | None = "val/top1_err", mode: str = "min"
+    directory: str | os.PathLike[str],
+    *,
+    monitor: str | None = "val/top1_err",
+    mode: str = "min",
+    last_on_train_epoch_end: bool = False,
 ) -> list[Any]:
-    """``last.ckpt`` rewritten after every epoch, plus ``best.ckpt`` at the best (``mode``: min/max) ``monitor``."""
+    """``last.ckpt`` rewritten after every epoch, plus ``best.ckpt`` at the best (``mode``: min/max) ``monitor``.
+
+    ``last.ckpt`` is written after each epoch's validation; with ``last_on_train_epoch_end`` after
+    each training epoch instead, so that a run validating every few epochs (detection) still
+    keeps every epoch.
+    """
     directory = str(directory)
     callbacks: list[Any] = [
         ModelCheckpoint(
@@ -120,6 +129,7 @@ def checkpoint_callbacks(
             save_top_k=1,
             enable_version_counter=False,
             every_n_epochs=1,
+            save_on_train_epoch_end=True if last_on_train_epoch_end else None,
         )
     ]
     if monitor is not None:
