@@ -23,7 +23,7 @@ __all__ = ["main"]
 
 _USAGE = """usage: gex detect <train|eval|data> [options]
 
-  train  train a detector from a YAML recipe (configs/detect_*.yaml), then write OUT/eval.json
+  train  train a detector from a YAML recipe (configs/detection/NAME.yaml: --config NAME), then write OUT/eval.json
   eval   COCO AP/AR (pycocotools), per-class AP, params and MACs of a detector checkpoint, as JSON
   data   write the Fashion-MNIST canvas detection set (COCO folders) used by the small recipe
 
@@ -39,13 +39,29 @@ def _fail(command: str, err: BaseException) -> int:
     return 2
 
 
+def recipe_dir() -> Path:
+    """The folder of the packaged detection recipes (``gather_excite/configs/detection``)."""
+    return Path(__file__).resolve().parent.parent / "configs" / "detection"
+
+
+def _resolve_recipes(argv: list[str]) -> list[str]:
+    """``--config NAME`` -> the packaged ``configs/detection/NAME.yaml`` when NAME is not a file."""
+    resolved = list(argv)
+    for index, arg in enumerate(resolved[:-1]):
+        if arg in ("-c", "--config") and not Path(resolved[index + 1]).expanduser().is_file():
+            packaged = recipe_dir() / f"{resolved[index + 1].removesuffix('.yaml')}.yaml"
+            if packaged.is_file():
+                resolved[index + 1] = str(packaged)
+    return resolved
+
+
 def _train(argv: list[str]) -> int:
     """Parse the recipe and overrides, train, then evaluate the final weights into OUT/eval.json."""
     from lightning.pytorch.cli import LightningArgumentParser
 
     from ..detection import CocoDetectionData, DetectionModule, evaluate_detector
     from ..engine import LAST_CHECKPOINT, TrainSpeed, write_eval_json
-    from .train import GexCLI, _parse, _resume_path, check_config_keys, resolve_config_names
+    from .train import GexCLI, _parse, _resume_path
 
     class DetectCLI(GexCLI):
         # Detection recipes validate every few epochs: last.ckpt still follows every epoch.
@@ -59,9 +75,8 @@ def _train(argv: list[str]) -> int:
             parser.link_arguments("data.max_size", "model.max_size")
             parser.link_arguments("data.categories", "model.categories", apply_on="instantiate")
 
-    argv = resolve_config_names(argv)
+    argv = _resolve_recipes(argv)
     try:
-        check_config_keys(argv, DetectionModule, CocoDetectionData)
         cli = _parse(
             argv,
             cli_class=DetectCLI,
