@@ -16,11 +16,9 @@ process per core trains a small network faster than one process using every core
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
 import os
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
@@ -297,23 +295,21 @@ def estimate_cpu_hours(config: SweepConfig, images_per_cpu_second: dict[str, flo
 
 
 def calibrate(config: SweepConfig, *, steps: int = 2, threads: int = 1) -> dict[str, float]:
-    """Training images per CPU-second of each model, from ``steps`` timed steps after one warm-up (random data)."""
+    """Training images per CPU-second of each model: a run of ``steps`` batches of random images after a
+    one-batch warm-up run (allocator, kernel selection), timed by the run itself (its training loop only)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     rates = {}
     try:
         generator = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (config.batch_size, 28, 28), dtype=torch.uint8, generator=generator)
-        split = TensorSplit(images, torch.arange(config.batch_size) % 10)
+        size = config.batch_size * steps
+        images = torch.randint(0, 256, (size, 28, 28), dtype=torch.uint8, generator=generator)
+        split = TensorSplit(images, torch.arange(size) % 10)
+        warm = TensorSplit(images[: config.batch_size], split.labels[: config.batch_size])
         for _label, model in config.variants:
             spec = replace(config.runs()[0], model=model, epochs=1)
-            start = None
-            for step in range(steps + 1):
-                if step == 1:
-                    start = time.process_time()
-                train_run(spec, split, split, curve_size=None)
-            assert start is not None
-            rates[model] = config.batch_size * steps / max(time.process_time() - start, 1e-9)
+            train_run(spec, warm, warm, curve_size=None)
+            rates[model] = train_run(spec, split, warm, curve_size=None).record["train_images_per_cpu_s"]
     finally:
         torch.set_num_threads(previous)
-    return {model: (rate if math.isfinite(rate) else 1.0) for model, rate in rates.items()}
+    return rates
