@@ -107,7 +107,7 @@ def test_checkpoint_export_folder_and_offline_hub_give_identical_logits(
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     from_hub = create_model(arch, pretrained="hf-hub:someone/tiny-ge")
     assert torch.equal(logits(from_hub, x), expected)
-    with pytest.raises(FileNotFoundError, match="not in the Hub cache"):
+    with pytest.raises(FileNotFoundError, match="not in the Hub cache or the repository"):
         create_model(arch, pretrained="hf-hub:someone/absent")
 
     # The data configuration travels: a white 28x28 image becomes (1 - mean) / std everywhere.

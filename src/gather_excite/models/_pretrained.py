@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeFileError
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeFileError, one_line
 
 __all__ = [
     "CLASSIFIER",
@@ -200,18 +200,21 @@ def _download(url: str) -> Path:
 def _read_hub(spec: str) -> Weights:
     """``hf-hub:ORG/REPO[@REVISION]`` through huggingface_hub (its cache, ``HF_HUB_OFFLINE`` and tokens apply)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
 
     repo_id, _, revision = spec[len(HF_PREFIX) :].partition("@")
     try:
         weights_path = hf_hub_download(repo_id, WEIGHTS_FILE, revision=revision or None)
         config_path = hf_hub_download(repo_id, CONFIG_FILE, revision=revision or None)
-    except LocalEntryNotFoundError as err:
+    except EntryNotFoundError as err:  # also a file missing from the cache offline
         raise CheckpointNotFoundError(
-            f"pretrained={spec!r}: not in the Hub cache and the Hub cannot be reached ({err})"
+            f"pretrained={spec!r}: {WEIGHTS_FILE} and {CONFIG_FILE} are not in the Hub cache or the repository "
+            f"({one_line(err)})"
         ) from None
     except HFValidationError as err:
-        raise ConfigError(f"pretrained={spec!r}: expected hf-hub:ORG/REPO ({err})") from None
+        raise ConfigError(f"pretrained={spec!r}: expected hf-hub:ORG/REPO[@REVISION] ({one_line(err)})") from None
+    except HfHubHTTPError as err:  # no such repository or revision, or no access to it
+        raise CheckpointNotFoundError(f"pretrained={spec!r}: {one_line(err)}") from None
     weights = _read_file(Path(weights_path), spec)
     with open(config_path) as handle:
         weights.config = json.load(handle)
