@@ -48,7 +48,7 @@ def test_paired_ratio_takes_ratios_within_each_round():
 
 @pytest.mark.slow  # imports timm and builds 2048-channel units
 def test_gex_bench_op_json(capsys):
-    """One variant at the smallest stage shape: the fused path keeps half the plain path's bytes."""
+    """One variant at the smallest stage shape: the lean path keeps half the plain path's bytes."""
     assert bench_cli.main(["op", "--variants", "ge_theta_minus", "--stages", "4", "--batch", "1", "--repeats", "1",
                        "--json"]) == 0  # fmt: skip
     doc = json.loads(capsys.readouterr().out)

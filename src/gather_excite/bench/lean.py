@@ -5,17 +5,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from ..layers.fused import fused_enabled, set_fused
+from ..layers.norm_context import lean_enabled, set_lean
 
 __all__ = ["fused"]
 
 
 @contextlib.contextmanager
 def fused(enabled: bool) -> Iterator[None]:
-    """Run with :func:`bn_context`'s memory-lean path on or off, restoring the previous setting."""
-    previous = fused_enabled()
-    set_fused(enabled)
+    """Run with the memory-lean path of ``NormContext`` allowed or not, restoring the previous setting."""
+    previous = lean_enabled()
+    set_lean(enabled)
     try:
         yield
     finally:
-        set_fused(previous)
+        set_lean(previous)

@@ -8,6 +8,8 @@ global extent) and never mixes channels.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +17,29 @@ from torch import nn
 
 from ._validate import accumulate_dtype, check_extent, pair
 
-__all__ = ["BN_MOMENTUM", "ConvGather", "GlobalConvGather", "PoolGather", "resample_kernel"]
+__all__ = ["BN_MOMENTUM", "ConvGather", "GatherSplit", "GlobalConvGather", "PoolGather", "resample_kernel"]
 
 # The authors' Caffe BN uses a running-average decay of 0.95, i.e. PyTorch momentum 0.05.
 BN_MOMENTUM = 0.05
+
+
+class GatherSplit(NamedTuple):
+    """A gather at one input size as ``rest(first(x))``, split where the full-size map has been read.
+
+    ``first`` is the module that reads the full-size map; ``None`` means that step is the global
+    weighted sum ``sum_hw(weights * x)``, with ``weights`` a ``(C, H, W)`` kernel or one number for
+    every position (``1 / (H * W)``: the mean). ``rest`` works on the reduced map only. Memory-lean
+    training (:class:`~gather_excite.layers.NormContext`) uses it to rebuild the full-size input
+    instead of keeping it.
+    """
+
+    first: nn.Module | None
+    weights: torch.Tensor | float | None
+    rest: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 class PoolGather(nn.Module):
@@ -45,6 +66,14 @@ class PoolGather(nn.Module):
         if self.mode == "avg":
             return F.avg_pool2d(x, 2 * e - 1, stride=e, padding=e - 1, ceil_mode=False, count_include_pad=False)
         return F.max_pool2d(x, 2 * e - 1, stride=e, padding=e - 1)
+
+    def split(self, size: tuple[int, int]) -> GatherSplit:
+        """This gather at input ``size`` as a :class:`GatherSplit`."""
+        # An extent at least as large as the map pools each channel over the whole map in one
+        # window (the padding excluded from the mean): the global mean.
+        if self.mode == "avg" and (self.extent is None or self.extent >= max(size)):
+            return GatherSplit(None, 1.0 / (size[0] * size[1]), _identity)
+        return GatherSplit(self, None, _identity)
 
     def extra_repr(self) -> str:
         return f"extent={self.extent}, mode={self.mode!r}"
@@ -73,6 +102,10 @@ class ConvGather(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+    def split(self, size: tuple[int, int]) -> GatherSplit:
+        """This gather as a :class:`GatherSplit`: the first conv reads the full-size map."""
+        return GatherSplit(self.layers[0], None, self.layers[1:])
 
 
 def resample_kernel(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -122,6 +155,10 @@ class GlobalConvGather(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = (x.shape[-2], x.shape[-1])
         return self.bn(F.conv2d(x, self.kernel_for(size), groups=x.shape[1]))
+
+    def split(self, size: tuple[int, int]) -> GatherSplit:
+        """This gather at input ``size`` as a :class:`GatherSplit`: a map-sized kernel is a weighted sum."""
+        return GatherSplit(None, self.kernel_for(size)[:, 0], self.bn)
 
     def extra_repr(self) -> str:
         return f"feature_size={self.feature_size}, strict_size={self.strict_size}"

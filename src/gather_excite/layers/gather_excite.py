@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validate import accumulate_dtype, check_extent, check_input, check_int
-from .gather import ConvGather, GlobalConvGather, PoolGather
+from .gather import ConvGather, GatherSplit, GlobalConvGather, PoolGather
 
 __all__ = ["ExciteMLP", "GateProbe", "GatherExcite", "SqueezeExcite"]
 
@@ -45,13 +45,17 @@ def _check_floating(x: torch.Tensor) -> None:
         raise TypeError(f"input must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
 
 
+def _gate(logits: torch.Tensor, probe: GateProbe) -> torch.Tensor:
+    return probe(torch.sigmoid(logits.to(accumulate_dtype(logits.dtype))))
+
+
 def _excite(x: torch.Tensor, logits: torch.Tensor, probe: GateProbe) -> torch.Tensor:
     """``x * sigmoid(nearest_resize(logits))`` with the gate passed through ``probe``.
 
     The sigmoid is taken in at least float32: the gate lies in [0, 1] whatever the input's dtype, so
     the product cannot overflow under low-precision autocast.
     """
-    gate = probe(torch.sigmoid(logits.to(accumulate_dtype(logits.dtype))))
+    gate = _gate(logits, probe)
     if gate.shape[-2:] != x.shape[-2:] and gate.shape[-2:] != (1, 1):
         gate = F.interpolate(gate, size=x.shape[-2:], mode="nearest")
     return x * gate.to(x.dtype)
@@ -140,6 +144,15 @@ class GatherExcite(nn.Module):
         _check_floating(x)
         return _excite(x, self.gate_logits(x), self.gate)
 
+    def gather_split(self, size: tuple[int, int]) -> GatherSplit:
+        """The gather at input ``size`` split where it has read the full-size map (see :class:`GatherSplit`)."""
+        return self.gather.split(size)
+
+    def gate_from(self, gathered: torch.Tensor) -> torch.Tensor:
+        """The gate, before resizing to the input, from the gather's output: excite, sigmoid, probe."""
+        logits = gathered if self.mlp is None else self.mlp(self.pre_mlp(gathered))
+        return _gate(logits, self.gate)
+
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, extent={self.extent}, gather={self.gather_mode!r}, excite={self.excite_mode!r}"
@@ -164,3 +177,11 @@ class SqueezeExcite(nn.Module):
         _check_floating(x)
         squeezed = x.mean((2, 3), keepdim=True, dtype=accumulate_dtype(x.dtype)).to(x.dtype)
         return _excite(x, self.mlp(squeezed), self.gate)
+
+    def gather_split(self, size: tuple[int, int]) -> GatherSplit:
+        """The squeeze (global mean) at input ``size`` as a :class:`GatherSplit`."""
+        return GatherSplit(None, 1.0 / (size[0] * size[1]), lambda s: s)
+
+    def gate_from(self, gathered: torch.Tensor) -> torch.Tensor:
+        """The gate from the squeezed map: MLP, sigmoid, probe."""
+        return _gate(self.mlp(gathered), self.gate)

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..layers import create_context
 from ..layers._registry import ContextArg
-from ..layers.fused import bn_context
+from ..layers.norm_context import NormContext
 from ._backbone import Backbone, Stage
 from ._builder import check_int, init_backbone
 from ._features import feature
@@ -57,13 +57,14 @@ class BasicUnit(nn.Module):
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_chs)
         self.context = create_context(context_layer, out_chs, feature_size=feature_size)
+        self.norm_context = NormContext()  # context(bn2(x)), memory-lean in training
         self.shortcut = (
             PadShortcut(in_chs, out_chs, stride=stride) if stride != 1 or in_chs != out_chs else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = bn_context(self.bn2, self.context, self.conv2(out))
+        out = self.norm_context(self.conv2(out), self.bn2, self.context)
         return self.relu(out + self.shortcut(x))
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..layers import create_context
 from ..layers._registry import ContextArg
-from ..layers.fused import bn_context
+from ..layers.norm_context import NormContext
 from ._backbone import Backbone, Stage
 from ._builder import check_int, conv_out_size, init_backbone
 from ._features import feature
@@ -55,12 +55,13 @@ class Bottleneck(nn.Module):
                 nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False), nn.BatchNorm2d(out_chs)
             )
         self.context = create_context(context_layer, out_chs, feature_size=feature_size)
+        self.norm_context = NormContext()  # context(bn3(x)), memory-lean in training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = bn_context(self.bn3, self.context, self.conv3(out))
+        out = self.norm_context(self.conv3(out), self.bn3, self.context)
         return self.relu(out + shortcut)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..layers import create_context
 from ..layers._registry import ContextArg
-from ..layers.fused import bn_context
+from ..layers.norm_context import NormContext
 from ._backbone import Backbone, Stage
 from ._builder import conv_out_size, init_backbone
 from ._features import feature
@@ -72,12 +72,13 @@ class ShuffleUnit(nn.Module):
         self.conv3 = nn.Conv2d(mid_chs, branch_chs, 1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(branch_chs)
         self.context = create_context(context_layer, branch_chs, feature_size=feature_size)
+        self.norm_context = NormContext()  # context(bn3(x)), memory-lean in training
         self.shortcut = nn.AvgPool2d(3, stride=2, padding=1) if stride == 2 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.shuffle(self.relu(self.bn1(self.conv1(x))))
         out = self.bn2(self.conv2(out))
-        out = bn_context(self.bn3, self.context, self.conv3(out))
+        out = self.norm_context(self.conv3(out), self.bn3, self.context)
         shortcut = self.shortcut(x)
         if self.stride == 2:
             return self.relu(torch.cat((shortcut, out), dim=1))

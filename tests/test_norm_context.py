@@ -1,4 +1,4 @@
-"""The memory-lean ``bn_context`` equals the plain ``context(bn(x))`` and keeps less for backward."""
+"""The memory-lean ``NormContext`` equals the plain ``context(bn(x))`` and keeps less for backward."""
 
 from __future__ import annotations
 
@@ -12,16 +12,21 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.autograd import forward_ad
 
-from gather_excite.layers import _fused_autograd, create_context, list_context_specs
-from gather_excite.layers._fused_autograd import GateBroadcast, _nearest, batch_stats, map_dot, map_weighted_sum
-from gather_excite.layers.fused import bn_context, fused_enabled, set_fused
+from gather_excite.layers import _lean, create_context, list_context_specs
+from gather_excite.layers._lean import GateBroadcast, batch_stats, map_dot, map_weighted_sum
+from gather_excite.layers.norm_context import NormContext, lean_enabled, set_lean
 
 
 @pytest.fixture(autouse=True)
-def _restore_fused():
-    previous = fused_enabled()
+def _restore_lean():
+    previous = lean_enabled()
     yield
-    set_fused(previous)
+    set_lean(previous)
+
+
+def bn_context(bn: nn.Module, context: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """``context(bn(z))`` through a NormContext built now (so under the current global switch)."""
+    return NormContext()(z, bn, context)
 
 
 def _unit(spec: str, channels: int, size: int, *, dtype=torch.float64, seed: int = 0, **bn_kwargs):
@@ -38,12 +43,12 @@ def _unit(spec: str, channels: int, size: int, *, dtype=torch.float64, seed: int
     return bn, context
 
 
-def _fused_ran(out: torch.Tensor) -> bool:
-    return type(out.grad_fn).__name__ in ("ExciteMultiplyBackward", "ExciteAffineBackward")
+def _lean_ran(out: torch.Tensor) -> bool:
+    return type(out.grad_fn).__name__ in ("LeanGlobalBackward", "LeanWindowedBackward")
 
 
 def _run(bn, context, z, *, lean: bool, grad_seed: int = 1):
-    set_fused(lean)
+    set_lean(lean)
     z = z.detach().clone().requires_grad_()
     out = bn_context(bn, context, z)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
@@ -56,7 +61,7 @@ def _run(bn, context, z, *, lean: bool, grad_seed: int = 1):
 
 def _compare(spec, *, size, training, dtype=torch.float64, atol=1e-10, rtol=1e-10, channels_last=False,
              steps=1, **bn_kwargs):  # fmt: skip
-    """Run the plain and the fused unit side by side for ``steps`` steps; every tensor must agree."""
+    """Run the plain and the lean unit side by side for ``steps`` steps; every tensor must agree."""
     bn, context = _unit(spec, 8, size, dtype=dtype, **bn_kwargs)
     bn.train(training)
     context.train(training)
@@ -67,7 +72,7 @@ def _compare(spec, *, size, training, dtype=torch.float64, atol=1e-10, rtol=1e-1
             z = z.contiguous(memory_format=torch.channels_last)
         plain = _run(bn, context, z, lean=False, grad_seed=step)
         lean = _run(bn2, context2, z, lean=True, grad_seed=step)
-        assert _fused_ran(lean[0])
+        assert _lean_ran(lean[0])
         torch.testing.assert_close(lean[0], plain[0], atol=atol, rtol=rtol)
         torch.testing.assert_close(lean[1], plain[1], atol=atol, rtol=rtol)
         for group in (2, 3):
@@ -83,10 +88,10 @@ def _compare(spec, *, size, training, dtype=torch.float64, atol=1e-10, rtol=1e-1
 @pytest.mark.parametrize("spec", list_context_specs())
 @pytest.mark.parametrize("size", [12, 7])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_fused_equals_plain_float64(spec, size, training):
+def test_lean_equals_plain_float64(spec, size, training):
     """Output, input/parameter gradients and every buffer equal the plain composition's (float64)."""
     plain, lean = _compare(spec, size=size, training=training)
-    assert _fused_ran(lean[0]) and not _fused_ran(plain[0])
+    assert _lean_ran(lean[0]) and not _lean_ran(plain[0])
 
 
 @pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_plus_e2", "se"])
@@ -117,13 +122,13 @@ def test_channels_last_equals_plain(spec, size):
 
 @pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e4", "ge_theta_plus_e2", "ge_theta", "se"])
 def test_bf16_autocast_close_to_plain(spec):
-    """Under bf16 autocast the output dtype matches, and the fused path is as close to a float32
+    """Under bf16 autocast the output dtype matches, and the lean path is as close to a float32
     run as the plain path is: both round to bf16, in a different order."""
     bn, context = _unit(spec, 16, 8, dtype=torch.float32)
     z = torch.randn(4, 16, 8, 8)
     results, dtypes = {}, {}
     for name, lean, autocast in (("fp32", False, False), ("plain", False, True), ("lean", True, True)):
-        set_fused(lean)
+        set_lean(lean)
         b, c = copy.deepcopy(bn), copy.deepcopy(context)
         x = z.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -140,8 +145,8 @@ def test_bf16_autocast_close_to_plain(spec):
 @pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e2", "ge_theta_minus_max_e2", "ge_theta_e2",
                                   "ge_theta_plus", "se"])  # fmt: skip
 def test_gradcheck(spec):
-    """Finite differences agree with the fused backward (float64, train-mode BN)."""
-    set_fused(True)
+    """Finite differences agree with the lean backward (float64, train-mode BN)."""
+    set_lean(True)
     bn, context = _unit(spec, 3, 4)
     params = [bn.weight, bn.bias, *context.parameters()]
     z = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
@@ -165,13 +170,13 @@ def _saved_storages(fn) -> dict[int, int]:
 
 
 @pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e2", "ge_theta", "ge_theta_plus_e4", "se"])
-def test_fused_keeps_only_the_batchnorm_input_full_size(spec):
-    """Plain keeps z and BN(z) (and a resized gate) at full size; fused keeps only z at full size."""
+def test_lean_keeps_only_the_batchnorm_input_full_size(spec):
+    """Plain keeps z and BN(z) (and a resized gate) at full size; lean keeps only z at full size."""
     bn, context = _unit(spec, 16, 16, dtype=torch.float32)
     z = torch.randn(4, 16, 16, 16, requires_grad=True)
     full = z.numel() * 4
     for lean, expected in ((False, 2 if spec in ("ge_theta_minus", "ge_theta", "se") else 3), (True, 1)):
-        set_fused(lean)
+        set_lean(lean)
         storages = _saved_storages(lambda: bn_context(bn, context, z))
         # Everything else is at most a quarter map (extent 2: the pooled map) or per-channel.
         assert sum(n >= full for n in storages.values()) == expected
@@ -179,8 +184,8 @@ def test_fused_keeps_only_the_batchnorm_input_full_size(spec):
         assert z.untyped_storage().data_ptr() in storages
 
 
-def test_gate_hook_reads_and_steers_on_the_fused_path():
-    """A GateProbe hook that zeroes channel 2 zeroes that channel of the output, fused or plain."""
+def test_gate_hook_reads_and_steers_on_the_lean_path():
+    """A GateProbe hook that zeroes channel 2 zeroes that channel of the output, lean or plain."""
     bn, context = _unit("ge_theta_minus_e2", 8, 8)
 
     def zero_channel(module, inputs, output):
@@ -197,7 +202,7 @@ def _compare_with(bn, context):
     bn2, context2 = copy.deepcopy(bn), copy.deepcopy(context)
     z = torch.randn(3, 8, 8, 8, dtype=torch.float64)
     plain, lean = _run(bn, context, z, lean=False), _run(bn2, context2, z, lean=True)
-    assert _fused_ran(lean[0])
+    assert _lean_ran(lean[0])
     for group in (0, 1):
         torch.testing.assert_close(lean[group], plain[group], atol=1e-10, rtol=1e-10)
     for name in plain[2]:
@@ -207,19 +212,19 @@ def _compare_with(bn, context):
 
 def test_hooks_inside_the_context_module_take_the_plain_path():
     """A forward hook on the gather (e.g. a FLOP counter) must fire: the plain composition runs."""
-    set_fused(True)
+    set_lean(True)
     bn, context = _unit("ge_theta_e2", 8, 8)
     calls = []
     context.gather.register_forward_hook(lambda *args: calls.append(1))
     out = bn_context(bn, context, torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True))
     assert calls == [1]
-    assert not _fused_ran(out)
+    assert not _lean_ran(out)
 
 
 @pytest.mark.parametrize("case", ["no_grad", "identity", "sync_bn", "disabled"])
 def test_plain_path_cases(case):
-    """No grad, a non-GE context, a norm layer other than BatchNorm2d, or set_fused(False): plain."""
-    set_fused(case != "disabled")
+    """No grad, a non-GE context, a norm layer other than BatchNorm2d, or set_lean(False): plain."""
+    set_lean(case != "disabled")
     bn, context = _unit("se", 8, 8)
     if case == "identity":
         context = nn.Identity()
@@ -233,22 +238,24 @@ def test_plain_path_cases(case):
         assert out.grad_fn is None
     else:
         out = bn_context(bn, context, z)
-        assert not _fused_ran(out)
+        assert not _lean_ran(out)
     torch.testing.assert_close(out, context(bn(z)))
 
 
 def test_wrong_channels_raises_like_plain():
-    """A map with the wrong channel count raises the context module's ValueError on the fused path too."""
-    set_fused(True)
+    """A map with the wrong channel count raises the context module's ValueError on the lean path too."""
+    set_lean(True)
     _bn, context = _unit("ge_theta_minus", 8, 8)
     bn6 = nn.BatchNorm2d(6).double()
     with pytest.raises(ValueError, match="channels=8"):
         bn_context(bn6, context, torch.randn(2, 6, 8, 8, dtype=torch.float64, requires_grad=True))
 
 
-def test_set_fused_rejects_non_bool():
+def test_set_lean_and_norm_context_reject_non_bool():
     with pytest.raises(TypeError, match="enabled must be a bool"):
-        set_fused(1)
+        set_lean(1)
+    with pytest.raises(TypeError, match="lean must be a bool or None"):
+        NormContext(lean="yes")
 
 
 @pytest.mark.parametrize(
@@ -262,8 +269,13 @@ def test_nearest_resize_equals_interpolate(small, big, channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     expected = F.interpolate(gate, size=big, mode="nearest")
-    assert torch.equal(_nearest(gate, x), expected)
-    assert torch.equal(GateBroadcast(gate, x, x.dtype).multiply(x), x * expected)
+    broadcast = GateBroadcast(gate, x, x.dtype)
+    assert torch.equal(broadcast.multiply(x), x * expected)
+    # The gate's gradient: autograd through interpolate gives the same sums (in another order).
+    grad_out = torch.randn_like(x)
+    leaf = gate.clone().requires_grad_()
+    (x * F.interpolate(leaf, size=big, mode="nearest")).backward(grad_out)
+    torch.testing.assert_close(broadcast.gate_grad(grad_out, x), leaf.grad)
 
 
 @pytest.mark.parametrize("chunk", [1, 300, 2**18])
@@ -271,7 +283,7 @@ def test_nearest_resize_equals_interpolate(small, big, channels_last):
 def test_map_dot_and_weighted_sum_equal_the_depthwise_conv(chunk, channels_last, monkeypatch):
     """The global gather's per-sample loops equal a depthwise conv as large as the map and its
     weight gradient (F.conv2d, groups=C), in either layout and for any chunk of samples."""
-    monkeypatch.setattr(_fused_autograd, "_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(_lean, "_CHUNK_ELEMENTS", chunk)
     torch.manual_seed(0)
     x = torch.randn(5, 6, 7, 9, dtype=torch.float64)
     if channels_last:
@@ -292,7 +304,7 @@ def test_batch_stats_equal_batchnorm_and_stay_stable_far_from_zero(channels_last
     with mean 1000 and std 0.01 keeps its variance (1e-4) to 1e-3 relative, as PyTorch's own
     Welford pass does (3e-4 here); a one-pass E[z^2] - E[z]^2 in float32 would lose it
     entirely (1e6 * 2^-24 = 0.06 >> 1e-4)."""
-    monkeypatch.setattr(_fused_autograd, "_CHUNK_ELEMENTS", 200)  # several chunks
+    monkeypatch.setattr(_lean, "_CHUNK_ELEMENTS", 200)  # several chunks
     torch.manual_seed(0)
     z = torch.randn(6, 4, 5, 7) * torch.tensor([0.01, 1.0, 3.0, 0.5]).view(1, 4, 1, 1)
     z = z + torch.tensor([1000.0, -2.0, 0.0, 7.0]).view(1, 4, 1, 1)
@@ -314,8 +326,8 @@ def test_batch_stats_equal_batchnorm_and_stay_stable_far_from_zero(channels_last
 
 
 def test_double_backward_raises_instead_of_being_wrong():
-    """The fused backward is first-order only: create_graph=True then a second backward raises."""
-    set_fused(True)
+    """The lean backward is first-order only: create_graph=True then a second backward raises."""
+    set_lean(True)
     bn, context = _unit("ge_theta_minus_e2", 8, 8)
     z = torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(bn_context(bn, context, z).square().sum(), z, create_graph=True)
@@ -324,8 +336,8 @@ def test_double_backward_raises_instead_of_being_wrong():
 
 
 def test_sync_batchnorm_conversion_takes_the_plain_path_with_the_same_output():
-    """`trainer.sync_batchnorm` converts every BN to SyncBatchNorm; bn_context must then fall back to
-    the plain composition (the fused path handles plain BatchNorm2d only) and give the same logits."""
+    """`trainer.sync_batchnorm` converts every BN to SyncBatchNorm; NormContext must then fall back to
+    the plain composition (the lean path handles plain BatchNorm2d only) and give the same logits."""
     from gather_excite import create_model
 
     torch.manual_seed(0)
@@ -371,7 +383,7 @@ def test_forward_mode_ad_through_a_ge_network_equals_finite_differences():
     tangent = torch.randn_like(x)
     tangents = {}
     for lean in (False, True):
-        set_fused(lean)
+        set_lean(lean)
         m = copy.deepcopy(model)
         with forward_ad.dual_level():
             out = m(forward_ad.make_dual(x, tangent))
@@ -390,7 +402,7 @@ def test_forward_mode_ad_through_a_ge_network_equals_finite_differences():
 def device_generic(monkeypatch):
     """Take the branches that every non-CPU device takes (einsum, multiply-and-sum,
     batch_norm_update_stats) instead of the CPU loops."""
-    monkeypatch.setattr(_fused_autograd, "CPU_KERNELS", False)
+    monkeypatch.setattr(_lean, "CPU_KERNELS", False)
 
 
 @pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e2", "ge_theta_e4", "ge_theta", "ge_theta_plus",
@@ -465,3 +477,81 @@ def test_fuzz_lean_equals_plain(spec, n, height, width, channels_last, training,
                 assert lean[group][name] is None and expected is None, name
                 continue
             torch.testing.assert_close(lean[group][name], expected, atol=1e-9, rtol=1e-9, equal_nan=True, msg=name)
+
+
+# --- the module, chosen at build time, and the operator API it uses -------------------------------
+
+
+def _unit_output_is_lean(unit, z):
+    return _lean_ran(unit.norm_context(z, unit.bn3, unit.context))
+
+
+def test_the_choice_is_made_when_the_model_is_built():
+    """A model built while the lean path is forbidden stays plain; one built while it is allowed is
+    lean, and the global switch still turns it off at call time (for benchmarks)."""
+    from gather_excite.models.resnet import ResNet
+
+    z = torch.randn(2, 256, 8, 8, requires_grad=True)
+    set_lean(False)
+    plain_unit = ResNet((1, 1, 1, 1), context_layer="ge_theta_e2", input_size=32).layer1[0]
+    set_lean(True)
+    lean_unit = ResNet((1, 1, 1, 1), context_layer="ge_theta_e2", input_size=32).layer1[0]
+    assert not plain_unit.norm_context.lean and lean_unit.norm_context.lean
+    assert not _unit_output_is_lean(plain_unit, z)
+    assert _unit_output_is_lean(lean_unit, z)
+    set_lean(False)
+    assert not _unit_output_is_lean(lean_unit, z)
+    assert "lean=True" in repr(lean_unit.norm_context)
+    assert not any("norm_context" in key for key in lean_unit.state_dict())  # it holds no state
+
+
+def test_a_converted_norm_layer_is_seen_and_takes_the_plain_path():
+    """The unit passes its current norm layer on each call: after FrozenBatchNorm2d replaces bn3
+    (as the detection backbone does), the unit runs it, plainly, with the same output in eval mode."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from gather_excite.models.resnet import ResNet
+
+    unit = ResNet((1, 1, 1, 1), context_layer="ge_theta_plus_e2", input_size=32).layer1[0].eval()
+    z = torch.randn(2, 256, 8, 8, requires_grad=True)
+    expected = unit.context(unit.bn3(z))
+    assert _unit_output_is_lean(unit, z)
+    frozen = FrozenBatchNorm2d(256, eps=unit.bn3.eps)
+    frozen.weight.copy_(unit.bn3.weight.detach())
+    frozen.bias.copy_(unit.bn3.bias.detach())
+    frozen.running_mean.copy_(unit.bn3.running_mean)
+    frozen.running_var.copy_(unit.bn3.running_var)
+    unit.bn3 = frozen
+    out = unit.norm_context(z, unit.bn3, unit.context)
+    assert not _lean_ran(out)
+    torch.testing.assert_close(out, expected)
+
+
+def test_functorch_grad_steps_aside_and_equals_autograd():
+    """torch.func.grad through a lean-eligible unit (eval-mode BN, parameters requiring grad) gives
+    the input gradient that torch.autograd.grad gives; the lean function has no functorch rule."""
+    set_lean(True)
+    bn, context = _unit("ge_theta_e2", 8, 8)
+    bn.eval()
+    context.eval()  # functorch refuses the in-place running-stat updates of training mode, plain or lean
+    z = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    expected = torch.autograd.grad(bn_context(bn, context, z.requires_grad_()).square().sum(), z)[0]
+    got = torch.func.grad(lambda x: bn_context(bn, context, x).square().sum())(z.detach())
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("spec", list_context_specs())
+@pytest.mark.parametrize("size", [(12, 12), (7, 5)])
+def test_gather_split_recomposes_the_gather(spec, size):
+    """The operator's lean API: ``rest(first(x))``, or ``rest(sum_hw(weights * x))``, is the gather's
+    output, and ``gate_from`` of it is the gate the operator multiplies by (float64)."""
+    torch.manual_seed(0)
+    context = create_context(spec, 8, feature_size=10).double()  # 10 px: the global kernel is resampled
+    x = torch.randn(3, 8, *size, dtype=torch.float64)
+    split = context.gather_split(size)
+    s = (x * split.weights).sum((2, 3), keepdim=True) if split.first is None else split.first(x)
+    gathered = split.rest(s)
+    reference = context.gather(x) if hasattr(context, "gather") else x.mean((2, 3), keepdim=True)
+    torch.testing.assert_close(gathered, reference)
+    gate = F.interpolate(context.gate_from(gathered), size=size, mode="nearest")
+    torch.testing.assert_close(x * gate, context(x))
