@@ -201,24 +201,34 @@ class _Unit:
         scale = weight * invstd
         return mean, invstd, scale, bias - mean * scale, sample_mean
 
-    def gate(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(gate, copy, recorded)``: the gate of the reduced map ``s``, recorded on a detached copy.
+    def gate(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gate, recorded)``: the gate of the reduced map ``s``, recorded from a detached copy.
 
-        Saved for backward with the unit's tensors, the recording lives exactly as long as they do.
+        A zero scalar leaf added to the copy gives the recording an entry whose gradient backward
+        reads without keeping ``s``. Saved with the unit's tensors, the recording lives as long as they do.
         """
         with torch.enable_grad():
-            s_leaf = s.detach().requires_grad_()
-            recorded = self.gate_from(self.split.rest(s_leaf))
-        return recorded.detach(), s_leaf, recorded
+            entry = s.detach() + s.new_zeros((), requires_grad=True)
+            recorded = self.gate_from(self.split.rest(entry))
+        self.entry = torch.autograd.graph.get_gradient_edge(entry)
+        return recorded.detach(), recorded
 
     def gate_backward(
-        self, s_leaf: torch.Tensor, recorded: torch.Tensor, grad_gate: torch.Tensor
+        self, recorded: torch.Tensor, grad_gate: torch.Tensor
     ) -> tuple[torch.Tensor | None, dict[torch.Tensor, torch.Tensor | None]]:
         """Gradient of the reduced map and of the context's parameters on the gate's path."""
         grads = torch.autograd.grad(
-            recorded, [s_leaf, *self.params], grad_gate.to(recorded.dtype), retain_graph=True, allow_unused=True
+            recorded, [self.entry, *self.params], grad_gate.to(recorded.dtype), retain_graph=True, allow_unused=True
         )
         return grads[0], dict(zip(self.params, grads[1:], strict=True))
+
+
+def _unhooked() -> torch.autograd.graph.saved_tensors_hooks:
+    return torch.autograd.graph.saved_tensors_hooks(_same, _same)
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _recompute(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -242,15 +252,15 @@ class LeanGlobal(torch.autograd.Function):
             z_dot = map_dot(z, kernel, acc)
             kernel_sum = kernel.sum((1, 2), dtype=acc)
         s = (scale * z_dot + shift * kernel_sum).view(n, c, 1, 1).to(z.dtype)
-        gate, s_leaf, recorded = unit.gate(s)
+        gate, recorded = unit.gate(s)
         ctx.unit = unit
-        ctx.save_for_backward(z, kernel, mean, invstd, scale, shift, z_dot, kernel_sum, gate, s_leaf, recorded)
+        ctx.save_for_backward(z, kernel, mean, invstd, scale, shift, z_dot, kernel_sum, gate, recorded)
         return torch.addcmul(_channel(shift) * gate, z, _channel(scale) * gate).to(z.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        z, kernel, mean, invstd, scale, shift, z_dot, kernel_sum, gate, s_leaf, recorded = ctx.saved_tensors
+        z, kernel, mean, invstd, scale, shift, z_dot, kernel_sum, gate, recorded = ctx.saved_tensors
         unit: _Unit = ctx.unit
         n, c, h, w = z.shape
         acc = z_dot.dtype
@@ -258,7 +268,7 @@ class LeanGlobal(torch.autograd.Function):
         grad_sum = grad_out.sum((2, 3), dtype=acc)  # (N, C)
         grad_dot = map_dot(grad_out, z, acc)  # (N, C)
         # sum_hw(grad_out * BN(z)) = scale * sum_hw(grad_out * z) + shift * sum_hw(grad_out)
-        ds, grads = unit.gate_backward(s_leaf, recorded, (scale * grad_dot + shift * grad_sum).view(n, c, 1, 1))
+        ds, grads = unit.gate_backward(recorded, (scale * grad_dot + shift * grad_sum).view(n, c, 1, 1))
         ds = torch.zeros_like(z_dot) if ds is None else ds.view(n, c).to(acc)
         g = gate.view(n, c).to(acc)
         # The gradient of BN(z) is g * grad_out + ds * K: its per-channel sum and its sum against z - mean.
@@ -299,24 +309,25 @@ class LeanWindowed(torch.autograd.Function):
     def forward(ctx, unit: _Unit, z, weight, bias, *params):
         mean, invstd, scale, shift, _ = unit.statistics(z, weight, bias)
         y = _recompute(z, scale, shift)
-        gate, s_leaf, recorded = unit.gate(unit.split.first(y))
+        gate, recorded = unit.gate(unit.split.first(y))
         ctx.unit = unit
         running = (unit.running_mean, unit.running_var) if not unit.batch_stats else (None, None)
-        ctx.save_for_backward(z, weight, *running, mean, invstd, scale, shift, gate, s_leaf, recorded)
+        ctx.save_for_backward(z, weight, *running, mean, invstd, scale, shift, gate, recorded)
         return GateBroadcast(gate, y, y.dtype).multiply(y)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        z, weight, running_mean, running_var, mean, invstd, scale, shift, gate, s_leaf, recorded = ctx.saved_tensors
+        z, weight, running_mean, running_var, mean, invstd, scale, shift, gate, recorded = ctx.saved_tensors
         unit: _Unit = ctx.unit
         y = _recompute(z, scale, shift)
         excite = GateBroadcast(gate, y, y.dtype)
-        ds, grads = unit.gate_backward(s_leaf, recorded, excite.gate_grad(grad_out, y))
+        ds, grads = unit.gate_backward(recorded, excite.gate_grad(grad_out, y))
         total = None
         if ds is not None:  # the gather's share, from its first module run again on the rebuilt y
             device_type, enabled, dtype = unit.autocast
-            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            # What this recomputation saves lives only within this backward: not saved activations.
+            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled), _unhooked():
                 y_leaf = y.detach().requires_grad_()
                 s = unit.split.first(y_leaf)
                 total, *first_grads = torch.autograd.grad(s, [y_leaf, *unit.first_params], ds.to(s.dtype))
