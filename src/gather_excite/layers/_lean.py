@@ -324,7 +324,10 @@ class LeanWindowed(torch.autograd.Function):
         excite = GateBroadcast(gate, y, y.dtype)
         ds, grads = unit.gate_backward(recorded, excite.gate_grad(grad_out, y))
         total = None
-        if ds is not None:  # the gather's share, from its first module run again on the rebuilt y
+        if ds is not None and unit.split.first_backward is not None:  # the gather's share, by its own backward
+            total, *first_grads = unit.split.first_backward(y, ds)
+            grads.update(zip(unit.split.first.parameters(), first_grads, strict=True))
+        elif ds is not None:  # or from its first module run again on the rebuilt y
             device_type, enabled, dtype = unit.autocast
             # What this recomputation saves lives only within this backward: not saved activations.
             with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled), _unhooked():

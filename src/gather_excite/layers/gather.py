@@ -28,14 +28,17 @@ class GatherSplit(NamedTuple):
 
     ``first`` is the module that reads the full-size map; ``None`` means that step is the global
     weighted sum ``sum_hw(weights * x)``, with ``weights`` a ``(C, H, W)`` kernel or one number for
-    every position (``1 / (H * W)``: the mean). ``rest`` works on the reduced map only. Memory-lean
-    training (:class:`~gather_excite.layers.NormContext`) uses it to rebuild the full-size input
-    instead of keeping it.
+    every position (``1 / (H * W)``: the mean). ``rest`` works on the reduced map only.
+    ``first_backward(x, grad)``, where given, is the gradient of ``first``'s input ``x`` and of its
+    parameters (in ``first.parameters()`` order) from the gradient of its output, without running
+    it again. Memory-lean training (:class:`~gather_excite.layers.NormContext`) uses the split to
+    rebuild the full-size input instead of keeping it.
     """
 
     first: nn.Module | None
     weights: torch.Tensor | float | None
     rest: Callable[[torch.Tensor], torch.Tensor]
+    first_backward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, ...]] | None = None
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +76,11 @@ class PoolGather(nn.Module):
         # window (the padding excluded from the mean): the global mean.
         if self.mode == "avg" and (self.extent is None or self.extent >= max(size)):
             return GatherSplit(None, 1.0 / (size[0] * size[1]), _identity)
-        return GatherSplit(self, None, _identity)
+        return GatherSplit(self, None, _identity, self._avg_backward if self.mode == "avg" else None)
+
+    def _avg_backward(self, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor]:
+        e = self.extent
+        return (torch.ops.aten.avg_pool2d_backward(grad, x, [2 * e - 1] * 2, [e] * 2, [e - 1] * 2, False, False, None),)
 
     def extra_repr(self) -> str:
         return f"extent={self.extent}, mode={self.mode!r}"
@@ -105,7 +112,16 @@ class ConvGather(nn.Module):
 
     def split(self, size: tuple[int, int]) -> GatherSplit:
         """This gather as a :class:`GatherSplit`: the first conv reads the full-size map."""
-        return GatherSplit(self.layers[0], None, self.layers[1:])
+        return GatherSplit(self.layers[0], None, self.layers[1:], self._first_conv_backward)
+
+    def _first_conv_backward(self, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        conv = self.layers[0]
+        # In the gradient's dtype (bf16 under autocast), as autocast ran the conv.
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad, x.to(grad.dtype), conv.weight.to(grad.dtype), None, list(conv.stride), list(conv.padding),
+            list(conv.dilation), False, [0, 0], conv.groups, [True, conv.weight.requires_grad, False],
+        )  # fmt: skip
+        return grad_x.to(x.dtype), None if grad_weight is None else grad_weight.to(conv.weight.dtype)
 
 
 def resample_kernel(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
