@@ -1,0 +1,122 @@
+"""The lean path against a previous implementation of it, paired in one process.
+
+Loads ``layers/fused.py`` and ``layers/_fused_autograd.py`` of an older checkout (the lean path
+before ``NormContext``, e.g. commit eaab1a9) next to this one and times both with the repo's own
+benchmark functions: rotating rounds, CPU time, the median of within-round ratios.
+
+    git worktree add --detach /tmp/previous eaab1a9
+    python benchmarks/lean_vs_previous.py /tmp/previous net --batch 8 --repeats 5
+    python benchmarks/lean_vs_previous.py /tmp/previous op --repeats 7 ge_theta_minus_e2 ge_theta_e4
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import gather_excite.layers
+from gather_excite.bench import paired_ratio, saved_bytes, time_samples
+from gather_excite.bench.net import _net_step
+from gather_excite.layers import NormContext, create_context
+from gather_excite.models import create_model
+
+
+def _load_previous(checkout: Path):
+    """The previous ``bn_context``, importing this checkout's operators (the same classes)."""
+    layers = checkout / "src" / "gather_excite" / "layers"
+    for name in ("_fused_autograd", "fused"):
+        spec = importlib.util.spec_from_file_location(f"{gather_excite.layers.__name__}.{name}", layers / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module.bn_context
+
+
+class _Previous(nn.Module):
+    def __init__(self, bn_context) -> None:
+        super().__init__()
+        self.bn_context = bn_context
+
+    def forward(self, x: torch.Tensor, norm: nn.Module, context: nn.Module) -> torch.Tensor:
+        return self.bn_context(norm, context, x)
+
+
+def net(bn_context, batch: int, repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    x, target = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
+    built = {"resnet50": create_model("resnet50").train()}
+    for name in ("ge_theta_minus_resnet50", "ge_theta_resnet50", "ge_theta_plus_resnet50", "se_resnet50"):
+        torch.manual_seed(0)
+        built[f"{name}/new"] = create_model(name).train()
+        built[f"{name}/previous"] = previous = copy.deepcopy(built[f"{name}/new"])
+        for module in previous.modules():
+            if isinstance(getattr(module, "norm_context", None), NormContext):
+                module.norm_context = _Previous(bn_context)
+    steps = {key: _net_step(model, x, target, lean=True, autocast=None) for key, model in built.items()}
+    memory = {key: saved_bytes(step, exclude=(built[key],)) for key, step in steps.items()}
+    samples = time_samples(steps, repeats=repeats, warmup=0, clock="cpu")
+    rows = []
+    for key in steps:
+        row = {"step": key, "seconds": samples[key], "time_vs_resnet50": paired_ratio(samples, key, "resnet50"),
+               "saved_bytes": memory[key], "bytes_vs_resnet50": memory[key] / memory["resnet50"]}  # fmt: skip
+        if key.endswith("/new"):
+            row["time_new_vs_previous"] = paired_ratio(samples, key, key.replace("/new", "/previous"))
+        rows.append(row)
+    return rows
+
+
+def _op_row(bn_context, spec: str, channels: int, size: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    z = torch.randn(8, channels, size, size).requires_grad_()
+    grad, bn = torch.randn_like(z), nn.BatchNorm2d(channels)
+    context, norm_context = create_context(spec, channels, feature_size=size), NormContext(lean=True)
+
+    def step(call):
+        def run() -> None:
+            bn.zero_grad(set_to_none=True)
+            context.zero_grad(set_to_none=True)
+            z.grad = None
+            call().backward(grad)
+
+        return run
+
+    steps = {"previous": step(lambda: bn_context(bn, context, z)), "new": step(lambda: norm_context(z, bn, context))}
+    memory = {key: saved_bytes(s, exclude=(bn, context)) for key, s in steps.items()}
+    samples = time_samples(steps, repeats=repeats, warmup=0, clock="cpu")
+    return {
+        "variant": spec, "shape": [channels, size, size], "seconds": samples,
+        "time_new_vs_previous": paired_ratio(samples, "new", "previous"),
+        "bytes_new_vs_previous": memory["new"] / memory["previous"],
+    }  # fmt: skip
+
+
+def op(bn_context, variants: list[str], repeats: int) -> list[dict]:
+    stages = ((256, 56), (512, 28), (1024, 14), (2048, 7))
+    return [_op_row(bn_context, spec, c, size, repeats) for spec in variants for c, size in stages]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("previous", type=Path, help="a checkout of the previous implementation")
+    parser.add_argument("what", choices=("net", "op"))
+    parser.add_argument("variants", nargs="*", default=["ge_theta_minus_e2", "ge_theta_e4", "ge_theta_plus_e8"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    bn_context = _load_previous(args.previous)
+    rows = (
+        net(bn_context, args.batch, args.repeats) if args.what == "net" else op(bn_context, args.variants, args.repeats)
+    )
+    print(json.dumps({"threads": 1, "clock": "cpu", "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
