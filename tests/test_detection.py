@@ -58,7 +58,7 @@ def test_backbone_weights_load_and_bad_arguments():
         fasterrcnn_ge_resnet("resnet50", layout="c5")
     with pytest.raises(ValueError, match="'shufflenet_g3' has no C4 feature maps"):
         fasterrcnn_ge_resnet("shufflenet_g3", layout="c4")
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="backbone_weights do not fit ge_theta_resnet50"):
         fasterrcnn_ge_resnet("ge_theta_resnet50", backbone_weights=create_model("se_resnet50").state_dict())
 
 

@@ -24,6 +24,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from ..errors import ConfigError
 from ..models import create_model, split_model_name
+from ..models._pretrained import Weights, load_weights_into
 
 __all__ = ["C4_BACKBONES", "LAYOUTS", "fasterrcnn_ge_resnet", "freeze_batchnorm"]
 
@@ -75,14 +76,12 @@ class _C4Trunk(nn.Sequential):
 
 
 def _load_backbone_weights(net: nn.Module, backbone: str, weights: Mapping[str, torch.Tensor]) -> None:
-    # The classifier (fc.*) of a classification checkpoint never fits a detector's class count.
+    # The classifier (fc.*) of a classification checkpoint never fits a detector; the rest goes
+    # through create_model(pretrained=...)'s loader, which names every key that does not fit and
+    # lets a baseline's weights (no context entries) start a GE backbone.
     state = {k: v for k, v in weights.items() if not k.startswith("fc.")}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise ConfigError(
-            f"backbone_weights do not fit {backbone!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    own_fc = {k: v for k, v in net.state_dict().items() if k.startswith("fc.")}
+    load_weights_into(net, Weights({**state, **own_fc}, "backbone_weights"), model_name=backbone)
 
 
 def _default_anchor_sizes(reductions: Sequence[int]) -> tuple[tuple[int, ...], ...]:

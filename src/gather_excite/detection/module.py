@@ -11,7 +11,9 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeFileError, one_line
+from ..errors import CheckpointError, ConfigError
+from ..models import split_model_name
+from ..models._pretrained import read_weights
 from .coco_eval import coco_evaluate
 from .model import fasterrcnn_ge_resnet
 
@@ -29,43 +31,32 @@ def is_detector_checkpoint(checkpoint: dict[str, Any]) -> bool:
     return all(key in hparams for key in DETECTOR_KEYS)
 
 
-def load_backbone_state(path: str | Path, backbone: str) -> dict[str, torch.Tensor]:
-    """The backbone weights in ``path``: a ``gex train`` checkpoint of ``backbone`` or a plain state dict.
+def load_backbone_state(source: str | Path, backbone: str) -> dict[str, torch.Tensor]:
+    """The backbone weights that ``source`` names, through :func:`gather_excite.models._pretrained.read_weights`.
 
-    A plain state dict is a torchvision ResNet's (``torchvision.models.resnet50(weights=...)
-    .state_dict()`` saved with ``torch.save``) or any of this library's networks; a detector
-    checkpoint is refused. Loaded with ``weights_only=True``.
+    Any source that ``create_model(pretrained=...)`` takes: a ``gex train`` checkpoint of
+    ``backbone``, a state dict file (e.g. ``torch.save(torchvision.models.resnet50(weights=...)
+    .state_dict(), path)``: the names match), a ``gex export`` folder, a URL, ``hf-hub:...`` or
+    ``torchvision``. Files are read with ``weights_only=True``; a detector checkpoint is refused.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"backbone_init {str(path)!r} does not exist")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # the weights-only unpickler met a pickled object: loading it fully could run code
-        raise UnsafeFileError(
-            f"backbone_init {str(path)!r} was refused as unsafe: it holds pickled Python objects that a "
-            f"weights-only load does not build ({one_line(err)[:200]}); it was not loaded"
-        ) from None
-    except (RuntimeError, EOFError) as err:
-        raise CheckpointError(
-            f"backbone_init {str(path)!r} is not a torch checkpoint or state dict: {one_line(err)[:200]}"
-        ) from None
-    if not isinstance(loaded, dict):
-        raise CheckpointError(f"backbone_init {str(path)!r} holds a {type(loaded).__name__}, expected a state dict")
-    if "state_dict" in loaded and isinstance(loaded.get("hyper_parameters"), dict):
-        if is_detector_checkpoint(loaded):
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix != ".safetensors":
+        try:
+            peek = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):
+            peek = None  # read_weights below reports what is wrong with the file
+        if isinstance(peek, dict) and is_detector_checkpoint(peek):
             raise CheckpointError(
                 f"backbone_init {str(path)!r} is a detector checkpoint (gex detect train); it expects a "
                 "classifier checkpoint (gex train) or a torchvision ResNet state dict"
             )
-        arch = loaded["hyper_parameters"].get("arch")
-        if arch != backbone:
-            raise CheckpointError(
-                f"backbone_init {str(path)!r} was trained as {arch!r}, but the backbone is {backbone!r}"
-            )
-        return {k[len("net.") :]: v for k, v in loaded["state_dict"].items() if k.startswith("net.")}
-    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+    weights = read_weights(source, backbone=split_model_name(backbone)[0])
+    arch = weights.config.get("architecture")
+    if arch is not None and arch != backbone:
+        raise CheckpointError(
+            f"backbone_init {str(source)!r} was trained as {arch!r}, but the backbone is {backbone!r}"
+        )
+    return dict(weights.state_dict)
 
 
 class DetectionModule(L.LightningModule):
