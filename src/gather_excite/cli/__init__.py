@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "complexity": ("complexity", "params and MACs of the paper's Tables 1-5 next to the paper's figures"),
     "train": ("train", "train a model from a YAML recipe (Lightning)"),
     "eval": ("evaluate", "evaluate a checkpoint: top-1/top-5 error, params, MACs to JSON"),
-    "export": ("export", "export a checkpoint: --format safetensors (a Hub-ready folder)"),
+    "export": ("export", "export a model: safetensors (a Hub-ready folder), onnx or pt2 (checked against eager)"),
     "compare": ("compare", "train and compare baseline/SE/GE variants on Fashion-MNIST (the main job)"),
     "bench": ("bench", "speed and memory benchmarks of the operators and networks"),
     "analyze": ("analyze", "the paper's Section 4 analyses: selectivity, prune, curves"),

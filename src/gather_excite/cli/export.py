@@ -2,6 +2,9 @@
 
 ``safetensors`` writes a folder (``model.safetensors``, ``config.json``, a Hub model card) that
 ``create_model(name, pretrained=FOLDER)`` loads and ``--push-to-hub ORG/REPO`` uploads.
+``onnx`` (the dynamo exporter) and ``pt2`` (``torch.export``) write the network's graph, from a
+checkpoint or a registered model name, with ``--dynamic`` batch/height/width, then run the file
+against eager PyTorch (onnxruntime for ONNX) and print the largest difference per input size.
 A new format is one more entry in :data:`EXPORTERS`: a function ``(args) -> str`` (the line to
 print) and, if it needs options, an ``add_<format>_arguments(parser)`` call in :func:`_parser`.
 """
@@ -12,9 +15,14 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from importlib.util import find_spec
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, GexError, one_line
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["EXPORTERS", "main"]
 
@@ -54,9 +62,83 @@ def _export_safetensors(args: argparse.Namespace) -> str:
     return message
 
 
+def _network(args: argparse.Namespace) -> nn.Module:
+    """The eval-mode network of a checkpoint or of a registered model name (fresh weights)."""
+    from ..engine.loading import load_model
+
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ConfigError(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.out is None:
+        raise ConfigError(f"--out is required: the file to write the {args.format} graph into")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {args.out}: the folder {str(out.parent)!r} does not exist")
+    kwargs: dict[str, object] = {}
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    if args.image_size is not None:
+        kwargs["input_size"] = args.image_size
+    try:
+        return load_model(args.checkpoint, **kwargs).net.eval()
+    except (FileNotFoundError, ValueError) as err:
+        if isinstance(err, GexError):
+            raise
+        raise ConfigError(str(err)) from None
+
+
+def _report(args: argparse.Namespace, differences: dict[str, float] | None) -> str:
+    lines = [f"wrote {args.out} ({args.format}, {'dynamic' if args.dynamic else 'static'} shapes)"]
+    lines += [f"  {size}: max |exported - eager| = {value:.3g}" for size, value in (differences or {}).items()]
+    return "\n".join(lines)
+
+
+def _checked_sizes(model: nn.Module, dynamic: bool) -> list[tuple[int, int]]:
+    from ..export import check_sizes
+
+    return check_sizes(model) if dynamic else [tuple(model.input_size)]
+
+
+def _export_pt2(args: argparse.Namespace) -> str:
+    """A ``torch.export`` program (``torch.export.save``), loaded back and run against eager."""
+    import torch
+
+    from ..export import export_program, max_difference
+
+    model = _network(args)
+    torch.export.save(export_program(model, dynamic=args.dynamic), args.out)
+    program = torch.export.load(args.out)
+    return _report(args, max_difference(program.module(), model, _checked_sizes(model, args.dynamic)))
+
+
+def _export_onnx(args: argparse.Namespace) -> str:
+    """An ONNX file (dynamo exporter), run by onnxruntime against eager when onnxruntime is installed."""
+    if find_spec("onnxscript") is None or find_spec("onnx") is None:
+        raise ConfigError("--format onnx needs the onnx and onnxscript packages: pip install 'gather-excite[export]'")
+    from ..export import export_onnx, onnx_max_difference
+
+    model = _network(args)
+    export_onnx(model, args.out, dynamic=args.dynamic)
+    if find_spec("onnxruntime") is None:
+        return _report(args, None) + "\n  onnxruntime is not installed: the file was not checked against eager"
+    return _report(args, onnx_max_difference(args.out, model, _checked_sizes(model, args.dynamic)))
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected an int or HxW of ints >= 1 (e.g. 224 or 256x192), got {text!r}")
+    return (values[0], values[-1])
+
+
 # format -> exporter; each returns the line(s) to print and raises a GexError on bad input.
 EXPORTERS: dict[str, Callable[[argparse.Namespace], str]] = {
     "safetensors": _export_safetensors,
+    "onnx": _export_onnx,
+    "pt2": _export_pt2,
 }
 
 
@@ -64,17 +146,31 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gex export",
         description="Export a checkpoint. safetensors: a folder with model.safetensors, config.json (architecture, "
-        "constructor arguments, input size, mean/std, class names, eval figures) and a Hub model card.",
+        "constructor arguments, input size, mean/std, class names, eval figures) and a Hub model card. onnx, pt2: "
+        "the network's graph (also of a model name), checked against eager PyTorch at three input sizes.",
     )
-    parser.add_argument("checkpoint", help="a .ckpt written by gex train / gex compare")
+    parser.add_argument(
+        "checkpoint", metavar="CKPT_OR_NAME",
+        help="a .ckpt written by gex train / gex compare (onnx and pt2 also take a registered model name)",
+    )  # fmt: skip
     parser.add_argument("--format", required=True, choices=sorted(EXPORTERS), help="what to write")
-    parser.add_argument("--out", default=None, help="where to write it (a folder for safetensors)")
+    parser.add_argument("--out", default=None, help="where to write it (a folder for safetensors, a file otherwise)")
     hub = parser.add_argument_group("safetensors")
     hub.add_argument(
         "--eval-json", default=None, help="figures for the card (default: eval.json beside the checkpoint)"
     )
     hub.add_argument("--push-to-hub", default=None, metavar="ORG/REPO", help="upload the folder (needs network)")
     hub.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    graph = parser.add_argument_group("onnx, pt2")
+    graph.add_argument(
+        "--dynamic", action="store_true",
+        help="symbolic batch, height and width (default: fixed to the example batch and the model's input size)",
+    )  # fmt: skip
+    graph.add_argument("--num-classes", type=int, default=None, help="classes of a model name (default 1000)")
+    graph.add_argument(
+        "--image-size", type=_image_size, default=None,
+        help="input size of a model name, N or HxW (default 224; a checkpoint keeps its own)",
+    )  # fmt: skip
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from .context_spec import ContextSpec, context_specs
@@ -42,20 +43,32 @@ def _accepts(fn: Callable[..., object], name: str) -> bool:
 
 
 def create_context(
-    context: ContextArg, channels: int, *, feature_size: int | tuple[int, int] | None = None
+    context: ContextArg,
+    channels: int,
+    *,
+    feature_size: int | tuple[int, int] | None = None,
+    device: torch.device | str | int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Build the context module for a residual branch of ``channels`` channels.
 
     ``context`` is a spec string, a class, a ``functools.partial`` or any callable taking
     ``channels`` first, or ``None`` (an ``nn.Identity`` placeholder, so every unit has the
     same hook point). ``feature_size`` (the branch's spatial size) is passed when the
-    constructor accepts it; the global depthwise gather needs it.
+    constructor accepts it; the global depthwise gather needs it. ``device`` and ``dtype``, when
+    given, are passed on as PyTorch's factory arguments.
     """
     if context is None:
         return nn.Identity()
     factory = get_context(context) if isinstance(context, str) else context
     if not callable(factory):
         raise TypeError(f"context must be a spec string, a class, a callable or None, got {context!r}")
+    # Only the factory arguments given: a user's own constructor need not take them.
+    kwargs: dict[str, object] = {}
+    if device is not None:
+        kwargs["device"] = device
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     if feature_size is not None and _accepts(factory, "feature_size"):
-        return factory(channels, feature_size=feature_size)
-    return factory(channels)
+        kwargs["feature_size"] = feature_size
+    return factory(channels, **kwargs)

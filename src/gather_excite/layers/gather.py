@@ -17,7 +17,9 @@ from torch import nn
 
 from ._validate import accumulate_dtype, check_extent, pair
 
-__all__ = ["BN_MOMENTUM", "ConvGather", "GatherSplit", "GlobalConvGather", "PoolGather", "resample_kernel"]
+Device = torch.device | str | int | None
+
+__all__ = ["BN_MOMENTUM", "ConvGather", "Device", "GatherSplit", "GlobalConvGather", "PoolGather", "resample_kernel"]
 
 # The authors' Caffe BN uses a running-average decay of 0.95, i.e. PyTorch momentum 0.05.
 BN_MOMENTUM = 0.05
@@ -50,9 +52,12 @@ class PoolGather(nn.Module):
 
     For extent e this is ``kernel=2e-1, stride=e, padding=e-1`` with the padding
     excluded from the mean; for global extent (``extent=None``) the spatial mean/max.
+    ``device`` and ``dtype`` are accepted as by every ``nn.Module`` (there is nothing to place).
     """
 
-    def __init__(self, extent: int | None = None, *, mode: str = "avg") -> None:
+    def __init__(
+        self, extent: int | None = None, *, mode: str = "avg", device: Device = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         if mode not in ("avg", "max"):
             raise ValueError(f"mode must be 'avg' or 'max', got {mode!r}")
@@ -93,8 +98,9 @@ class ConvGather(nn.Module):
     consecutive (conv, BN) pairs but not after the last one.
     """
 
-    def __init__(self, channels: int, extent: int) -> None:
+    def __init__(self, channels: int, extent: int, *, device: Device = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         extent = check_extent(extent)
         if extent is None:
             raise ValueError("ConvGather needs a finite extent; use GlobalConvGather for global extent")
@@ -103,8 +109,8 @@ class ConvGather(nn.Module):
         for i in range(int(math.log2(extent))):
             if i > 0:
                 layers.append(nn.ReLU(inplace=True))
-            layers.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels, bias=False))
-            layers.append(nn.BatchNorm2d(channels, momentum=BN_MOMENTUM))
+            layers.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels, bias=False, **dd))
+            layers.append(nn.BatchNorm2d(channels, momentum=BN_MOMENTUM, **dd))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,21 +133,25 @@ class ConvGather(nn.Module):
 def resample_kernel(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resample a depthwise kernel ``(C, 1, h, w)`` to ``size``, keeping each channel's sum.
 
-    The kernel is resized bilinearly (anti-aliased when shrinking) and scaled by the
-    area ratio ``h*w / (H*W)``, which keeps the sum of a smooth kernel; the small residual
-    is then spread evenly so that every channel's sum equals the learned kernel's exactly.
-    A global kernel then responds to a spatially constant map as it did at its training
-    size, and the gather stays a weighted spatial average at any resolution.
+    The kernel is resized bilinearly (anti-aliased, which changes nothing along a dimension that
+    grows) and scaled by the area ratio ``h*w / (H*W)``, which keeps the sum of a smooth kernel;
+    the small residual is then spread evenly so that every channel's sum equals the learned
+    kernel's exactly. A global kernel then responds to a spatially constant map as it did at its
+    training size, and the gather stays a weighted spatial average at any resolution.
+
+    ``size`` may be symbolic (``torch.export``, ``torch.compile(dynamic=True)``): the computation
+    has no branch on it, so the resampling becomes part of the traced graph and the graph runs
+    at any size. Only a concrete size equal to the kernel's returns the kernel itself.
     """
     h, w = weight.shape[-2:]
-    if (h, w) == tuple(size):
-        return weight
     out_h, out_w = size
-    shrink = out_h < h or out_w < w
-    resized = F.interpolate(weight.float(), size=size, mode="bilinear", align_corners=False, antialias=shrink)
-    resized = resized * (h * w / (out_h * out_w))
+    if isinstance(out_h, int) and isinstance(out_w, int) and (out_h, out_w) == (h, w):
+        return weight
+    resized = F.interpolate(weight.float(), size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
+    area = out_h * out_w
+    resized = resized * (h * w / area)
     residual = weight.float().sum((2, 3), keepdim=True) - resized.sum((2, 3), keepdim=True)
-    return (resized + residual / (out_h * out_w)).to(weight.dtype)
+    return (resized + residual / area).to(weight.dtype)
 
 
 class GlobalConvGather(nn.Module):
@@ -150,18 +160,31 @@ class GlobalConvGather(nn.Module):
     The kernel is tied to ``feature_size``. At another input size the learned kernel is
     resampled to that size (see :func:`resample_kernel`) so the gather stays global;
     ``strict_size=True`` raises a ``ValueError`` naming both sizes instead.
+
+    A depthwise conv whose kernel is as large as the map is a weighted spatial sum per channel,
+    and it is computed as one: ``sum_hw(x * kernel)``. Compilers fuse that multiply-and-sum into
+    one reduction over the map; a map-sized convolution they leave to a slow generic kernel.
     """
 
-    def __init__(self, channels: int, feature_size: int | tuple[int, int], *, strict_size: bool = False) -> None:
+    def __init__(
+        self,
+        channels: int,
+        feature_size: int | tuple[int, int],
+        *,
+        strict_size: bool = False,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.feature_size = pair(feature_size, "feature_size")
         self.strict_size = strict_size
-        self.conv = nn.Conv2d(channels, channels, self.feature_size, groups=channels, bias=False)
-        self.bn = nn.BatchNorm2d(channels, momentum=BN_MOMENTUM)
+        self.conv = nn.Conv2d(channels, channels, self.feature_size, groups=channels, bias=False, **dd)
+        self.bn = nn.BatchNorm2d(channels, momentum=BN_MOMENTUM, **dd)
 
     def kernel_for(self, size: tuple[int, int]) -> torch.Tensor:
         """The depthwise kernel to apply to an input of spatial ``size``."""
-        if size != self.feature_size and self.strict_size:
+        if self.strict_size and size != self.feature_size:
             raise ValueError(
                 f"input feature size {size[0]}x{size[1]} differs from the global gather's "
                 f"feature_size {self.feature_size[0]}x{self.feature_size[1]} and strict_size=True"
@@ -169,8 +192,10 @@ class GlobalConvGather(nn.Module):
         return resample_kernel(self.conv.weight, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = (x.shape[-2], x.shape[-1])
-        return self.bn(F.conv2d(x, self.kernel_for(size), groups=x.shape[1]))
+        kernel = self.kernel_for((x.shape[-2], x.shape[-1])).to(x.dtype)
+        # (C, 1, H, W) -> (C, H, W) broadcasts over the batch; accumulate half/bf16 in float32.
+        gathered = (x * kernel.squeeze(1)).sum((2, 3), keepdim=True, dtype=accumulate_dtype(x.dtype))
+        return self.bn(gathered.to(x.dtype))
 
     def split(self, size: tuple[int, int]) -> GatherSplit:
         """This gather at input ``size`` as a :class:`GatherSplit`: a map-sized kernel is a weighted sum."""

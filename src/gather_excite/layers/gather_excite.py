@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validate import accumulate_dtype, check_extent, check_input, check_int
-from .gather import ConvGather, GatherSplit, GlobalConvGather, PoolGather
+from .gather import ConvGather, Device, GatherSplit, GlobalConvGather, PoolGather
 
 __all__ = ["ExciteMLP", "GateProbe", "GatherExcite", "SqueezeExcite"]
 
@@ -20,20 +20,27 @@ class GateProbe(nn.Identity):
 
     A forward hook on it reads the gate; a hook that returns a tensor replaces the gate,
     which steers the module (e.g. a gate channel set to 0 zeroes that channel of the gated
-    output). With no hooks the module's output is unchanged.
+    output). With no hooks the module's output is unchanged. ``device`` and ``dtype`` are
+    accepted as by every ``nn.Module`` (there is nothing to place).
     """
+
+    def __init__(self, *, device: Device = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
 
 
 class ExciteMLP(nn.Module):
     """SE excite subnetwork: 1x1 conv C -> C/r (bias), ReLU, 1x1 conv C/r -> C (bias)."""
 
-    def __init__(self, channels: int, reduction: int = 16) -> None:
+    def __init__(
+        self, channels: int, reduction: int = 16, *, device: Device = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         check_int(reduction, "reduction")
         hidden = max(1, channels // reduction)
-        self.fc1 = nn.Conv2d(channels, hidden, 1, bias=True)
+        self.fc1 = nn.Conv2d(channels, hidden, 1, bias=True, **dd)
         self.act = nn.ReLU(inplace=True)
-        self.fc2 = nn.Conv2d(hidden, channels, 1, bias=True)
+        self.fc2 = nn.Conv2d(hidden, channels, 1, bias=True, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -49,15 +56,19 @@ def _gate(logits: torch.Tensor, probe: GateProbe) -> torch.Tensor:
     return probe(torch.sigmoid(logits.to(accumulate_dtype(logits.dtype))))
 
 
-def _excite(x: torch.Tensor, logits: torch.Tensor, probe: GateProbe) -> torch.Tensor:
+def _excite(x: torch.Tensor, logits: torch.Tensor, probe: GateProbe, *, resize: bool) -> torch.Tensor:
     """``x * sigmoid(nearest_resize(logits))`` with the gate passed through ``probe``.
 
     The sigmoid is taken in at least float32: the gate lies in [0, 1] whatever the input's dtype, so
     the product cannot overflow under low-precision autocast.
+
+    ``resize`` is fixed by the module (a gather with a finite extent), never read from the gate's
+    shape: a traced or exported graph then holds the resize at every input size, including the
+    sizes where the gate happens to be 1x1 (extent 8 on a 7x7 map) or as large as the map.
     """
     gate = _gate(logits, probe)
-    if gate.shape[-2:] != x.shape[-2:] and gate.shape[-2:] != (1, 1):
-        gate = F.interpolate(gate, size=x.shape[-2:], mode="nearest")
+    if resize:
+        gate = F.interpolate(gate, size=(x.shape[-2], x.shape[-1]), mode="nearest")
     return x * gate.to(x.dtype)
 
 
@@ -86,6 +97,8 @@ class GatherExcite(nn.Module):
             ``feature_size`` is handled by resampling the learned kernel to that size
             (bilinear, rescaled to keep each channel's sum), so the gather stays global and
             a spatially constant map gets the same gate. ``True`` raises a ``ValueError``.
+        device, dtype: where and in which dtype the parameters are created (PyTorch's
+            factory arguments, which timm passes to every ``attn_layer``).
 
     The gate passes through ``self.gate`` (a :class:`GateProbe`) where hooks may read or
     replace it. Works at any input size: extent e maps H x W to ceil(H/e) x ceil(W/e).
@@ -101,8 +114,11 @@ class GatherExcite(nn.Module):
         feature_size: int | tuple[int, int] | None = None,
         reduction: int = 16,
         strict_size: bool = False,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.channels = check_int(channels, "channels")
         self.extent = check_extent(extent)
         if gather not in GATHERS:
@@ -118,15 +134,15 @@ class GatherExcite(nn.Module):
                         "gather='conv' with global extent (extent=None) needs feature_size, the "
                         "input's spatial size (int or (h, w)), to size its depthwise kernel"
                     )
-                self.gather = GlobalConvGather(channels, feature_size, strict_size=strict_size)
+                self.gather = GlobalConvGather(channels, feature_size, strict_size=strict_size, **dd)
             else:
-                self.gather = ConvGather(channels, self.extent)
+                self.gather = ConvGather(channels, self.extent, **dd)
         else:
             self.gather = PoolGather(self.extent, mode=gather)
         if excite == "mlp":
             # The authors' GE-θ+ has a ReLU between the gather's last BN and the MLP.
             self.pre_mlp = nn.ReLU() if gather == "conv" else nn.Identity()
-            self.mlp = ExciteMLP(channels, reduction)
+            self.mlp = ExciteMLP(channels, reduction, **dd)
         else:
             self.pre_mlp = None
             self.mlp = None
@@ -142,7 +158,7 @@ class GatherExcite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels)
         _check_floating(x)
-        return _excite(x, self.gate_logits(x), self.gate)
+        return _excite(x, self.gate_logits(x), self.gate, resize=self.extent is not None)
 
     def gather_split(self, size: tuple[int, int]) -> GatherSplit:
         """The gather at input ``size`` split where it has read the full-size map (see :class:`GatherSplit`)."""
@@ -166,17 +182,19 @@ class SqueezeExcite(nn.Module):
     ``GatherExcite(channels, excite="mlp")`` with the same weights.
     """
 
-    def __init__(self, channels: int, reduction: int = 16) -> None:
+    def __init__(
+        self, channels: int, reduction: int = 16, *, device: Device = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.channels = check_int(channels, "channels")
-        self.mlp = ExciteMLP(channels, reduction)
+        self.mlp = ExciteMLP(channels, reduction, device=device, dtype=dtype)
         self.gate = GateProbe()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels)
         _check_floating(x)
         squeezed = x.mean((2, 3), keepdim=True, dtype=accumulate_dtype(x.dtype)).to(x.dtype)
-        return _excite(x, self.mlp(squeezed), self.gate)
+        return _excite(x, self.mlp(squeezed), self.gate, resize=False)
 
     def gather_split(self, size: tuple[int, int]) -> GatherSplit:
         """The squeeze (global mean) at input ``size`` as a :class:`GatherSplit`."""

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..layers import create_context
 from ..layers._registry import ContextArg
+from ..layers.gather import Device
 from ..layers.norm_context import NormContext
 from ._backbone import Backbone, Stage
 from ._builder import check_int, init_backbone
@@ -23,7 +24,9 @@ __all__ = ["BasicUnit", "CifarResNet", "PadShortcut", "cifar_resnet20", "cifar_r
 class PadShortcut(nn.Module):
     """Parameter-free shortcut: take every ``stride``-th pixel, zero-pad the extra channels."""
 
-    def __init__(self, in_chs: int, out_chs: int, *, stride: int) -> None:
+    def __init__(
+        self, in_chs: int, out_chs: int, *, stride: int, device: Device = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         if out_chs < in_chs:
             raise ValueError(f"out_chs must be >= in_chs for a zero-padding shortcut, got {in_chs} -> {out_chs}")
@@ -31,7 +34,10 @@ class PadShortcut(nn.Module):
         self.extra = out_chs - in_chs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, :: self.stride, :: self.stride]
+        # Every stride-th pixel, taken as a 1x1 pooling: its output size is the strided conv's
+        # ((H - 1) // stride + 1), written the same way, so a tracer with symbolic sizes sees that
+        # the branch and the shortcut match (x[..., ::stride] gives (H + stride - 1) // stride).
+        x = F.max_pool2d(x, 1, stride=self.stride)
         return F.pad(x, (0, 0, 0, 0, 0, self.extra))
 
     def extra_repr(self) -> str:
@@ -49,14 +55,17 @@ class BasicUnit(nn.Module):
         stride: int = 1,
         context_layer: ContextArg = None,
         feature_size: tuple[int, int] | None = None,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_chs)
+        dd = {"device": device, "dtype": dtype}
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(out_chs, **dd)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_chs)
-        self.context = create_context(context_layer, out_chs, feature_size=feature_size)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(out_chs, **dd)
+        self.context = create_context(context_layer, out_chs, feature_size=feature_size, **dd)
         self.norm_context = NormContext()  # context(bn2(x)), memory-lean in training
         self.shortcut = (
             PadShortcut(in_chs, out_chs, stride=stride) if stride != 1 or in_chs != out_chs else nn.Identity()
@@ -75,6 +84,8 @@ class CifarResNet(Backbone):
         depth: 6n+2 layers (n units per stage): 20, 56, 110, ...
         width: channels of the first stage (16 in the paper); the others double it.
         num_classes, in_chans, input_size, context_layer, zero_init_residual: see :class:`Backbone`.
+        device, dtype: where and in which dtype the parameters and buffers live (PyTorch's
+            factory arguments).
     """
 
     def __init__(
@@ -87,6 +98,8 @@ class CifarResNet(Backbone):
         input_size: int | tuple[int, int] = 32,
         context_layer: ContextArg = None,
         zero_init_residual: bool = False,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         check_int(depth, "depth", minimum=8)
         if (depth - 2) % 6:
@@ -110,6 +123,8 @@ class CifarResNet(Backbone):
         self.add_head(self.add_stages(plan, make_unit, in_chs=width, size=self.input_size, reduction=1))
         zero_init = [u.bn2 for u in self.modules() if isinstance(u, BasicUnit)] if zero_init_residual else ()
         init_backbone(self, zero_init=zero_init)
+        # The layers are built with torch's defaults, then placed (the units also take device/dtype).
+        self.to(device=device, dtype=dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The stage3 feature map."""

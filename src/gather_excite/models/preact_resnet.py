@@ -15,6 +15,7 @@ from torch import nn
 
 from ..layers import create_context
 from ..layers._registry import ContextArg
+from ..layers.gather import Device
 from ._backbone import Backbone, Stage
 from ._builder import check_int, init_backbone
 from ._features import feature
@@ -40,19 +41,24 @@ class PreActUnit(nn.Module):
         dropout: float = 0.0,
         context_layer: ContextArg = None,
         feature_size: tuple[int, int] | None = None,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         out_chs = planes * self.expansion
-        self.bn1 = nn.BatchNorm2d(in_chs)
+        self.bn1 = nn.BatchNorm2d(in_chs, **dd)
         self.relu = nn.ReLU(inplace=True)
-        self.build_branch(in_chs, planes, out_chs, stride=stride, dropout=dropout)
-        self.context = create_context(context_layer, out_chs, feature_size=feature_size)
+        self.build_branch(in_chs, planes, out_chs, stride=stride, dropout=dropout, dd=dd)
+        self.context = create_context(context_layer, out_chs, feature_size=feature_size, **dd)
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_chs != out_chs:
-            self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
+            self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd)
 
-    def build_branch(self, in_chs: int, planes: int, out_chs: int, *, stride: int, dropout: float) -> None:
-        """Add the branch's layers (after the shared BN-ReLU ``bn1``)."""
+    def build_branch(
+        self, in_chs: int, planes: int, out_chs: int, *, stride: int, dropout: float, dd: dict[str, object]
+    ) -> None:
+        """Add the branch's layers (after the shared BN-ReLU ``bn1``), created with the factory arguments ``dd``."""
         raise NotImplementedError
 
     def branch(self, preact: torch.Tensor) -> torch.Tensor:
@@ -70,13 +76,15 @@ class PreActBottleneck(PreActUnit):
 
     expansion = 4
 
-    def build_branch(self, in_chs: int, planes: int, out_chs: int, *, stride: int, dropout: float) -> None:
-        self.conv1 = nn.Conv2d(in_chs, planes, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes)
+    def build_branch(
+        self, in_chs: int, planes: int, out_chs: int, *, stride: int, dropout: float, dd: dict[str, object]
+    ) -> None:
+        self.conv1 = nn.Conv2d(in_chs, planes, 1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(planes, **dd)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False, **dd)
+        self.bn3 = nn.BatchNorm2d(planes, **dd)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv3 = nn.Conv2d(planes, out_chs, 1, bias=False)
+        self.conv3 = nn.Conv2d(planes, out_chs, 1, bias=False, **dd)
 
     def branch(self, preact: torch.Tensor) -> torch.Tensor:
         out = self.conv2(self.relu(self.bn2(self.conv1(preact))))
@@ -88,11 +96,13 @@ class PreActBasic(PreActUnit):
 
     expansion = 1
 
-    def build_branch(self, in_chs: int, planes: int, out_chs: int, *, stride: int, dropout: float) -> None:
-        self.conv1 = nn.Conv2d(in_chs, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+    def build_branch(
+        self, in_chs: int, planes: int, out_chs: int, *, stride: int, dropout: float, dd: dict[str, object]
+    ) -> None:
+        self.conv1 = nn.Conv2d(in_chs, planes, 3, stride=stride, padding=1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(planes, **dd)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = nn.Conv2d(planes, out_chs, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(planes, out_chs, 3, padding=1, bias=False, **dd)
 
     def branch(self, preact: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.dropout(self.relu(self.bn2(self.conv1(preact)))))
@@ -116,6 +126,8 @@ class PreActResNet(Backbone):
         units_per_stage: overrides the count derived from ``depth`` (the wide ResNets use it).
         dropout: dropout rate inside every branch (0 disables it).
         num_classes, in_chans, input_size, context_layer: see :class:`Backbone`.
+        device, dtype: where and in which dtype the parameters and buffers live (PyTorch's
+            factory arguments).
     """
 
     def __init__(
@@ -131,6 +143,8 @@ class PreActResNet(Backbone):
         in_chans: int = 3,
         input_size: int | tuple[int, int] = 32,
         context_layer: ContextArg = None,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if unit not in _UNITS:
             raise ValueError(f"unit must be one of {sorted(_UNITS)}, got {unit!r}")
@@ -169,6 +183,8 @@ class PreActResNet(Backbone):
         self.relu = nn.ReLU(inplace=True)
         self.add_head(num_features)
         init_backbone(self)
+        # The layers are built with torch's defaults, then placed (the units also take device/dtype).
+        self.to(device=device, dtype=dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's map after the final BN-ReLU."""

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..layers import create_context
 from ..layers._registry import ContextArg
+from ..layers.gather import Device
 from ..layers.norm_context import NormContext
 from ._backbone import Backbone, Stage
 from ._builder import check_int, conv_out_size, init_backbone
@@ -38,23 +39,26 @@ class Bottleneck(nn.Module):
         stride_in_1x1: bool = True,
         context_layer: ContextArg = None,
         feature_size: tuple[int, int] | None = None,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         out_chs = planes * self.expansion
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = nn.Conv2d(in_chs, planes, 1, stride=stride_1x1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride_3x3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, out_chs, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_chs)
+        self.conv1 = nn.Conv2d(in_chs, planes, 1, stride=stride_1x1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(planes, **dd)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride_3x3, padding=1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(planes, **dd)
+        self.conv3 = nn.Conv2d(planes, out_chs, 1, bias=False, **dd)
+        self.bn3 = nn.BatchNorm2d(out_chs, **dd)
         self.relu = nn.ReLU(inplace=True)
         self.downsample: nn.Module | None = None
         if stride != 1 or in_chs != out_chs:
             self.downsample = nn.Sequential(
-                nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False), nn.BatchNorm2d(out_chs)
+                nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd), nn.BatchNorm2d(out_chs, **dd)
             )
-        self.context = create_context(context_layer, out_chs, feature_size=feature_size)
+        self.context = create_context(context_layer, out_chs, feature_size=feature_size, **dd)
         self.norm_context = NormContext()  # context(bn3(x)), memory-lean in training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +80,8 @@ class ResNet(Backbone):
         stages: the stages (``"conv2_x"``..``"conv5_x"``) whose units get the context module
             (Table 1); ``None`` means all of them.
         stride_in_1x1: ``True`` the authors' v1 layout, ``False`` torchvision's v1.5.
+        device, dtype: where and in which dtype the parameters and buffers live (PyTorch's
+            factory arguments).
     """
 
     def __init__(
@@ -89,6 +95,8 @@ class ResNet(Backbone):
         stages: Sequence[str] | None = None,
         stride_in_1x1: bool = True,
         zero_init_residual: bool = False,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(layers, Sequence) or len(layers) != 4:
             raise ValueError(f"layers must be 4 unit counts (conv2_x..conv5_x), got {layers!r}")
@@ -126,6 +134,8 @@ class ResNet(Backbone):
         self.add_head(self.add_stages(plan, make_unit, in_chs=64, size=size, reduction=4))
         zero_init = [unit.bn3 for unit in self.modules() if isinstance(unit, Bottleneck)] if zero_init_residual else ()
         init_backbone(self, zero_init=zero_init)
+        # The layers are built with torch's defaults, then placed (the units also take device/dtype).
+        self.to(device=device, dtype=dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The conv5_x feature map."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..layers import create_context
 from ..layers._registry import ContextArg
+from ..layers.gather import Device
 from ..layers.norm_context import NormContext
 from ._backbone import Backbone, Stage
 from ._builder import conv_out_size, init_backbone
@@ -46,8 +47,11 @@ class ShuffleUnit(nn.Module):
         group_first_conv: bool = True,
         context_layer: ContextArg = None,
         feature_size: tuple[int, int] | None = None,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {stride}")
         if stride == 1 and in_chs != out_chs:
@@ -63,15 +67,15 @@ class ShuffleUnit(nn.Module):
         ):
             if chs % divisor:
                 raise ValueError(f"{what}={chs} is not divisible by groups={divisor}; choose another width")
-        self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, groups=first_groups, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid_chs)
+        self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, groups=first_groups, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(mid_chs, **dd)
         self.relu = nn.ReLU(inplace=True)
         self.shuffle = nn.ChannelShuffle(groups)
-        self.conv2 = nn.Conv2d(mid_chs, mid_chs, 3, stride=stride, padding=1, groups=mid_chs, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid_chs)
-        self.conv3 = nn.Conv2d(mid_chs, branch_chs, 1, groups=groups, bias=False)
-        self.bn3 = nn.BatchNorm2d(branch_chs)
-        self.context = create_context(context_layer, branch_chs, feature_size=feature_size)
+        self.conv2 = nn.Conv2d(mid_chs, mid_chs, 3, stride=stride, padding=1, groups=mid_chs, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(mid_chs, **dd)
+        self.conv3 = nn.Conv2d(mid_chs, branch_chs, 1, groups=groups, bias=False, **dd)
+        self.bn3 = nn.BatchNorm2d(branch_chs, **dd)
+        self.context = create_context(context_layer, branch_chs, feature_size=feature_size, **dd)
         self.norm_context = NormContext()  # context(bn3(x)), memory-lean in training
         self.shortcut = nn.AvgPool2d(3, stride=2, padding=1) if stride == 2 else nn.Identity()
 
@@ -92,6 +96,8 @@ class ShuffleNet(Backbone):
         groups: groups of the pointwise convs (1, 2, 3, 4 or 8).
         width: channel multiplier ("ShuffleNet s x"); every channel count is scaled by it.
         num_classes, in_chans, input_size, context_layer, zero_init_residual: see :class:`Backbone`.
+        device, dtype: where and in which dtype the parameters and buffers live (PyTorch's
+            factory arguments).
     """
 
     def __init__(
@@ -104,6 +110,8 @@ class ShuffleNet(Backbone):
         input_size: int | tuple[int, int] = 224,
         context_layer: ContextArg = None,
         zero_init_residual: bool = False,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if groups not in STAGE_CHANNELS:
             raise ValueError(f"groups must be one of {sorted(STAGE_CHANNELS)}, got {groups!r}")
@@ -140,6 +148,8 @@ class ShuffleNet(Backbone):
         self.add_head(self.add_stages(plan, make_unit, in_chs=stem_chs, size=size, reduction=4))
         zero_init = [u.bn3 for u in self.modules() if isinstance(u, ShuffleUnit)] if zero_init_residual else ()
         init_backbone(self, zero_init=zero_init)
+        # The layers are built with torch's defaults, then placed (the units also take device/dtype).
+        self.to(device=device, dtype=dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The stage4 feature map."""

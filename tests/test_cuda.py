@@ -1,0 +1,104 @@
+"""CUDA checks (skipped without a GPU; ``scripts/gpu-check`` runs them): the lean path against the
+plain composition on the GPU, in float32 and under bf16 autocast with channels_last, and DDP over
+NCCL in one process."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gather_excite import create_model
+from gather_excite.layers.norm_context import set_lean
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu-check)")
+
+SPECS = ["ge_theta_minus", "ge_theta_minus_e4", "ge_theta", "ge_theta_e8", "ge_theta_plus", "ge_theta_plus_e2", "se"]
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """TF32 would round float32 matmuls and convs to 10 mantissa bits, in the two runs differently."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    set_lean(True)
+
+
+def _step(model: torch.nn.Module, x: torch.Tensor, *, lean: bool, bf16: bool) -> list[torch.Tensor]:
+    """Logits, every parameter's gradient and every BatchNorm running statistic after one training step."""
+    set_lean(lean)
+    model = copy.deepcopy(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x)
+    F.cross_entropy(logits.float(), torch.arange(x.shape[0], device=x.device) % 10).backward()
+    grads = [p.grad.float() for p in model.parameters()]
+    stats = [b.float() for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var"))]
+    return [logits.float(), *grads, *stats]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_lean_equals_plain_float32(spec):
+    torch.manual_seed(0)
+    model = create_model(f"{spec}_cifar_resnet20", num_classes=10).cuda().train()
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    plain, lean = _step(model, x, lean=False, bf16=False), _step(model, x, lean=True, bf16=False)
+    for a, b in zip(plain, lean, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_lean_close_to_plain_bf16_channels_last(spec):
+    """Under bf16 autocast both paths round differently; the lean path must be as close to a
+    float32 run as the plain path is (relative error at most twice the plain one, plus 1e-2)."""
+    torch.manual_seed(0)
+    model = create_model(f"{spec}_cifar_resnet20", num_classes=10).cuda().train()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    reference = _step(model, x, lean=False, bf16=False)
+    plain, lean = _step(model, x, lean=False, bf16=True), _step(model, x, lean=True, bf16=True)
+    for ref, p, q in zip(reference, plain, lean, strict=True):
+        scale = ref.norm().clamp_min(1e-12)
+        plain_error, lean_error = (p - ref).norm() / scale, (q - ref).norm() / scale
+        assert lean_error <= 2 * plain_error + 1e-2, (float(lean_error), float(plain_error))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_nccl_one_process_equals_local_step(monkeypatch):
+    """DDP over NCCL with a world of one averages each gradient over one process: two SGD steps
+    through DDP leave exactly the weights that two local steps leave."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_nccl_available():
+        pytest.skip("this PyTorch build has no NCCL")
+    monkeypatch.setitem(os.environ, "MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setitem(os.environ, "MASTER_PORT", str(_free_port()))
+    torch.manual_seed(0)
+    model = create_model("ge_theta_plus_e2_cifar_resnet20", num_classes=10).cuda().train()
+    local = copy.deepcopy(model)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
+        for net in (wrapped, local):
+            torch.manual_seed(1)
+            optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+            for _ in range(2):
+                x = torch.randn(8, 3, 32, 32, device="cuda")
+                optimizer.zero_grad()
+                F.cross_entropy(net(x), torch.arange(8, device="cuda")).backward()
+                optimizer.step()
+    finally:
+        dist.destroy_process_group()
+    for (name, a), b in zip(wrapped.module.state_dict().items(), local.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)

@@ -1,0 +1,224 @@
+"""Exported and compiled graphs: ``torch.export``, the ONNX dynamo exporter (onnxruntime) and ``torch.compile``.
+
+Each graph is checked against eager PyTorch at input sizes that change the gates' shapes: an
+extent-8 gate of a 7x7 (or 8x8) map is 1x1, of a 10x10 (or 12x12) map 2x2, and a global GE-θ
+kernel is resampled to every size other than the one it was built for. A graph that had
+frozen one of those shapes would fail or differ at the other sizes.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gather_excite import create_model, list_models
+from gather_excite.export import (
+    check_sizes,
+    example_input,
+    export_onnx,
+    export_program,
+    max_difference,
+    onnx_max_difference,
+)
+from gather_excite.layers import create_context
+
+needs_onnx = pytest.mark.skipif(
+    not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime")),
+    reason="the export extra (onnx, onnxscript, onnxruntime) is not installed",
+)
+
+# One context module per family: SE, pooling gather (extent), conv gather (extent, and global
+# with kernel resampling), MLP excite (extent and global).
+CONTEXT_SPECS = ["se", "ge_theta_minus_e8", "ge_theta_e8", "ge_theta", "ge_theta_plus_e2", "ge_theta_plus"]
+# Sizes of a 7x7-built context module: extent 8 gives a 1x1, a 2x2 and a 2x2 gate; extent 2 a 4x4,
+# 5x5 and 6x5 gate; the global kernel is used as built, then resampled to 10x10 and 12x9.
+MODULE_SIZES = [(7, 7), (10, 10), (12, 9)]
+TOLERANCE = 1e-4  # float32, max abs difference (issue 11)
+
+
+def _context(spec: str) -> torch.nn.Module:
+    """A context module with non-trivial BatchNorm statistics, in eval mode."""
+    torch.manual_seed(0)
+    module = create_context(spec, 16, feature_size=7)
+    for bn in module.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+    return module.eval()
+
+
+def _gate_shapes(module: torch.nn.Module, sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    shapes = []
+    handle = module.gate.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape[-2:])))
+    with torch.no_grad():
+        for size in sizes:
+            module(torch.randn(1, 16, *size))
+    handle.remove()
+    return shapes
+
+
+def test_module_sizes_change_the_gate_shapes():
+    """The sizes below do what the tests rely on: extent 8 on 7x7 is 1x1, on 10x10 and 12x9 2x2."""
+    assert _gate_shapes(_context("ge_theta_e8"), MODULE_SIZES) == [(1, 1), (2, 2), (2, 2)]
+    assert _gate_shapes(_context("ge_theta_plus_e2"), MODULE_SIZES) == [(4, 4), (5, 5), (6, 5)]
+
+
+@pytest.mark.parametrize("spec", CONTEXT_SPECS)
+def test_context_module_torch_export_dynamic_matches_eager(spec):
+    """One program traced at 7x7 runs at every size with the eager module's values."""
+    module = _context(spec)
+    program = export_program(module, example=torch.randn(2, 16, 7, 7))
+    differences = max_difference(program.module(), module, MODULE_SIZES, batch=3)
+    assert max(differences.values()) < TOLERANCE, differences
+
+
+@pytest.mark.parametrize("spec", ["ge_theta_e8", "ge_theta_plus"])
+def test_context_module_compiles_without_graph_breaks(spec):
+    """``torch.compile(fullgraph=True, dynamic=True)`` (which raises at a graph break) equals eager
+    at two sizes that give different gate shapes, forward and input gradient, in train mode."""
+    module = _context(spec).train()
+    compiled = torch.compile(copy.deepcopy(module), fullgraph=True, dynamic=True, backend="aot_eager")
+    for size in [(7, 7), (12, 9)]:
+        x = torch.randn(2, 16, *size, requires_grad=True)
+        x_compiled = x.detach().clone().requires_grad_()
+        expected, got = module(x), compiled(x_compiled)
+        torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=1e-4)
+        expected.square().sum().backward()
+        got.square().sum().backward()
+        torch.testing.assert_close(x_compiled.grad, x.grad, atol=TOLERANCE, rtol=1e-4)
+
+
+def test_global_kernel_resampling_is_in_the_dynamic_graph_and_folds_in_a_static_one():
+    """GE-θ ResNet-20 has one global gather in each of its 9 units. The dynamic program resamples
+    each kernel to the map (one anti-aliased resize per unit); a program fixed at the model's own
+    input size uses the learned kernels as they are (no resize) and gives the same logits there."""
+    model = create_model("ge_theta_cifar_resnet20", num_classes=10, input_size=32).eval()
+    dynamic = export_program(model)
+    static = export_program(model, dynamic=False)
+
+    def resizes(program) -> int:
+        return sum("upsample_bilinear2d_aa" in str(node.target) for node in program.graph.nodes)
+
+    assert (resizes(dynamic), resizes(static)) == (9, 0)
+    x = example_input(model)
+    with torch.no_grad():
+        torch.testing.assert_close(static.module()(x), model(x), atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(dynamic.module()(x), model(x), atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["ge_theta_e8_cifar_resnet20", "ge_theta_plus_cifar_resnet20"])
+def test_small_network_torch_export_dynamic_matches_eager(name):
+    """ResNet-20's stage3 map is 8x8 at 32 px (extent-8 gate 1x1), 12x12 at 45 px (2x2), 9x7 at 36x27 (2x1)."""
+    model = create_model(name, num_classes=7, input_size=32).eval()
+    assert check_sizes(model) == [(32, 32), (45, 45), (36, 27)]
+    differences = max_difference(export_program(model).module(), model, check_sizes(model))
+    assert max(differences.values()) < TOLERANCE, differences
+
+
+@needs_onnx
+def test_small_network_onnx_dynamic_matches_eager_in_onnxruntime(tmp_path):
+    """The ONNX file (dynamic batch, height, width) run by onnxruntime equals eager at the three sizes."""
+    model = create_model("ge_theta_e8_cifar_resnet20", num_classes=7, input_size=32).eval()
+    export_onnx(model, tmp_path / "model.onnx")
+    differences = onnx_max_difference(tmp_path / "model.onnx", model, check_sizes(model), batch=3)
+    assert max(differences.values()) < TOLERANCE, differences
+
+
+def test_small_network_compiled_with_inductor_trains_like_eager():
+    """Inductor, fullgraph, dynamic: GE-θ+ ResNet-20 (global gathers, resampled kernels at 24 px)
+    gives eager's loss and gradients at two input sizes."""
+    torch.manual_seed(0)
+    model = create_model("ge_theta_plus_cifar_resnet20", num_classes=5, input_size=32).train()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, fullgraph=True, dynamic=True)
+    for size in (32, 24):
+        x, target = torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 3])
+        for net in (model, twin):
+            net.zero_grad()
+        expected = F.cross_entropy(model(x), target)
+        got = F.cross_entropy(compiled(x), target)
+        expected.backward()
+        got.backward()
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def _full_size(name: str) -> torch.nn.Module:
+    cifar = "cifar" in name or "wrn" in name
+    return create_model(name, num_classes=10, input_size=32 if cifar else 224).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_torch_export_dynamic_matches_eager(name):
+    """Every registered model at its own size, 10/7 of it and a non-square size (224, 320, 256x192)."""
+    model = _full_size(name)
+    differences = max_difference(export_program(model).module(), model, check_sizes(model), batch=1)
+    assert max(differences.values()) < TOLERANCE, differences
+
+
+@pytest.mark.slow
+@needs_onnx
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_onnx_dynamic_matches_eager(name, tmp_path):
+    model = _full_size(name)
+    export_onnx(model, tmp_path / "model.onnx")
+    differences = onnx_max_difference(tmp_path / "model.onnx", model, check_sizes(model), batch=1)
+    assert max(differences.values()) < TOLERANCE, differences
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_compiles_fullgraph_dynamic(name):
+    """Inductor with fullgraph=True (no graph breaks) and dynamic=True equals eager at two sizes."""
+    model = _full_size(name)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for size in check_sizes(model)[:2]:
+        x = example_input(model, batch=2, size=size)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), atol=TOLERANCE, rtol=1e-4)
+
+
+def _gex(argv: list[str]) -> int:
+    from gather_excite.cli import main
+
+    return main(argv)
+
+
+@pytest.mark.parametrize("fmt", ["pt2", pytest.param("onnx", marks=needs_onnx)])
+def test_gex_export_writes_and_prints_the_difference_to_eager(fmt, tmp_path, capsys):
+    out = tmp_path / f"model.{fmt}"
+    argv = ["export", "ge_theta_minus_e8_cifar_resnet20", "--format", fmt, "--out", str(out), "--dynamic",
+            "--image-size", "32", "--num-classes", "10"]  # fmt: skip
+    assert _gex(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"wrote {out} ({fmt}, dynamic shapes)"
+    # one line per checked size (the model's, 10/7 of it, a non-square one), each within tolerance
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["32x32", "45x45", "36x27"]
+    assert all(float(line.rsplit("=", 1)[1]) < TOLERANCE for line in lines[1:])
+    assert out.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["no_such_model"], "checkpoint_or_name='no_such_model'"),
+        (["cifar_resnet20", "--num-classes", "0"], "--num-classes must be >= 1, got 0"),
+    ],
+)
+def test_gex_export_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    assert _gex(["export", *argv, "--format", "pt2", "--out", str(tmp_path / "m.pt2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gex export: error:") and message in err[0]
+
+
+def test_gex_export_out_folder_must_exist(tmp_path, capsys):
+    out = tmp_path / "missing" / "m.pt2"
+    assert _gex(["export", "cifar_resnet20", "--format", "pt2", "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
