@@ -77,10 +77,11 @@ def test_context_module_torch_export_dynamic_matches_eager(spec):
     assert max(differences.values()) < TOLERANCE, differences
 
 
-@pytest.mark.parametrize("spec", ["ge_theta_e8", "ge_theta_plus"])
+@pytest.mark.parametrize("spec", [pytest.param("ge_theta_e8", marks=pytest.mark.slow), "ge_theta_plus"])
 def test_context_module_compiles_without_graph_breaks(spec):
     """``torch.compile(fullgraph=True, dynamic=True)`` (which raises at a graph break) equals eager
-    at two sizes that give different gate shapes, forward and input gradient, in train mode."""
+    at two sizes that give different gate shapes, forward and input gradient, in train mode.
+    ``aot_eager`` traces forward and backward as Inductor would, without compiling kernels."""
     module = _context(spec).train()
     compiled = torch.compile(copy.deepcopy(module), fullgraph=True, dynamic=True, backend="aot_eager")
     for size in [(7, 7), (12, 9)]:
@@ -111,7 +112,9 @@ def test_global_kernel_resampling_is_in_the_dynamic_graph_and_folds_in_a_static_
         torch.testing.assert_close(dynamic.module()(x), model(x), atol=TOLERANCE, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["ge_theta_e8_cifar_resnet20", "ge_theta_plus_cifar_resnet20"])
+@pytest.mark.parametrize(
+    "name", ["ge_theta_e8_cifar_resnet20", pytest.param("ge_theta_plus_cifar_resnet20", marks=pytest.mark.slow)]
+)
 def test_small_network_torch_export_dynamic_matches_eager(name):
     """ResNet-20's stage3 map is 8x8 at 32 px (extent-8 gate 1x1), 12x12 at 45 px (2x2), 9x7 at 36x27 (2x1)."""
     model = create_model(name, num_classes=7, input_size=32).eval()
@@ -120,6 +123,7 @@ def test_small_network_torch_export_dynamic_matches_eager(name):
     assert max(differences.values()) < TOLERANCE, differences
 
 
+@pytest.mark.slow  # the default run's ONNX check is gex export's (a pooling-gather extent-8 network)
 @needs_onnx
 def test_small_network_onnx_dynamic_matches_eager_in_onnxruntime(tmp_path):
     """The ONNX file (dynamic batch, height, width) run by onnxruntime equals eager at the three sizes."""
@@ -129,6 +133,25 @@ def test_small_network_onnx_dynamic_matches_eager_in_onnxruntime(tmp_path):
     assert max(differences.values()) < TOLERANCE, differences
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ge_theta_plus_cifar_resnet20",
+        pytest.param("ge_theta_e8_cifar_resnet20", marks=pytest.mark.slow),
+        pytest.param("se_shufflenet_g3", marks=pytest.mark.slow),
+    ],
+)
+def test_network_traces_fullgraph_dynamic_without_breaks(name):
+    """The whole network as one graph (``fullgraph=True``), dynamic sizes, equal to eager at two sizes."""
+    model = create_model(name, num_classes=7, input_size=32 if "cifar" in name else 64).eval()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    for size in check_sizes(model)[:2]:
+        x = example_input(model, size=size)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), atol=TOLERANCE, rtol=1e-4)
+
+
+@pytest.mark.slow  # Inductor compiles C++ kernels: about a minute on 2 cores
 def test_small_network_compiled_with_inductor_trains_like_eager():
     """Inductor, fullgraph, dynamic: GE-θ+ ResNet-20 (global gathers, resampled kernels at 24 px)
     gives eager's loss and gradients at two input sizes."""

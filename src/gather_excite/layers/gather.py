@@ -161,9 +161,10 @@ class GlobalConvGather(nn.Module):
     resampled to that size (see :func:`resample_kernel`) so the gather stays global;
     ``strict_size=True`` raises a ``ValueError`` naming both sizes instead.
 
-    A depthwise conv whose kernel is as large as the map is a weighted spatial sum per channel,
-    and it is computed as one: ``sum_hw(x * kernel)``. Compilers fuse that multiply-and-sum into
-    one reduction over the map; a map-sized convolution they leave to a slow generic kernel.
+    A depthwise conv whose kernel is as large as the map is a weighted spatial sum per channel.
+    Traced by ``torch.compile`` or ``torch.export`` it is written as one, ``sum_hw(x * kernel)``,
+    which compilers fuse into one reduction over the map (a map-sized convolution they leave to a
+    slow generic kernel); eager mode keeps ``F.conv2d``, which FLOP counters see as a convolution.
     """
 
     def __init__(
@@ -192,10 +193,12 @@ class GlobalConvGather(nn.Module):
         return resample_kernel(self.conv.weight, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.kernel_for((x.shape[-2], x.shape[-1])).to(x.dtype)
+        kernel = self.kernel_for((x.shape[-2], x.shape[-1]))
+        if not torch.compiler.is_compiling():
+            return self.bn(F.conv2d(x, kernel, groups=x.shape[1]))
         # (C, 1, H, W) -> (C, H, W) broadcasts over the batch; accumulate half/bf16 in float32.
-        gathered = (x * kernel.squeeze(1)).sum((2, 3), keepdim=True, dtype=accumulate_dtype(x.dtype))
-        return self.bn(gathered.to(x.dtype))
+        weighted = x * kernel.squeeze(1).to(x.dtype)
+        return self.bn(weighted.sum((2, 3), keepdim=True, dtype=accumulate_dtype(x.dtype)).to(x.dtype))
 
     def split(self, size: tuple[int, int]) -> GatherSplit:
         """This gather at input ``size`` as a :class:`GatherSplit`: a map-sized kernel is a weighted sum."""
