@@ -147,10 +147,13 @@ def resample_kernel(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     out_h, out_w = size
     if isinstance(out_h, int) and isinstance(out_w, int) and (out_h, out_w) == (h, w):
         return weight
-    resized = F.interpolate(weight.float(), size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
+    # At least float32 (half kernels would lose the sum), float64 kept: a float64 model's kernel
+    # gradient then passes no float32 rounding.
+    work = weight.to(accumulate_dtype(weight.dtype))
+    resized = F.interpolate(work, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
     area = out_h * out_w
     resized = resized * (h * w / area)
-    residual = weight.float().sum((2, 3), keepdim=True) - resized.sum((2, 3), keepdim=True)
+    residual = work.sum((2, 3), keepdim=True) - resized.sum((2, 3), keepdim=True)
     return (resized + residual / area).to(weight.dtype)
 
 
