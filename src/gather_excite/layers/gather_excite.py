@@ -29,20 +29,38 @@ class GateProbe(nn.Identity):
 
 
 class ExciteMLP(nn.Module):
-    """SE excite subnetwork: 1x1 conv C -> C/r (bias), ReLU, 1x1 conv C/r -> C (bias)."""
+    """SE excite subnetwork: 1x1 conv C -> C/r (bias), ReLU, 1x1 conv C/r -> C (bias).
+
+    Args:
+        global_input: the input is always (N, C, 1, 1) (the output of a global gather). Compiled
+            graphs then take the two 1x1 convs as matrix products with the same weights and MACs:
+            Inductor fuses those into its kernels but calls a separate convolution for each 1x1 conv,
+            which made compiled GE-θ+ and SE steps markedly slower. Eager keeps the convs (and any
+            hooks on ``fc1``/``fc2``).
+    """
 
     def __init__(
-        self, channels: int, reduction: int = 16, *, device: Device = None, dtype: torch.dtype | None = None
+        self,
+        channels: int,
+        reduction: int = 16,
+        *,
+        global_input: bool = False,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         check_int(reduction, "reduction")
         hidden = max(1, channels // reduction)
+        self.global_input = global_input
         self.fc1 = nn.Conv2d(channels, hidden, 1, bias=True, **dd)
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Conv2d(hidden, channels, 1, bias=True, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_input and torch.compiler.is_compiling():
+            hidden = F.relu(F.linear(x.flatten(1), self.fc1.weight.flatten(1), self.fc1.bias))
+            return F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias)[:, :, None, None]
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -142,7 +160,7 @@ class GatherExcite(nn.Module):
         if excite == "mlp":
             # The authors' GE-θ+ has a ReLU between the gather's last BN and the MLP.
             self.pre_mlp = nn.ReLU() if gather == "conv" else nn.Identity()
-            self.mlp = ExciteMLP(channels, reduction, **dd)
+            self.mlp = ExciteMLP(channels, reduction, global_input=self.extent is None, **dd)
         else:
             self.pre_mlp = None
             self.mlp = None
@@ -187,7 +205,7 @@ class SqueezeExcite(nn.Module):
     ) -> None:
         super().__init__()
         self.channels = check_int(channels, "channels")
-        self.mlp = ExciteMLP(channels, reduction, device=device, dtype=dtype)
+        self.mlp = ExciteMLP(channels, reduction, global_input=True, device=device, dtype=dtype)
         self.gate = GateProbe()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
