@@ -245,3 +245,29 @@ def test_gex_export_out_folder_must_exist(tmp_path, capsys):
     out = tmp_path / "missing" / "m.pt2"
     assert _gex(["export", "cifar_resnet20", "--format", "pt2", "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["se", "ge_theta_plus"])
+def test_compiled_global_excite_mlp_is_two_matrix_products_with_eager_weight_gradients(spec):
+    """Under compile the global excite MLP runs as ``F.linear`` on the (N, C) pooled map with the
+    1x1 convs' own weights, and (with GE-θ+'s global gather a weighted spatial sum) no convolution is
+    left in the graph; the weights' gradients equal eager's."""
+    module = _context(spec).train()
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(graph_module: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled_module = copy.deepcopy(module)
+    compiled = torch.compile(compiled_module, fullgraph=True, backend=record)
+    x = torch.randn(2, 16, 7, 7)
+    module(x).square().sum().backward()
+    compiled(x).square().sum().backward()
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert sum("linear" in target for target in targets) == 2, targets
+    assert not any("conv" in target for target in targets), targets
+    for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+        expected = module.get_parameter(f"mlp.{name}").grad
+        got = compiled_module.get_parameter(f"mlp.{name}").grad
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
