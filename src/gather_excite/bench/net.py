@@ -64,6 +64,12 @@ def bench_net(
     target = torch.randint(0, 1000, (batch,), device=target_device)
     steps: dict[str, Callable[[], None]] = {}
     built: dict[str, nn.Module] = {}
+    if compile:
+        # Each model is another instance of the same forward code, which dynamo counts as a
+        # recompile of that code; past its limit (8) it would silently run the later models eagerly.
+        import torch._dynamo as dynamo
+
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 4 * len(models) + 8)
     for name in models:
         torch.manual_seed(0)
         # Global gathers sized for the benchmark image (no kernel resampling in every step).
