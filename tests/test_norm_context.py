@@ -59,7 +59,7 @@ def _run(bn, context, z, *, lean: bool, grad_seed: int = 1):
     return out, z.grad, params, buffers
 
 
-def _compare(spec, *, size, training, dtype=torch.float64, atol=1e-10, rtol=1e-10, channels_last=False,
+def _assert_lean_equals_plain(spec, *, size, training, dtype=torch.float64, atol=1e-10, rtol=1e-10, channels_last=False,
              steps=1, **bn_kwargs):  # fmt: skip
     """Run the plain and the lean unit side by side for ``steps`` steps; every tensor must agree."""
     bn, context = _unit(spec, 8, size, dtype=dtype, **bn_kwargs)
@@ -90,14 +90,14 @@ def _compare(spec, *, size, training, dtype=torch.float64, atol=1e-10, rtol=1e-1
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_lean_equals_plain_float64(spec, size, training):
     """Output, input/parameter gradients and every buffer equal the plain composition's (float64)."""
-    plain, lean = _compare(spec, size=size, training=training)
+    plain, lean = _assert_lean_equals_plain(spec, size=size, training=training)
     assert _lean_ran(lean[0]) and not _lean_ran(plain[0])
 
 
 @pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_plus_e2", "se"])
 def test_running_stats_cumulative_average_and_batch_count(spec):
     """momentum=None (cumulative average) over 3 steps: running stats and num_batches_tracked match."""
-    _plain, lean = _compare(spec, size=8, training=True, steps=3, momentum=None)
+    _plain, lean = _assert_lean_equals_plain(spec, size=8, training=True, steps=3, momentum=None)
     assert lean[3]["num_batches_tracked"].item() == 3  # one per step, as nn.BatchNorm2d counts
 
 
@@ -105,7 +105,7 @@ def test_no_running_stats():
     """track_running_stats=False: batch statistics in train and eval mode, as nn.BatchNorm2d does."""
     for spec in ("ge_theta_e2", "se"):
         for training in (True, False):
-            _plain, lean = _compare(spec, size=8, training=training, track_running_stats=False)
+            _plain, lean = _assert_lean_equals_plain(spec, size=8, training=training, track_running_stats=False)
             assert "running_mean" not in lean[3]  # no buffers to update, in either mode
 
 
@@ -114,7 +114,7 @@ def test_no_running_stats():
 def test_channels_last_equals_plain(spec, size):
     """channels_last input: same values as the plain composition (float64), and a channels-last
     input gradient as the plain composition gives."""
-    plain, lean = _compare(spec, size=size, training=True, channels_last=True)
+    plain, lean = _assert_lean_equals_plain(spec, size=size, training=True, channels_last=True)
     assert lean[1].is_contiguous(memory_format=torch.channels_last) == plain[1].is_contiguous(
         memory_format=torch.channels_last
     )
@@ -278,12 +278,9 @@ def test_nearest_resize_equals_interpolate(small, big, channels_last):
     torch.testing.assert_close(broadcast.gate_grad(grad_out, x), leaf.grad)
 
 
-@pytest.mark.parametrize("chunk", [1, 300, 2**18])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_map_dot_and_weighted_sum_equal_the_depthwise_conv(chunk, channels_last, monkeypatch):
-    """The global gather's per-sample loops equal a depthwise conv as large as the map and its
-    weight gradient (F.conv2d, groups=C), in either layout and for any chunk of samples."""
-    monkeypatch.setattr(_lean, "_CHUNK_ELEMENTS", chunk)
+def _assert_map_dot_and_weighted_sum_equal_the_conv(channels_last: bool) -> torch.Tensor:
+    """map_dot equals a depthwise conv as large as the map (F.conv2d, groups=C) and map_weighted_sum
+    its kernel gradient, on a float64 map in the given layout; returns the map."""
     torch.manual_seed(0)
     x = torch.randn(5, 6, 7, 9, dtype=torch.float64)
     if channels_last:
@@ -294,6 +291,16 @@ def test_map_dot_and_weighted_sum_equal_the_depthwise_conv(chunk, channels_last,
     weight = torch.randn(5, 6, dtype=torch.float64)
     (grad_kernel,) = torch.autograd.grad(conv, kernel, weight.view(5, 6, 1, 1))
     torch.testing.assert_close(map_weighted_sum(weight, x, torch.float64), grad_kernel[:, 0])
+    return x
+
+
+@pytest.mark.parametrize("chunk", [1, 300, 2**18])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_map_dot_and_weighted_sum_equal_the_depthwise_conv(chunk, channels_last, monkeypatch):
+    """The global gather's per-sample loops equal a depthwise conv as large as the map and its
+    weight gradient (F.conv2d, groups=C), in either layout and for any chunk of samples."""
+    monkeypatch.setattr(_lean, "_CHUNK_ELEMENTS", chunk)
+    x = _assert_map_dot_and_weighted_sum_equal_the_conv(channels_last)
     other = torch.randn(5, 6, 7, 9, dtype=torch.float64)  # a map of its own per sample
     torch.testing.assert_close(map_dot(x, other, torch.float64), (x * other).sum((2, 3)))
 
@@ -411,23 +418,14 @@ def device_generic(monkeypatch):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_device_generic_branches_equal_plain(device_generic, spec, channels_last, training):
     """With the device-generic kernels the lean unit still equals the plain composition (float64)."""
-    _compare(spec, size=7, training=training, channels_last=channels_last)
+    _assert_lean_equals_plain(spec, size=7, training=training, channels_last=channels_last)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_device_generic_map_dot_and_stats(device_generic, channels_last):
     """einsum / multiply-and-sum give the depthwise conv's values and kernel gradient, and
     batch_norm_update_stats the float64 batch statistics, as the CPU loops do."""
-    torch.manual_seed(0)
-    x = torch.randn(5, 6, 7, 9, dtype=torch.float64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    kernel = torch.randn(6, 1, 7, 9, dtype=torch.float64, requires_grad=True)
-    conv = F.conv2d(x, kernel, groups=6)
-    torch.testing.assert_close(map_dot(x, kernel[:, 0].detach(), torch.float64), conv.view(5, 6))
-    weight = torch.randn(5, 6, dtype=torch.float64)
-    (grad_kernel,) = torch.autograd.grad(conv, kernel, weight.view(5, 6, 1, 1))
-    torch.testing.assert_close(map_weighted_sum(weight, x, torch.float64), grad_kernel[:, 0])
+    x = _assert_map_dot_and_weighted_sum_equal_the_conv(channels_last)
     mean, var, _ = batch_stats(x, None, None, 0.1, torch.float64)
     torch.testing.assert_close(mean, x.mean((0, 2, 3)))
     torch.testing.assert_close(var, x.var((0, 2, 3), correction=0))
