@@ -18,6 +18,7 @@ from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from ..errors import CheckpointError, CheckpointNotFoundError, GexError, UnsafeFileError, one_line
+from ._evaluation import add_evaluation_arguments, data_overrides, output_path
 
 __all__ = ["main"]
 
@@ -118,13 +119,12 @@ def _eval_parser() -> argparse.ArgumentParser:
         description="COCO bounding-box AP/AR (pycocotools), per-class AP, params and MACs of a detector "
         "checkpoint on its validation split, written as JSON.",
     )
-    parser.add_argument("checkpoint", help="a .ckpt written by gex detect train")
-    parser.add_argument("--out", default=None, help="JSON file to write (default: eval.json beside the checkpoint)")
-    parser.add_argument("--data-root", default=None, help="data folder (default: the one the model was trained on)")
-    parser.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
-    parser.add_argument("--num-workers", type=int, default=None, help="data loader processes")
-    parser.add_argument("--subset", type=int, default=None, help="evaluate on the first N validation images")
-    parser.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default)")
+    add_evaluation_arguments(
+        parser,
+        checkpoint_help="a .ckpt written by gex detect train",
+        batch_size_help="evaluation batch size",
+        subset_help="evaluate on the first N validation images",
+    )
     return parser
 
 
@@ -176,34 +176,17 @@ def load_detector(checkpoint: str | Path, data: dict[str, Any] | None = None) ->
 
 
 def _eval(argv: list[str]) -> int:
-    import lightning as L
-
     from ..detection import evaluate_detector
-    from ..engine import write_eval_json
+    from ..engine import evaluation_trainer, write_eval_json
 
     args = _eval_parser().parse_args(argv)
-    overrides: dict[str, object] = {}
-    for key, value in (
-        ("root", args.data_root),
-        ("eval_batch_size", args.batch_size),
-        ("num_workers", args.num_workers),
-        ("val_subset", args.subset),
-    ):
-        if value is not None:
-            overrides[key] = value
     try:
-        module, datamodule = load_detector(args.checkpoint, overrides)
-        trainer = L.Trainer(
-            accelerator=args.accelerator,
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-        )
+        module, datamodule = load_detector(args.checkpoint, data_overrides(args))
+        trainer = evaluation_trainer(args.accelerator)
         result = evaluate_detector(module, datamodule, trainer=trainer, checkpoint=str(args.checkpoint))
     except _ERRORS as err:
         return _fail("eval", err)
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval.json"
+    out = output_path(args)
     write_eval_json(result, out)
     print(
         f"{result['model']} ({result['layout']}): AP {result['AP']:.3f}  AP50 {result['AP50']:.3f}  "

@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 
 from ..complexity import complexity
+from ..engine.evaluation import evaluation_trainer
 from ..errors import DataError
 from .data import CocoDetectionData
 from .module import DetectionModule
@@ -36,7 +37,7 @@ def evaluate_detector(
     proposals that the RPN keeps there (at most ``rpn_post_nms_top_n_test``).
     """
     if trainer is None:
-        trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False)
+        trainer = evaluation_trainer()
     trainer.test(module, datamodule=datamodule, verbose=False)
     result = module.coco_result
     if result is None:

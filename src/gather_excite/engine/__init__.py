@@ -6,7 +6,7 @@
 
 from .callbacks import TrainSpeed
 from .checkpoint import LAST_CHECKPOINT, AtomicCheckpointIO, atomic_torch_save, checkpoint_callbacks, read_checkpoint
-from .evaluation import evaluate, write_eval_json
+from .evaluation import evaluate, evaluation_trainer, write_eval_json
 from .loading import build_datamodule, load_for_evaluation, load_model, module_from_checkpoint
 from .loggers import DiscardRedoneRows, ResumableCSVLogger
 from .module import MODEL_KEYS, ClassificationModule, describe_model_mismatch
@@ -24,6 +24,7 @@ __all__ = [
     "checkpoint_callbacks",
     "describe_model_mismatch",
     "evaluate",
+    "evaluation_trainer",
     "load_for_evaluation",
     "load_model",
     "module_from_checkpoint",

@@ -14,7 +14,19 @@ from ..complexity import complexity
 from ..data import ImageClassificationData
 from .module import ClassificationModule
 
-__all__ = ["evaluate", "write_eval_json"]
+__all__ = ["evaluate", "evaluation_trainer", "write_eval_json"]
+
+
+def evaluation_trainer(accelerator: str = "auto", *, precision: str | None = None) -> L.Trainer:
+    """The Trainer that evaluations run on: one device, no loggers, no checkpoints, no model summary."""
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
 
 
 def evaluate(
@@ -30,7 +42,7 @@ def evaluate(
     resized to 256). ``trainer`` defaults to a CPU/GPU ``Trainer`` without loggers.
     """
     if trainer is None:
-        trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False)
+        trainer = evaluation_trainer()
     metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     counts = complexity(module.net, input_size=module.image_size)
     hp = module.hparams
