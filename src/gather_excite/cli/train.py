@@ -25,7 +25,6 @@ from ..engine import (
     ResumableCSVLogger,
     TrainSpeed,
     checkpoint_callbacks,
-    describe_model_mismatch,
     evaluate,
     read_checkpoint,
     write_eval_json,
@@ -218,14 +217,10 @@ def _resume_path(resume: str | None, out: Path) -> str | None:
 
 def _check_resumable(path: str, model: ClassificationModule) -> None:
     """Read the checkpoint now (weights-only) so that an unreadable one or another model's fails before any work."""
-    saved = read_checkpoint(path)
-    differences = describe_model_mismatch(saved["hyper_parameters"], dict(model.hparams))
-    if differences:
-        raise CheckpointError(
-            f"--resume {path}: checkpoint was saved for a different model; it differs in "
-            + "; ".join(differences)
-            + ". Resume with the checkpoint's model settings or start a new run (another --out)"
-        )
+    try:
+        model.check_checkpoint(read_checkpoint(path))
+    except CheckpointError as err:
+        raise CheckpointError(f"--resume {path}: {err}") from None
 
 
 def _check_model_matches_data(model: ClassificationModule, data: ImageClassificationData) -> None:

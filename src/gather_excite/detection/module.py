@@ -7,10 +7,10 @@ import pickle
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
 import torch.distributed as dist
 
+from ..engine.module import SGDModule
 from ..errors import CheckpointError, ConfigError
 from ..models import split_model_name
 from ..models._pretrained import read_weights
@@ -59,7 +59,7 @@ def load_backbone_state(source: str | Path, backbone: str) -> dict[str, torch.Te
     return dict(weights.state_dict)
 
 
-class DetectionModule(L.LightningModule):
+class DetectionModule(SGDModule):
     """Faster R-CNN (:func:`~gather_excite.detection.fasterrcnn_ge_resnet`) trained with SGD, evaluated by COCOeval.
 
     Every argument is a plain value saved as a hyperparameter, so a checkpoint rebuilds the
@@ -81,6 +81,17 @@ class DetectionModule(L.LightningModule):
         schedule: ``"multistep"`` divides by ``1/gamma`` at the ``milestones`` (epochs),
             ``"cosine"`` decays to zero over the run, ``"constant"``.
     """
+
+    # The hyperparameters that decide the detector's architecture: a checkpoint must agree on them.
+    architecture_keys = (
+        *DETECTOR_KEYS,
+        "backbone_kwargs",
+        "feature_levels",
+        "fpn_channels",
+        "representation_size",
+        "anchor_sizes",
+    )
+    architecture_noun = "detector"
 
     def __init__(
         self,
@@ -154,7 +165,7 @@ class DetectionModule(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=count)
         return loss
 
-    def _collect(self, batch: tuple[list[torch.Tensor], list[dict[str, Any]]]) -> None:
+    def _evaluation_step(self, batch: tuple[list[torch.Tensor], list[dict[str, Any]]], stage: str) -> None:
         images, targets = batch
         ids = self.category_ids
         for output, target in zip(self.model(images), targets, strict=True):
@@ -168,13 +179,7 @@ class DetectionModule(L.LightningModule):
             ]
             self._predictions.append((int(target["image_id"]), detections))
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._collect(batch)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._collect(batch)
-
-    def _evaluate(self, stage: str) -> None:
+    def _evaluation_epoch_end(self, stage: str) -> None:
         predictions, self._predictions = self._predictions, []
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list[Any] = [None] * dist.get_world_size()
@@ -189,19 +194,11 @@ class DetectionModule(L.LightningModule):
         self.log(f"{stage}/AP", result["AP"] if result["AP"] is not None else 0.0, prog_bar=True)
         self.log(f"{stage}/AP50", result["AP50"] if result["AP50"] is not None else 0.0, prog_bar=True)
 
-    def on_validation_epoch_end(self) -> None:
-        self._evaluate("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._evaluate("test")
-
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+        optimizer = self._sgd([p for p in self.parameters() if p.requires_grad])
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        per_epoch = max(1, total // epochs)
+        per_epoch = max(1, total // self._planned_epochs)
         warmup, factor = int(hp["warmup_steps"]), float(hp["warmup_factor"])
         milestones = [int(m) * per_epoch for m in (hp["milestones"] or [])]
 
@@ -217,29 +214,10 @@ class DetectionModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not is_detector_checkpoint(checkpoint):
             raise CheckpointError(
                 "checkpoint is not a detector checkpoint (gex detect train): it lacks "
                 f"{[k for k in DETECTOR_KEYS if k not in (checkpoint.get('hyper_parameters') or {})]}"
             )
-        saved = checkpoint["hyper_parameters"]
-        keys = (
-            "backbone",
-            "layout",
-            "categories",
-            "backbone_kwargs",
-            "feature_levels",
-            "fpn_channels",
-            "representation_size",
-            "anchor_sizes",
-        )
-        differences = [
-            f"{k}: checkpoint {saved.get(k)!r}, this run {self.hparams.get(k)!r}"
-            for k in keys
-            if saved.get(k) != self.hparams.get(k)
-        ]
-        if differences:
-            raise CheckpointError(
-                "checkpoint was saved for a different detector; it differs in " + "; ".join(differences)
-            )
+        super().check_checkpoint(checkpoint)

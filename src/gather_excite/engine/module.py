@@ -15,7 +15,7 @@ from ..errors import CheckpointError, ConfigError
 from ..layers._validate import check_int, pair
 from ..models import create_model, list_models
 
-__all__ = ["MODEL_KEYS", "ClassificationModule", "Schedule", "describe_model_mismatch"]
+__all__ = ["MODEL_KEYS", "ClassificationModule", "SGDModule", "Schedule", "describe_model_mismatch"]
 
 Schedule = Literal["plateau", "step", "multistep", "cosine", "constant"]
 
@@ -23,10 +23,12 @@ Schedule = Literal["plateau", "step", "multistep", "cosine", "constant"]
 MODEL_KEYS: tuple[str, ...] = ("arch", "num_classes", "in_chans", "input_size", "arch_kwargs")
 
 
-def describe_model_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``["arch: checkpoint 'se_resnet50', this run 'resnet50'", ...]`` for every architecture key that differs."""
+def describe_model_mismatch(
+    saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...] = MODEL_KEYS
+) -> list[str]:
+    """``["arch: checkpoint 'se_resnet50', this run 'resnet50'", ...]`` for every key of ``keys`` that differs."""
     differences = []
-    for key in MODEL_KEYS:
+    for key in keys:
         old, new = saved.get(key), current.get(key)
         if key == "arch_kwargs":
             old, new = dict(old or {}), dict(new or {})
@@ -60,7 +62,64 @@ def _size_pair(size: Any) -> Any:
         return size
 
 
-class ClassificationModule(L.LightningModule):
+class SGDModule(L.LightningModule):
+    """What the classifier and the detector share: validation and test by stage name, SGD, the checkpoint check.
+
+    A subclass computes a batch's share of the evaluation in ``_evaluation_step(batch, stage)``
+    and the stage's figures in ``_evaluation_epoch_end(stage)`` (``stage``: ``"val"`` or
+    ``"test"``); its hyperparameters hold ``lr``, ``momentum`` and ``weight_decay``. A
+    checkpoint whose ``architecture_keys`` differ from this module's is refused on loading.
+    """
+
+    architecture_keys: tuple[str, ...] = ()
+    architecture_noun = "model"  # "checkpoint was saved for a different <noun>"
+    mismatch_advice = ""  # appended to that message
+
+    def _evaluation_step(self, batch: Any, stage: str) -> None:
+        raise NotImplementedError
+
+    def _evaluation_epoch_end(self, stage: str) -> None:
+        raise NotImplementedError
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluation_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluation_epoch_end("test")
+
+    def _sgd(self, params: Any, **options: Any) -> torch.optim.SGD:
+        """SGD over ``params`` with the ``lr``, ``momentum`` and ``weight_decay`` hyperparameters."""
+        hp = self.hparams
+        return torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"], **options)
+
+    @property
+    def _planned_epochs(self) -> int:
+        """The run's ``max_epochs``; 1 when it is bounded by steps instead (``max_epochs`` -1 or unset)."""
+        max_epochs = self.trainer.max_epochs
+        return max_epochs if max_epochs and max_epochs > 0 else 1
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Raise :class:`CheckpointError` unless the loaded ``checkpoint`` was saved for this architecture."""
+        saved = checkpoint.get("hyper_parameters") or {}
+        differences = describe_model_mismatch(saved, dict(self.hparams), self.architecture_keys)
+        if differences:
+            raise CheckpointError(
+                f"checkpoint was saved for a different {self.architecture_noun}; it differs in "
+                + "; ".join(differences)
+                + self.mismatch_advice
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_checkpoint(checkpoint)
+
+
+class ClassificationModule(SGDModule):
     """Cross-entropy training of ``create_model(arch, ...)`` with SGD; logs top-1/top-5 *error* in percent.
 
     Every argument is a plain value (saved as a hyperparameter, so checkpoints load with
@@ -85,6 +144,9 @@ class ClassificationModule(L.LightningModule):
         channels_last: NHWC memory layout for the network and its inputs (faster convs on GPUs).
         compile: ``torch.compile`` the network in place (state-dict keys unchanged).
     """
+
+    architecture_keys = MODEL_KEYS
+    mismatch_advice = ". Resume with the checkpoint's model settings or start a new run (another --out)"
 
     def __init__(
         self,
@@ -173,11 +235,11 @@ class ClassificationModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+    def _evaluation_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        self._step(batch, stage)
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+    def _evaluation_epoch_end(self, stage: str) -> None:
+        self._log_errors(stage)
 
     def _log_errors(self, stage: str) -> None:
         # compute() syncs the counts over all processes, so the error is that of the whole split.
@@ -190,21 +252,9 @@ class ClassificationModule(L.LightningModule):
         self._log_errors("train")
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], sync_dist=True)
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_errors("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_errors("test")
-
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = torch.optim.SGD(
-            self.parameters(),
-            lr=hp["lr"],
-            momentum=hp["momentum"],
-            weight_decay=hp["weight_decay"],
-            nesterov=hp["nesterov"],
-        )
+        optimizer = self._sgd(self.parameters(), nesterov=hp["nesterov"])
         schedule = hp["schedule"]
         if schedule == "constant":
             return optimizer
@@ -228,16 +278,5 @@ class ClassificationModule(L.LightningModule):
                 optimizer, milestones=list(hp["milestones"]), gamma=hp["gamma"]
             )
         else:
-            epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self._planned_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters", {})
-        differences = describe_model_mismatch(saved, dict(self.hparams))
-        if differences:
-            raise CheckpointError(
-                "checkpoint was saved for a different model; it differs in "
-                + "; ".join(differences)
-                + ". Resume with the checkpoint's model settings or start a new run (another --out)"
-            )
