@@ -11,6 +11,7 @@ import inspect
 import pickle
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -231,17 +232,8 @@ def _data(argv: list[str]) -> int:
 
     args = _data_parser().parse_args(argv)
     try:
-        spec = CanvasSpec(
-            canvas_size=args.canvas_size,
-            train_count=args.train_count,
-            val_count=args.val_count,
-            min_items=args.min_items,
-            max_items=args.max_items,
-            min_scale=args.min_scale,
-            max_scale=args.max_scale,
-            max_overlap=args.max_overlap,
-            seed=args.seed,
-        )
+        # Each CanvasSpec field is the option of the same name (_data_parser takes its defaults from the spec).
+        spec = CanvasSpec(**{field.name: getattr(args, field.name) for field in fields(CanvasSpec)})
         paths = make_fashion_mnist_detection(args.out, spec, root=args.data_root, download=args.download)
     except _ERRORS as err:
         return _fail("data", err)

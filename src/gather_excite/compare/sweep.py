@@ -21,7 +21,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,20 +89,14 @@ class SweepConfig:
         return data
 
     def runs(self) -> list[RunSpec]:
-        """Every run, seed-major, so that an interrupted sweep has whole seeds done first."""
+        """Every run, seed-major, so that an interrupted sweep has whole seeds done first.
+
+        A run takes every setting of the sweep that :class:`RunSpec` has a field of the same name for.
+        """
+        own = {field.name for field in fields(self)}
+        settings = {field.name: getattr(self, field.name) for field in fields(RunSpec) if field.name in own}
         return [
-            RunSpec(
-                label=label,
-                model=model,
-                seed=seed,
-                epochs=self.epochs,
-                batch_size=self.batch_size,
-                lr=self.lr,
-                width=self.width,
-                augment=self.augment,
-                channels_last=self.channels_last,
-                compile=self.compile,
-            )
+            RunSpec(label=label, model=model, seed=seed, **settings)
             for seed in self.seeds
             for label, model in self.variants
         ]
