@@ -48,11 +48,14 @@ class _Previous(nn.Module):
         return self.bn_context(norm, context, x)
 
 
-def net(bn_context, batch: int, repeats: int) -> list[dict]:
+NET_MODELS = ("ge_theta_minus_resnet50", "ge_theta_resnet50", "ge_theta_plus_resnet50", "se_resnet50")
+
+
+def net(bn_context, batch: int, repeats: int, models: list[str]) -> list[dict]:
     torch.manual_seed(0)
     x, target = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
     built = {"resnet50": create_model("resnet50").train()}
-    for name in ("ge_theta_minus_resnet50", "ge_theta_resnet50", "ge_theta_plus_resnet50", "se_resnet50"):
+    for name in models:
         torch.manual_seed(0)
         built[f"{name}/new"] = create_model(name).train()
         built[f"{name}/previous"] = previous = copy.deepcopy(built[f"{name}/new"])
@@ -106,15 +109,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("previous", type=Path, help="a checkout of the previous implementation")
     parser.add_argument("what", choices=("net", "op"))
-    parser.add_argument("variants", nargs="*", default=["ge_theta_minus_e2", "ge_theta_e4", "ge_theta_plus_e8"])
+    parser.add_argument("variants", nargs="*", help="op: context specs (default: 3 extent variants); net: models "
+                        f"(default: {' '.join(NET_MODELS)})")  # fmt: skip
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     bn_context = _load_previous(args.previous)
-    rows = (
-        net(bn_context, args.batch, args.repeats) if args.what == "net" else op(bn_context, args.variants, args.repeats)
-    )
+    if args.what == "net":
+        rows = net(bn_context, args.batch, args.repeats, args.variants or list(NET_MODELS))
+    else:
+        rows = op(bn_context, args.variants or ["ge_theta_minus_e2", "ge_theta_e4", "ge_theta_plus_e8"], args.repeats)
     print(json.dumps({"threads": 1, "clock": "cpu", "torch": torch.__version__, "rows": rows}, indent=1))
 
 

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.autograd import forward_ad
 
-from gather_excite.layers import _lean, create_context, list_context_specs
-from gather_excite.layers._lean import GateBroadcast, batch_stats, map_dot, map_weighted_sum
+from gather_excite.layers import _reduce, create_context, list_context_specs
+from gather_excite.layers._lean import GateBroadcast
+from gather_excite.layers._reduce import batch_stats, map_dot, map_weighted_sum
 from gather_excite.layers.norm_context import NormContext, lean_enabled, set_lean
 
 
@@ -210,15 +211,22 @@ def _compare_with(bn, context):
     return plain, lean
 
 
-def test_hooks_inside_the_context_module_take_the_plain_path():
-    """A forward hook on the gather (e.g. a FLOP counter) must fire: the plain composition runs."""
+def test_hooks_run_where_the_lean_path_calls_the_module_and_everywhere_when_built_plain():
+    """PyTorch has no public query for a module's hooks, so hooks do not choose the path: the lean
+    path calls the gather's first conv and the gate probe as modules (their hooks fire) but not the
+    BN or the gather module; a NormContext built with lean=False runs every hook once."""
     set_lean(True)
     bn, context = _unit("ge_theta_e2", 8, 8)
     calls = []
-    context.gather.register_forward_hook(lambda *args: calls.append(1))
-    out = bn_context(bn, context, torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True))
-    assert calls == [1]
-    assert not _lean_ran(out)
+    for name, module in (("bn", bn), ("gather", context.gather), ("first", context.gather.layers[0]),
+                         ("gate", context.gate)):  # fmt: skip
+        module.register_forward_hook(lambda *_args, name=name: calls.append(name))
+    z = torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
+    assert _lean_ran(NormContext(lean=True)(z, bn, context))
+    assert sorted(calls) == ["first", "gate"]
+    calls.clear()
+    assert not _lean_ran(NormContext(lean=False)(z, bn, context))
+    assert sorted(calls) == ["bn", "first", "gate", "gather"]
 
 
 @pytest.mark.parametrize("case", ["no_grad", "identity", "sync_bn", "disabled"])
@@ -269,7 +277,7 @@ def test_nearest_resize_equals_interpolate(small, big, channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     expected = F.interpolate(gate, size=big, mode="nearest")
-    broadcast = GateBroadcast(gate, x, x.dtype)
+    broadcast = GateBroadcast(gate, x)
     assert torch.equal(broadcast.multiply(x), x * expected)
     # The gate's gradient: autograd through interpolate gives the same sums (in another order).
     grad_out = torch.randn_like(x)
@@ -299,7 +307,7 @@ def _assert_map_dot_and_weighted_sum_equal_the_conv(channels_last: bool) -> torc
 def test_map_dot_and_weighted_sum_equal_the_depthwise_conv(chunk, channels_last, monkeypatch):
     """The global gather's per-sample loops equal a depthwise conv as large as the map and its
     weight gradient (F.conv2d, groups=C), in either layout and for any chunk of samples."""
-    monkeypatch.setattr(_lean, "_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(_reduce, "_CHUNK_ELEMENTS", chunk)
     x = _assert_map_dot_and_weighted_sum_equal_the_conv(channels_last)
     other = torch.randn(5, 6, 7, 9, dtype=torch.float64)  # a map of its own per sample
     torch.testing.assert_close(map_dot(x, other, torch.float64), (x * other).sum((2, 3)))
@@ -311,7 +319,7 @@ def test_batch_stats_equal_batchnorm_and_stay_stable_far_from_zero(channels_last
     with mean 1000 and std 0.01 keeps its variance (1e-4) to 1e-3 relative, as PyTorch's own
     Welford pass does (3e-4 here); a one-pass E[z^2] - E[z]^2 in float32 would lose it
     entirely (1e6 * 2^-24 = 0.06 >> 1e-4)."""
-    monkeypatch.setattr(_lean, "_CHUNK_ELEMENTS", 200)  # several chunks
+    monkeypatch.setattr(_reduce, "_CHUNK_ELEMENTS", 200)  # several chunks
     torch.manual_seed(0)
     z = torch.randn(6, 4, 5, 7) * torch.tensor([0.01, 1.0, 3.0, 0.5]).view(1, 4, 1, 1)
     z = z + torch.tensor([1000.0, -2.0, 0.0, 7.0]).view(1, 4, 1, 1)
@@ -409,7 +417,7 @@ def test_forward_mode_ad_through_a_ge_network_equals_finite_differences():
 def device_generic(monkeypatch):
     """Take the branches that every non-CPU device takes (einsum, multiply-and-sum,
     batch_norm_update_stats) instead of the CPU loops."""
-    monkeypatch.setattr(_lean, "CPU_KERNELS", False)
+    monkeypatch.setattr(_reduce, "CPU_KERNELS", False)
 
 
 @pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e2", "ge_theta_e4", "ge_theta", "ge_theta_plus",

@@ -31,10 +31,10 @@ class GatherSplit(NamedTuple):
     ``first`` is the module that reads the full-size map; ``None`` means that step is the global
     weighted sum ``sum_hw(weights * x)``, with ``weights`` a ``(C, H, W)`` kernel or one number for
     every position (``1 / (H * W)``: the mean). ``rest`` works on the reduced map only.
-    ``first_backward(x, grad)``, where given, is the gradient of ``first``'s input ``x`` and of its
-    parameters (in ``first.parameters()`` order) from the gradient of its output, without running
-    it again. Memory-lean training (:class:`~gather_excite.layers.NormContext`) uses the split to
-    rebuild the full-size input instead of keeping it.
+    ``first_backward(x, grad)``, given with every ``first``, is the gradient of ``first``'s input
+    ``x`` and of its parameters (in ``first.parameters()`` order) from the gradient of its output,
+    without keeping what ``first`` computed. Memory-lean training
+    (:class:`~gather_excite.layers.NormContext`) uses the split to rebuild the full-size input.
     """
 
     first: nn.Module | None
@@ -81,11 +81,17 @@ class PoolGather(nn.Module):
         # window (the padding excluded from the mean): the global mean.
         if self.mode == "avg" and (self.extent is None or self.extent >= max(size)):
             return GatherSplit(None, 1.0 / (size[0] * size[1]), _identity)
-        return GatherSplit(self, None, _identity, self._avg_backward if self.mode == "avg" else None)
+        return GatherSplit(self, None, _identity, self._backward)
 
-    def _avg_backward(self, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor]:
-        e = self.extent
-        return (torch.ops.aten.avg_pool2d_backward(grad, x, [2 * e - 1] * 2, [e] * 2, [e - 1] * 2, False, False, None),)
+    def _backward(self, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor]:
+        if self.extent is None:  # global max: amax's gradient, shared evenly between tied maxima
+            ties = x == x.amax((2, 3), keepdim=True)
+            return (ties * (grad / ties.sum((2, 3), keepdim=True)),)
+        window = ([2 * self.extent - 1] * 2, [self.extent] * 2, [self.extent - 1] * 2)
+        if self.mode == "avg":
+            return (torch.ops.aten.avg_pool2d_backward(grad, x, *window, False, False, None),)
+        _, indices = F.max_pool2d(x, *window, return_indices=True)
+        return (torch.ops.aten.max_pool2d_with_indices_backward(grad, x, *window, [1, 1], False, indices),)
 
     def extra_repr(self) -> str:
         return f"extent={self.extent}, mode={self.mode!r}"
