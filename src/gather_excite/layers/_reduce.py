@@ -62,7 +62,7 @@ def batch_stats(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """Per-channel batch mean and biased variance of ``z``, updating the running averages as
     ``nn.BatchNorm2d`` does, and the per-(sample, channel) means where they come free. On the CPU an
-    NCHW map takes two passes, 2-4x faster than ``batch_norm_update_stats``: the (sample, channel)
+    NCHW map takes two passes, faster than ``batch_norm_update_stats`` there: the (sample, channel)
     means (which a global gather needs), then the squared deviations in chunks (stable variance)."""
     if not (_cpu(z) and z.is_contiguous()):
         mean, var = torch.batch_norm_update_stats(z, running_mean, running_var, momentum)
