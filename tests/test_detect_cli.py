@@ -21,6 +21,7 @@ from pycocotools.coco import COCO
 from gather_excite import GatherExcite
 from gather_excite.cli import detect as detect_cli
 from gather_excite.cli import evaluate as eval_cli
+from gather_excite.cli import train as train_cli
 from gather_excite.detection import (
     STAT_NAMES,
     CocoDetectionData,
@@ -225,6 +226,34 @@ def test_backbone_starts_from_a_gex_train_checkpoint(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="was trained as 'cifar_resnet20'"):
         DetectionModule("cifar_resnet56", categories=CATEGORIES, backbone_init=str(path), layout="fpn")
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_naming_the_key_and_both_values(tmp_path: Path) -> None:
+    # SGDModule.check_checkpoint (run by Lightning's on_load_checkpoint and by gex train --resume)
+    # compares each class's architecture keys; the words are the classifier's and the detector's own.
+    classifier = ClassificationModule("cifar_resnet20", num_classes=10, arch_kwargs={"width": 8})
+    classifier.check_checkpoint({"hyper_parameters": dict(classifier.hparams)})  # its own: accepted
+    wider = {"hyper_parameters": {**classifier.hparams, "arch_kwargs": {"width": 16}}, "state_dict": {}}
+    message = (
+        "checkpoint was saved for a different model; it differs in arch_kwargs: checkpoint {'width': 16}, this run "
+        "{'width': 8}. Resume with the checkpoint's model settings or start a new run (another --out)"
+    )
+    with pytest.raises(ValueError) as refused:
+        classifier.check_checkpoint(wider)
+    assert str(refused.value) == message
+    torch.save(wider, tmp_path / "wider.ckpt")
+    with pytest.raises(ValueError) as refused:
+        train_cli._check_resumable(str(tmp_path / "wider.ckpt"), classifier)
+    assert str(refused.value) == f"--resume {tmp_path / 'wider.ckpt'}: {message}"
+    detector = DetectionModule("cifar_resnet20", layout="c4", categories=CATEGORIES, backbone_kwargs={"width": 8})
+    with pytest.raises(ValueError) as refused:
+        detector.check_checkpoint({"hyper_parameters": {**detector.hparams, "layout": "fpn"}})
+    assert (
+        str(refused.value)
+        == "checkpoint was saved for a different detector; it differs in layout: checkpoint 'fpn', this run 'c4'"
+    )
+    with pytest.raises(ValueError, match=r"not a detector checkpoint .*lacks \['backbone', 'layout', 'categories'\]"):
+        detector.check_checkpoint({"hyper_parameters": dict(classifier.hparams)})
 
 
 def _bad_set(tmp_path: Path, edit: Any) -> Path:
