@@ -507,3 +507,21 @@ def test_gex_analyze_commands_write_png_and_json(tmp_path, capsys):
     # A baseline has no excite gate to rank channels by: a clear error, exit status 2.
     assert gex(["analyze", "prune", str(base), *common]) == 2
     assert "excite gates" in capsys.readouterr().err
+
+
+def test_remove_branch_zeroes_the_branch_with_gradients_on(ge_model, data):
+    """In training with autograd (where a unit may take the memory-lean path, which does not call
+    ``context`` as a module) the removed branch still adds zeros: the unit's output is
+    relu(shortcut), as with gradients off."""
+    unit = resolve_unit(ge_model, "stage3_1")[1]
+    seen = {}
+    handle = unit.register_forward_hook(lambda _m, args, out: seen.update(x=args[0], out=out))
+    try:
+        with remove_branch(unit):
+            ge_model(data[0])
+        assert unit.norm_context.lean and seen["out"].requires_grad  # built lean, restored after the block
+        expected = torch.relu(unit.shortcut(seen["x"]))
+        torch.testing.assert_close(seen["out"], expected)
+    finally:
+        handle.remove()
+
