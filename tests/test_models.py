@@ -24,6 +24,7 @@ from gather_excite.models import (
     residual_units,
 )
 from gather_excite.models._builder import conv_out_size
+from gather_excite.models.shufflenet import ShuffleUnit
 
 CIFAR_BACKBONES = ("cifar_resnet20", "cifar_resnet56", "cifar_resnet110", "cifar_resnet164", "wrn16_8")
 DEEP_RESNETS = ("resnet101", "resnet152")
@@ -358,6 +359,9 @@ def test_context_input_is_the_last_batchnorm_output() -> None:
         (lambda: ShuffleNet(groups=5), ValueError, "groups"),
         (lambda: ShuffleNet(width=0.3), ValueError, "divisible"),
         (lambda: PreActResNet(164, dropout=1.0), ValueError, "dropout"),
+        # A unit's shared options are declared once (UnitOptions); a misspelt one is still the
+        # TypeError an explicit keyword-only parameter list gives.
+        (lambda: ShuffleUnit(24, 48, stride=2, groups=3, mid_chs=12, context="se"), TypeError, "'context'"),
     ],
 )
 def test_bad_arguments_raise(build, error: type[Exception], match: str) -> None:

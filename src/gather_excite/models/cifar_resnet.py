@@ -6,16 +6,17 @@ with stride 2 and zero-pad the new channels, so every parameter sits on a residu
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import create_context
 from ..layers._registry import ContextArg
 from ..layers.gather import Device
 from ..layers.norm_context import NormContext
 from ._backbone import Backbone, Stage
-from ._builder import check_int, init_backbone
+from ._builder import UnitOptions, check_int, init_backbone, unit_context, unit_factory
 from ._features import feature
 
 __all__ = ["BasicUnit", "CifarResNet", "PadShortcut", "cifar_resnet20", "cifar_resnet56", "cifar_resnet110"]
@@ -53,19 +54,16 @@ class BasicUnit(nn.Module):
         out_chs: int,
         *,
         stride: int = 1,
-        context_layer: ContextArg = None,
-        feature_size: tuple[int, int] | None = None,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        **options: Unpack[UnitOptions],
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd = unit_factory(type(self), options)
         self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False, **dd)
         self.bn1 = nn.BatchNorm2d(out_chs, **dd)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False, **dd)
         self.bn2 = nn.BatchNorm2d(out_chs, **dd)
-        self.context = create_context(context_layer, out_chs, feature_size=feature_size, **dd)
+        self.context = unit_context(out_chs, options)
         self.norm_context = NormContext()  # context(bn2(x)), memory-lean in training
         self.shortcut = (
             PadShortcut(in_chs, out_chs, stride=stride) if stride != 1 or in_chs != out_chs else nn.Identity()

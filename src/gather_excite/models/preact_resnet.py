@@ -9,15 +9,15 @@ next unit's BN-ReLU does that), and the network ends with BN-ReLU before pooling
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Unpack
 
 import torch
 from torch import nn
 
-from ..layers import create_context
 from ..layers._registry import ContextArg
 from ..layers.gather import Device
 from ._backbone import Backbone, Stage
-from ._builder import check_int, init_backbone
+from ._builder import UnitOptions, check_int, init_backbone, unit_context, unit_factory
 from ._features import feature
 
 __all__ = ["PreActBasic", "PreActBottleneck", "PreActResNet", "PreActUnit", "cifar_resnet164"]
@@ -39,18 +39,15 @@ class PreActUnit(nn.Module):
         *,
         stride: int = 1,
         dropout: float = 0.0,
-        context_layer: ContextArg = None,
-        feature_size: tuple[int, int] | None = None,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        **options: Unpack[UnitOptions],
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd = unit_factory(type(self), options)
         out_chs = planes * self.expansion
         self.bn1 = nn.BatchNorm2d(in_chs, **dd)
         self.relu = nn.ReLU(inplace=True)
         self.build_branch(in_chs, planes, out_chs, stride=stride, dropout=dropout, dd=dd)
-        self.context = create_context(context_layer, out_chs, feature_size=feature_size, **dd)
+        self.context = unit_context(out_chs, options)
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_chs != out_chs:
             self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd)

@@ -8,16 +8,16 @@ same parameters and state-dict keys as ``torchvision.models.resnet50()``, about 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Unpack
 
 import torch
 from torch import nn
 
-from ..layers import create_context
 from ..layers._registry import ContextArg
 from ..layers.gather import Device
 from ..layers.norm_context import NormContext
 from ._backbone import Backbone, Stage
-from ._builder import check_int, conv_out_size, init_backbone
+from ._builder import UnitOptions, check_int, conv_out_size, init_backbone, unit_context, unit_factory
 from ._features import feature
 
 __all__ = ["STAGE_LABELS", "Bottleneck", "ResNet", "resnet50", "resnet101", "resnet152"]
@@ -37,13 +37,10 @@ class Bottleneck(nn.Module):
         *,
         stride: int = 1,
         stride_in_1x1: bool = True,
-        context_layer: ContextArg = None,
-        feature_size: tuple[int, int] | None = None,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        **options: Unpack[UnitOptions],
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd = unit_factory(type(self), options)
         out_chs = planes * self.expansion
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.conv1 = nn.Conv2d(in_chs, planes, 1, stride=stride_1x1, bias=False, **dd)
@@ -58,7 +55,7 @@ class Bottleneck(nn.Module):
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd), nn.BatchNorm2d(out_chs, **dd)
             )
-        self.context = create_context(context_layer, out_chs, feature_size=feature_size, **dd)
+        self.context = unit_context(out_chs, options)
         self.norm_context = NormContext()  # context(bn3(x)), memory-lean in training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

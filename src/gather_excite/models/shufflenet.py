@@ -8,15 +8,16 @@ network's first unit is ungrouped (its input has only the stem's 24 channels).
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
 from torch import nn
 
-from ..layers import create_context
 from ..layers._registry import ContextArg
 from ..layers.gather import Device
 from ..layers.norm_context import NormContext
 from ._backbone import Backbone, Stage
-from ._builder import conv_out_size, init_backbone
+from ._builder import UnitOptions, conv_out_size, init_backbone, unit_context, unit_factory
 from ._features import feature
 
 __all__ = ["STAGE_CHANNELS", "ShuffleNet", "ShuffleUnit", "shufflenet_g3"]
@@ -45,13 +46,10 @@ class ShuffleUnit(nn.Module):
         groups: int,
         mid_chs: int,
         group_first_conv: bool = True,
-        context_layer: ContextArg = None,
-        feature_size: tuple[int, int] | None = None,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        **options: Unpack[UnitOptions],
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd = unit_factory(type(self), options)
         if stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {stride}")
         if stride == 1 and in_chs != out_chs:
@@ -75,7 +73,7 @@ class ShuffleUnit(nn.Module):
         self.bn2 = nn.BatchNorm2d(mid_chs, **dd)
         self.conv3 = nn.Conv2d(mid_chs, branch_chs, 1, groups=groups, bias=False, **dd)
         self.bn3 = nn.BatchNorm2d(branch_chs, **dd)
-        self.context = create_context(context_layer, branch_chs, feature_size=feature_size, **dd)
+        self.context = unit_context(branch_chs, options)
         self.norm_context = NormContext()  # context(bn3(x)), memory-lean in training
         self.shortcut = nn.AvgPool2d(3, stride=2, padding=1) if stride == 2 else nn.Identity()
 
