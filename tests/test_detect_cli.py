@@ -256,6 +256,20 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_the_key_and_both
         detector.check_checkpoint({"hyper_parameters": dict(classifier.hparams)})
 
 
+def test_detect_eval_checks_out_before_reading_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the checkpoint was read before --out was checked")
+
+    monkeypatch.setattr(detect_cli, "load_detector", no_work)
+    (tmp_path / "reports").mkdir()
+    reports = tmp_path / "reports"
+    code, err = run(detect_cli.main, ["eval", "model.ckpt", "--out", str(reports)], capsys)
+    expected = f"--out {reports}: is a folder; expected the path of a JSON file to write"
+    assert code == 2 and err == f"gex detect eval: error: {expected}\n"
+
+
 def _bad_set(tmp_path: Path, edit: Any) -> Path:
     root = write_coco(tmp_path / "coco", LAYOUTS[:2])
     coco = json.loads((root / "instances.json").read_text())

@@ -19,7 +19,7 @@ from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from ..errors import CheckpointError, CheckpointNotFoundError, GexError, UnsafeFileError, one_line
-from ._evaluation import add_evaluation_arguments, data_overrides, output_path
+from ._evaluation import add_evaluation_arguments, check_output_file, data_overrides, output_path
 
 __all__ = ["main"]
 
@@ -181,13 +181,14 @@ def _eval(argv: list[str]) -> int:
     from ..engine import evaluation_trainer, write_eval_json
 
     args = _eval_parser().parse_args(argv)
+    out = output_path(args)
     try:
+        check_output_file(out)  # as gex eval: before the evaluation, not after it
         module, datamodule = load_detector(args.checkpoint, data_overrides(args))
         trainer = evaluation_trainer(args.accelerator)
         result = evaluate_detector(module, datamodule, trainer=trainer, checkpoint=str(args.checkpoint))
     except _ERRORS as err:
         return _fail("eval", err)
-    out = output_path(args)
     write_eval_json(result, out)
     print(
         f"{result['model']} ({result['layout']}): AP {result['AP']:.3f}  AP50 {result['AP50']:.3f}  "
