@@ -9,7 +9,7 @@ from .checkpoint import LAST_CHECKPOINT, AtomicCheckpointIO, atomic_torch_save, 
 from .evaluation import evaluate, evaluation_trainer, write_eval_json
 from .loading import build_datamodule, load_for_evaluation, load_model, module_from_checkpoint
 from .loggers import DiscardRedoneRows, ResumableCSVLogger
-from .module import MODEL_KEYS, ClassificationModule, describe_model_mismatch
+from .module import MODEL_KEYS, ClassificationModule, SGDModule, describe_model_mismatch
 
 __all__ = [
     "LAST_CHECKPOINT",
@@ -18,6 +18,7 @@ __all__ = [
     "ClassificationModule",
     "DiscardRedoneRows",
     "ResumableCSVLogger",
+    "SGDModule",
     "TrainSpeed",
     "atomic_torch_save",
     "build_datamodule",
