@@ -362,6 +362,10 @@ def test_context_input_is_the_last_batchnorm_output() -> None:
         # A unit's shared options are declared once (UnitOptions); a misspelt one is still the
         # TypeError an explicit keyword-only parameter list gives.
         (lambda: ShuffleUnit(24, 48, stride=2, groups=3, mid_chs=12, context="se"), TypeError, "'context'"),
+        # The shared backbone options (BackboneOptions) leave zero_init_residual out of the
+        # pre-activation nets, whose branches end with a conv, not a BatchNorm to zero.
+        (lambda: PreActResNet(164, zero_init_residual=True), TypeError, "'zero_init_residual'"),
+        (lambda: CifarResNet(20, in_chanels=1), TypeError, "'in_chanels'"),
     ],
 )
 def test_bad_arguments_raise(build, error: type[Exception], match: str) -> None:

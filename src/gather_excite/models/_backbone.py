@@ -3,21 +3,47 @@
 A backbone builds its stem, then describes its stages as :class:`Stage` records and a function
 that builds one unit; :meth:`Backbone.add_stages` builds them in order, deriving each unit's
 spatial size (which the global-extent gathers need) and recording ``stage_names`` and
-``feature_info``. :meth:`Backbone.add_head` adds global average pooling and the classifier.
+``feature_info``. :meth:`Backbone.add_head` adds global average pooling and the classifier, and
+:meth:`Backbone.finish` initialises the weights and places the network. The keyword options
+that every backbone takes besides its own (:class:`BackboneOptions`) are read here, once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 from torch import nn
 
-from ._builder import check_int, conv_out_size, pair
-from ._features import FeatureInfo, feature
+from ..layers._registry import ContextArg
+from ..layers.gather import Device
+from ._builder import check_int, conv_out_size, init_backbone, pair
+from ._features import FeatureInfo, feature, residual_units
 
-__all__ = ["Backbone", "Stage", "UnitFactory"]
+__all__ = ["Backbone", "BackboneOptions", "Stage", "UnitFactory"]
+
+
+class BackboneOptions(TypedDict, total=False):
+    """The keyword options every backbone takes besides its own arguments.
+
+    Attributes:
+        in_chans: input image channels (default 3).
+        context_layer: the context module of every unit: a spec string (``"se"``,
+            ``"ge_theta_e8"``, ...), a class, a ``functools.partial``, or ``None`` (default: the
+            baseline).
+        zero_init_residual: start every branch's last BatchNorm scale at zero (default ``False``);
+            only backbones whose branches end with a BatchNorm take it (not the pre-activation ones).
+        device, dtype: where and in which dtype the parameters and buffers live (PyTorch's
+            factory arguments; default: torch's).
+    """
+
+    in_chans: int
+    context_layer: ContextArg
+    zero_init_residual: bool
+    device: Device
+    dtype: torch.dtype | None
 
 
 @dataclass(frozen=True)
@@ -47,24 +73,31 @@ UnitFactory = Callable[[Stage, int, int, int, tuple[int, int]], nn.Module]
 class Backbone(nn.Module):
     """Base of the classification backbones: stages of residual units and a pooled linear head.
 
-    Subclasses build their stem, call :meth:`add_stages` and :meth:`add_head`, and define
-    :meth:`forward_features`. The arguments every backbone takes:
+    Subclasses build their stem (with ``in_chans`` input channels), call :meth:`add_stages` (their
+    units take ``context_layer``), :meth:`add_head` and :meth:`finish`, and define
+    :meth:`forward_features`.
 
     Args:
         num_classes: classifier outputs.
-        in_chans: input image channels.
         input_size: the image size (int or ``(h, w)``) the global-extent gathers are sized for.
-        context_layer: (of the subclasses) the context module of every unit: a spec string
-            (``"se"``, ``"ge_theta_e8"``, ...), a class, a ``functools.partial``, or ``None``.
-        zero_init_residual: (of the subclasses that have it) start every branch's last
-            BatchNorm scale at zero.
+        options: the :class:`BackboneOptions` the subclass was given.
     """
 
-    def __init__(self, *, num_classes: int, in_chans: int, input_size: int | tuple[int, int]) -> None:
+    # The attribute of every unit that holds its branch's last BatchNorm (``zero_init_residual``
+    # zeroes its scale); ``None`` where the branches end with a conv.
+    residual_norm: str | None = None
+
+    def __init__(self, *, num_classes: int, input_size: int | tuple[int, int], options: BackboneOptions) -> None:
         super().__init__()
+        for name in options:
+            if name not in BackboneOptions.__annotations__ or (
+                name == "zero_init_residual" and self.residual_norm is None
+            ):
+                # The error Python raises for an explicit keyword-only signature.
+                raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument {name!r}")
         check_int(num_classes, "num_classes")
-        check_int(in_chans, "in_chans")
         self.num_classes = num_classes
+        self.in_chans = check_int(options.get("in_chans", 3), "in_chans")
         self.input_size = pair(input_size, "input_size")
         self.feature_info: list[FeatureInfo] = []
         self.stage_names: dict[str, str] = {}
@@ -101,6 +134,15 @@ class Backbone(nn.Module):
         self.num_features = num_features
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(num_features, self.num_classes)
+
+    def finish(self, options: BackboneOptions) -> None:
+        """Initialise the weights (see :func:`init_backbone`), then place the network as ``options`` ask."""
+        zero_init = ()
+        if options.get("zero_init_residual", False):
+            zero_init = [getattr(unit, self.residual_norm) for _, unit in residual_units(self)]
+        init_backbone(self, zero_init=zero_init)
+        # The layers are built with torch's defaults, then placed (the units also take device/dtype).
+        self.to(device=options.get("device"), dtype=options.get("dtype"))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's feature map."""

@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers._registry import ContextArg
 from ..layers.gather import Device
 from ..layers.norm_context import NormContext
-from ._backbone import Backbone, Stage
-from ._builder import UnitOptions, check_int, init_backbone, unit_context, unit_factory
+from ._backbone import Backbone, BackboneOptions, Stage
+from ._builder import UnitOptions, check_int, unit_context, unit_factory
 from ._features import feature
 
 __all__ = ["BasicUnit", "CifarResNet", "PadShortcut", "cifar_resnet20", "cifar_resnet56", "cifar_resnet110"]
@@ -81,10 +80,12 @@ class CifarResNet(Backbone):
     Args:
         depth: 6n+2 layers (n units per stage): 20, 56, 110, ...
         width: channels of the first stage (16 in the paper); the others double it.
-        num_classes, in_chans, input_size, context_layer, zero_init_residual: see :class:`Backbone`.
-        device, dtype: where and in which dtype the parameters and buffers live (PyTorch's
-            factory arguments).
+        num_classes, input_size: see :class:`Backbone`.
+        options: ``in_chans``, ``context_layer``, ``zero_init_residual``, ``device``, ``dtype``
+            (:class:`BackboneOptions`).
     """
+
+    residual_norm = "bn2"
 
     def __init__(
         self,
@@ -92,37 +93,32 @@ class CifarResNet(Backbone):
         *,
         width: int = 16,
         num_classes: int = 10,
-        in_chans: int = 3,
         input_size: int | tuple[int, int] = 32,
-        context_layer: ContextArg = None,
-        zero_init_residual: bool = False,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        **options: Unpack[BackboneOptions],
     ) -> None:
         check_int(depth, "depth", minimum=8)
         if (depth - 2) % 6:
             raise ValueError(f"depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}")
         check_int(width, "width")
-        super().__init__(num_classes=num_classes, in_chans=in_chans, input_size=input_size)
+        super().__init__(num_classes=num_classes, input_size=input_size, options=options)
         units_per_stage = (depth - 2) // 6
 
-        self.conv1 = nn.Conv2d(in_chans, width, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(self.in_chans, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.feature_info.append(feature("relu", num_chs=width, reduction=1, stage="conv1"))
 
         def make_unit(stage: Stage, index: int, in_chs: int, stride: int, size: tuple[int, int]) -> nn.Module:
-            return BasicUnit(in_chs, stage.out_chs, stride=stride, context_layer=context_layer, feature_size=size)
+            return BasicUnit(
+                in_chs, stage.out_chs, stride=stride, context_layer=options.get("context_layer"), feature_size=size
+            )
 
         plan = [
             Stage(f"stage{index + 1}", f"stage{index + 1}", units_per_stage, width * 2**index, 1 if index == 0 else 2)
             for index in range(3)
         ]
         self.add_head(self.add_stages(plan, make_unit, in_chs=width, size=self.input_size, reduction=1))
-        zero_init = [u.bn2 for u in self.modules() if isinstance(u, BasicUnit)] if zero_init_residual else ()
-        init_backbone(self, zero_init=zero_init)
-        # The layers are built with torch's defaults, then placed (the units also take device/dtype).
-        self.to(device=device, dtype=dtype)
+        self.finish(options)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The stage3 feature map."""

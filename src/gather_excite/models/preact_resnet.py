@@ -14,10 +14,8 @@ from typing import Unpack
 import torch
 from torch import nn
 
-from ..layers._registry import ContextArg
-from ..layers.gather import Device
-from ._backbone import Backbone, Stage
-from ._builder import UnitOptions, check_int, init_backbone, unit_context, unit_factory
+from ._backbone import Backbone, BackboneOptions, Stage
+from ._builder import UnitOptions, check_int, unit_context, unit_factory
 from ._features import feature
 
 __all__ = ["PreActBasic", "PreActBottleneck", "PreActResNet", "PreActUnit", "cifar_resnet164"]
@@ -122,9 +120,9 @@ class PreActResNet(Backbone):
         stem_width: output channels of the first 3x3 conv.
         units_per_stage: overrides the count derived from ``depth`` (the wide ResNets use it).
         dropout: dropout rate inside every branch (0 disables it).
-        num_classes, in_chans, input_size, context_layer: see :class:`Backbone`.
-        device, dtype: where and in which dtype the parameters and buffers live (PyTorch's
-            factory arguments).
+        num_classes, input_size: see :class:`Backbone`.
+        options: ``in_chans``, ``context_layer``, ``device``, ``dtype`` (:class:`BackboneOptions`;
+            no ``zero_init_residual``: a pre-activation branch ends with a conv).
     """
 
     def __init__(
@@ -137,11 +135,8 @@ class PreActResNet(Backbone):
         units_per_stage: int | None = None,
         dropout: float = 0.0,
         num_classes: int = 10,
-        in_chans: int = 3,
         input_size: int | tuple[int, int] = 32,
-        context_layer: ContextArg = None,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        **options: Unpack[BackboneOptions],
     ) -> None:
         if unit not in _UNITS:
             raise ValueError(f"unit must be one of {sorted(_UNITS)}, got {unit!r}")
@@ -162,14 +157,21 @@ class PreActResNet(Backbone):
             check_int(value, "widths[i]")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        super().__init__(num_classes=num_classes, in_chans=in_chans, input_size=input_size)
+        super().__init__(num_classes=num_classes, input_size=input_size, options=options)
 
-        self.conv1 = nn.Conv2d(in_chans, stem_width, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(self.in_chans, stem_width, 3, padding=1, bias=False)
         self.feature_info.append(feature("conv1", num_chs=stem_width, reduction=1, stage="conv1"))
 
         def make_unit(stage: Stage, index: int, in_chs: int, stride: int, size: tuple[int, int]) -> nn.Module:
             planes = stage.out_chs // block.expansion
-            return block(in_chs, planes, stride=stride, dropout=dropout, context_layer=context_layer, feature_size=size)
+            return block(
+                in_chs,
+                planes,
+                stride=stride,
+                dropout=dropout,
+                context_layer=options.get("context_layer"),
+                feature_size=size,
+            )
 
         plan = [
             Stage(label, label, units_per_stage, planes * block.expansion, stride=1 if index == 0 else 2)
@@ -179,9 +181,7 @@ class PreActResNet(Backbone):
         self.norm = nn.BatchNorm2d(num_features)
         self.relu = nn.ReLU(inplace=True)
         self.add_head(num_features)
-        init_backbone(self)
-        # The layers are built with torch's defaults, then placed (the units also take device/dtype).
-        self.to(device=device, dtype=dtype)
+        self.finish(options)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's map after the final BN-ReLU."""

@@ -13,11 +13,9 @@ from typing import Unpack
 import torch
 from torch import nn
 
-from ..layers._registry import ContextArg
-from ..layers.gather import Device
 from ..layers.norm_context import NormContext
-from ._backbone import Backbone, Stage
-from ._builder import UnitOptions, check_int, conv_out_size, init_backbone, unit_context, unit_factory
+from ._backbone import Backbone, BackboneOptions, Stage
+from ._builder import UnitOptions, check_int, conv_out_size, unit_context, unit_factory
 from ._features import feature
 
 __all__ = ["STAGE_LABELS", "Bottleneck", "ResNet", "resnet50", "resnet101", "resnet152"]
@@ -71,29 +69,25 @@ class ResNet(Backbone):
 
     Args:
         layers: units per stage conv2_x..conv5_x, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
-        num_classes, in_chans, input_size, zero_init_residual: see :class:`Backbone`.
-        context_layer: context module of every unit in ``stages``: a spec string (``"se"``,
-            ``"ge_theta_e8"``, ...), a class, a ``functools.partial``, or ``None``.
+        num_classes, input_size: see :class:`Backbone`.
         stages: the stages (``"conv2_x"``..``"conv5_x"``) whose units get the context module
             (Table 1); ``None`` means all of them.
         stride_in_1x1: ``True`` the authors' v1 layout, ``False`` torchvision's v1.5.
-        device, dtype: where and in which dtype the parameters and buffers live (PyTorch's
-            factory arguments).
+        options: ``in_chans``, ``context_layer`` (of the units in ``stages``),
+            ``zero_init_residual``, ``device``, ``dtype`` (:class:`BackboneOptions`).
     """
+
+    residual_norm = "bn3"
 
     def __init__(
         self,
         layers: Sequence[int] = (3, 4, 6, 3),
         *,
         num_classes: int = 1000,
-        in_chans: int = 3,
         input_size: int | tuple[int, int] = 224,
-        context_layer: ContextArg = None,
         stages: Sequence[str] | None = None,
         stride_in_1x1: bool = True,
-        zero_init_residual: bool = False,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        **options: Unpack[BackboneOptions],
     ) -> None:
         if not isinstance(layers, Sequence) or len(layers) != 4:
             raise ValueError(f"layers must be 4 unit counts (conv2_x..conv5_x), got {layers!r}")
@@ -103,9 +97,9 @@ class ResNet(Backbone):
             stages = STAGE_LABELS
         elif isinstance(stages, str) or not all(s in STAGE_LABELS for s in stages):
             raise ValueError(f"stages must be a list of labels from {STAGE_LABELS} or None, got {stages!r}")
-        super().__init__(num_classes=num_classes, in_chans=in_chans, input_size=input_size)
+        super().__init__(num_classes=num_classes, input_size=input_size, options=options)
 
-        self.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
+        self.conv1 = nn.Conv2d(self.in_chans, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -119,7 +113,7 @@ class ResNet(Backbone):
                 stage.out_chs // Bottleneck.expansion,
                 stride=stride,
                 stride_in_1x1=stride_in_1x1,
-                context_layer=context_layer if stage.label in stages else None,
+                context_layer=options.get("context_layer") if stage.label in stages else None,
                 feature_size=size,
             )
 
@@ -129,10 +123,7 @@ class ResNet(Backbone):
             for index, (label, count) in enumerate(zip(STAGE_LABELS, layers, strict=True))
         ]
         self.add_head(self.add_stages(plan, make_unit, in_chs=64, size=size, reduction=4))
-        zero_init = [unit.bn3 for unit in self.modules() if isinstance(unit, Bottleneck)] if zero_init_residual else ()
-        init_backbone(self, zero_init=zero_init)
-        # The layers are built with torch's defaults, then placed (the units also take device/dtype).
-        self.to(device=device, dtype=dtype)
+        self.finish(options)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The conv5_x feature map."""

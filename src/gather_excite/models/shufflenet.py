@@ -13,11 +13,9 @@ from typing import Unpack
 import torch
 from torch import nn
 
-from ..layers._registry import ContextArg
-from ..layers.gather import Device
 from ..layers.norm_context import NormContext
-from ._backbone import Backbone, Stage
-from ._builder import UnitOptions, conv_out_size, init_backbone, unit_context, unit_factory
+from ._backbone import Backbone, BackboneOptions, Stage
+from ._builder import UnitOptions, conv_out_size, unit_context, unit_factory
 from ._features import feature
 
 __all__ = ["STAGE_CHANNELS", "ShuffleNet", "ShuffleUnit", "shufflenet_g3"]
@@ -93,10 +91,12 @@ class ShuffleNet(Backbone):
     Args:
         groups: groups of the pointwise convs (1, 2, 3, 4 or 8).
         width: channel multiplier ("ShuffleNet s x"); every channel count is scaled by it.
-        num_classes, in_chans, input_size, context_layer, zero_init_residual: see :class:`Backbone`.
-        device, dtype: where and in which dtype the parameters and buffers live (PyTorch's
-            factory arguments).
+        num_classes, input_size: see :class:`Backbone`.
+        options: ``in_chans``, ``context_layer``, ``zero_init_residual``, ``device``, ``dtype``
+            (:class:`BackboneOptions`).
     """
+
+    residual_norm = "bn3"
 
     def __init__(
         self,
@@ -104,22 +104,18 @@ class ShuffleNet(Backbone):
         groups: int = 3,
         width: float = 1.0,
         num_classes: int = 1000,
-        in_chans: int = 3,
         input_size: int | tuple[int, int] = 224,
-        context_layer: ContextArg = None,
-        zero_init_residual: bool = False,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        **options: Unpack[BackboneOptions],
     ) -> None:
         if groups not in STAGE_CHANNELS:
             raise ValueError(f"groups must be one of {sorted(STAGE_CHANNELS)}, got {groups!r}")
         if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
             raise ValueError(f"width must be a positive number (e.g. 0.5, 1.0, 2.0), got {width!r}")
-        super().__init__(num_classes=num_classes, in_chans=in_chans, input_size=input_size)
+        super().__init__(num_classes=num_classes, input_size=input_size, options=options)
         stem_chs = int(STEM_CHANNELS * width)
         stage_chs = [int(chs * width) for chs in STAGE_CHANNELS[groups]]
 
-        self.conv1 = nn.Conv2d(in_chans, stem_chs, 3, stride=2, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(self.in_chans, stem_chs, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_chs)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -135,7 +131,7 @@ class ShuffleNet(Backbone):
                 groups=groups,
                 mid_chs=stage.out_chs // 4,
                 group_first_conv=not (stage.label == "stage2" and index == 0),
-                context_layer=context_layer,
+                context_layer=options.get("context_layer"),
                 feature_size=size,
             )
 
@@ -144,10 +140,7 @@ class ShuffleNet(Backbone):
             for index, (out_chs, repeats) in enumerate(zip(stage_chs, STAGE_REPEATS, strict=True))
         ]
         self.add_head(self.add_stages(plan, make_unit, in_chs=stem_chs, size=size, reduction=4))
-        zero_init = [u.bn3 for u in self.modules() if isinstance(u, ShuffleUnit)] if zero_init_residual else ()
-        init_backbone(self, zero_init=zero_init)
-        # The layers are built with torch's defaults, then placed (the units also take device/dtype).
-        self.to(device=device, dtype=dtype)
+        self.finish(options)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The stage4 feature map."""
