@@ -66,6 +66,8 @@ class GateBroadcast:
         gate, product = self.gate, grad_out * x
         if gate.shape[-2:] == (1, 1):
             return product.sum((2, 3), keepdim=True, dtype=gate.dtype)
+        if self.block is not None and self.block > 2:  # long runs: summing a view beats the generic kernel
+            return self._view(product).sum(3, dtype=gate.dtype).unflatten(3, (gate.shape[-1], -1)).sum(4)
         return torch.ops.aten.upsample_nearest2d_backward(product.to(gate.dtype), self.size, gate.shape, None, None)
 
 
