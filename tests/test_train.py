@@ -252,7 +252,7 @@ def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeyp
 
 
 def test_kill_mid_epoch_then_resume_finishes(tmp_path: Path) -> None:
-    root = write_fashion_idx(tmp_path / "data", train=600, test=20)
+    root = write_fashion_idx(tmp_path / "data", train=1200, test=20)  # 120 steps an epoch
     config = write_config(
         tmp_path / "config.yaml",
         model={
@@ -272,23 +272,29 @@ def test_kill_mid_epoch_then_resume_finishes(tmp_path: Path) -> None:
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = out / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
-    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)  # well inside epoch 2 (60 steps an epoch)
+    killed = None
+    while killed is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:  # the end-of-epoch-1 checkpoint, once it is fully written
+            killed = torch.load(last, weights_only=True) if last.exists() else None
+        except (RuntimeError, EOFError, OSError):
+            killed = None
+    time.sleep(0.5)  # inside epoch 2: its 120 steps take longer than this even on a fast idle machine
     assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    killed = torch.load(last, weights_only=True)
-    assert killed["epoch"] == 0 and killed["global_step"] == 60  # the end of epoch 1 of 3
+    assert killed is not None, "no end-of-epoch-1 checkpoint within 240 s"
+    assert torch.load(last, weights_only=True)["global_step"] == killed["global_step"]  # no epoch-2 checkpoint yet
+    assert killed["epoch"] == 0 and killed["global_step"] == 120  # the end of epoch 1 of 3
     resumed = subprocess.run([*command, "--resume", "last"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     final = torch.load(last, weights_only=True)
-    # Continued from step 60 to the end: 3 epochs of 60 steps in all.
-    assert final["epoch"] == 2 and final["global_step"] == 180
+    # Continued from step 120 to the end: 3 epochs of 120 steps in all.
+    assert final["epoch"] == 2 and final["global_step"] == 360
     # One CSV row per training step (logged every step): the killed epoch's rows were dropped, not repeated.
     with open(out / "csv" / "metrics.csv") as handle:
         steps = [int(row["step"]) for row in csv.DictReader(handle) if row.get("train/loss_step")]
-    assert sorted(steps) == list(range(180)), [step for step in steps if steps.count(step) > 1][:10]
+    assert sorted(steps) == list(range(360)), [step for step in steps if steps.count(step) > 1][:10]
     assert len(epoch_losses(out)) == 3
 
 
