@@ -31,6 +31,7 @@ from gather_excite.detection import (
     load_backbone_state,
 )
 from gather_excite.engine import ClassificationModule
+from test_train import TRAINER  # the same quiet single-CPU trainer settings as the classification tests
 
 # Non-contiguous COCO ids: the detector's labels 1..3 must map back to exactly these.
 CATEGORIES = [{"id": 3, "name": "red"}, {"id": 7, "name": "green"}, {"id": 42, "name": "blue"}]
@@ -67,14 +68,6 @@ TINY_MODEL = {
     "lr": 0.01,
     "warmup_steps": 5,
     "schedule": "constant",
-}
-TRAINER = {
-    "accelerator": "cpu",
-    "devices": 1,
-    "enable_model_summary": False,
-    "enable_progress_bar": False,
-    "log_every_n_steps": 1,
-    "num_sanity_val_steps": 0,
 }
 
 

@@ -16,7 +16,7 @@ from gather_excite.data import cifar_dataset
 from gather_excite.engine import ClassificationModule, load_model, write_eval_json
 from gather_excite.errors import DataError, GexError, UnsafeFileError
 from test_data import write_cifar10, write_fashion_idx, write_image_folder
-from test_train import write_config
+from test_train import TINY_FASHION_MODEL, write_config
 
 
 class _Payload:
@@ -77,13 +77,7 @@ def tiny_config(tmp_path: Path) -> Path:
     root = write_fashion_idx(tmp_path / "data", train=48, test=16)
     return write_config(
         tmp_path / "config.yaml",
-        model={
-            "arch": "cifar_resnet20",
-            "arch_kwargs": {"width": 4},
-            "num_classes": 10,
-            "in_chans": 1,
-            "input_size": 28,
-        },
+        model=TINY_FASHION_MODEL,
         data={"root": str(root), "dataset": "fashion_mnist", "batch_size": 12},
         epochs=1,
     )

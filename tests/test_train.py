@@ -34,6 +34,11 @@ TRAINER = {
 }
 
 
+# A width-4 ResNet-20 for the Fashion-MNIST files of test_data: seconds an epoch on one core.
+TINY_FASHION_MODEL = {"arch": "cifar_resnet20", "arch_kwargs": {"width": 4}, "num_classes": 10, "in_chans": 1,
+                      "input_size": 28}  # fmt: skip
+
+
 def write_config(path: Path, *, model: dict[str, Any], data: dict[str, Any], epochs: int) -> Path:
     config = {
         "seed_everything": 0,
@@ -255,13 +260,7 @@ def test_kill_mid_epoch_then_resume_finishes(tmp_path: Path) -> None:
     root = write_fashion_idx(tmp_path / "data", train=1200, test=20)  # 120 steps an epoch
     config = write_config(
         tmp_path / "config.yaml",
-        model={
-            "arch": "cifar_resnet20",
-            "arch_kwargs": {"width": 4},
-            "num_classes": 10,
-            "in_chans": 1,
-            "input_size": 28,
-        },
+        model=TINY_FASHION_MODEL,
         data={"root": str(root), "dataset": "fashion_mnist", "batch_size": 10},
         epochs=3,
     )
