@@ -24,6 +24,19 @@ DetectionSchedule = Literal["multistep", "cosine", "constant"]
 # Hyperparameters that only a detector checkpoint has; a classifier's (gex train) has ``arch``.
 DETECTOR_KEYS = ("backbone", "layout", "categories")
 
+# The hyperparameters that fasterrcnn_ge_resnet takes unchanged, under the same names.
+_DETECTOR_ARGUMENTS = (
+    "layout",
+    "frozen_bn",
+    "backbone_kwargs",
+    "feature_levels",
+    "fpn_channels",
+    "representation_size",
+    "anchor_sizes",
+    "min_size",
+    "max_size",
+)
+
 
 def is_detector_checkpoint(checkpoint: dict[str, Any]) -> bool:
     """Whether a loaded Lightning checkpoint was written by ``gex detect train``."""
@@ -131,17 +144,9 @@ class DetectionModule(SGDModule):
         self.model = fasterrcnn_ge_resnet(
             backbone,
             num_classes=len(categories) + 1,
-            layout=layout,
-            frozen_bn=frozen_bn,
             backbone_weights=weights,
-            backbone_kwargs=backbone_kwargs,
-            feature_levels=feature_levels,
-            fpn_channels=fpn_channels,
-            representation_size=representation_size,
-            anchor_sizes=anchor_sizes,
             aspect_ratios=tuple(aspect_ratios or (0.5, 1.0, 2.0)),
-            min_size=min_size,
-            max_size=max_size,
+            **{key: self.hparams[key] for key in _DETECTOR_ARGUMENTS},
             **dict(detector_kwargs or {}),
         )
         self._predictions: list[tuple[int, list[dict[str, Any]]]] = []
