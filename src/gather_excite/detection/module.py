@@ -10,11 +10,13 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from ..complexity import complexity
 from ..engine.module import SGDModule
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..models import split_model_name
 from ..models._pretrained import read_weights
 from .coco_eval import coco_evaluate
+from .evaluation import evaluation_size
 from .model import fasterrcnn_ge_resnet
 
 __all__ = ["DETECTOR_KEYS", "DetectionModule", "is_detector_checkpoint", "load_backbone_state"]
@@ -198,6 +200,38 @@ class DetectionModule(SGDModule):
         # Every process computed the same result from the same gathered list: no sync needed.
         self.log(f"{stage}/AP", result["AP"] if result["AP"] is not None else 0.0, prog_bar=True)
         self.log(f"{stage}/AP50", result["AP50"] if result["AP50"] is not None else 0.0, prog_bar=True)
+
+    def evaluation_report(self, datamodule: Any, metrics: dict[str, Any], *, checkpoint: str | None) -> dict[str, Any]:
+        """COCO bbox AP/AR (fractions), per-class AP, the category map, params and MACs of the detector.
+
+        MACs are counted (:func:`gather_excite.complexity`) for one forward pass at the size the
+        detector gives the first validation image: ``backbone_macs`` for the backbone (and FPN),
+        ``macs`` for the whole detector on a blank image of that size, whose RoI head runs on the
+        proposals that the RPN keeps there (at most ``rpn_post_nms_top_n_test``).
+        """
+        result = self.coco_result
+        if result is None:
+            raise DataError("the evaluation produced no COCO result (empty validation split?)")
+        first = datamodule.val_coco.imgs[min(datamodule.val_coco.imgs)]
+        size = evaluation_size(self, int(first["width"]), int(first["height"]))
+        counts = complexity(self.model, input_size=size)
+        backbone = complexity(self.model.backbone, input_size=size)
+        hp = self.hparams
+        return {
+            "model": hp["backbone"],
+            "layout": hp["layout"],
+            "backbone_kwargs": dict(hp.get("backbone_kwargs") or {}),
+            "checkpoint": checkpoint,
+            "data_root": str(datamodule.root),
+            "val_annotations": str(datamodule.hparams["val_annotations"]),
+            "categories": [dict(c, label=i + 1) for i, c in enumerate(hp["categories"])],
+            **result,
+            "eval_size": list(size),
+            "params": int(counts["params"]),
+            "macs": int(counts["macs"]),
+            "backbone_params": int(backbone["params"]),
+            "backbone_macs": int(backbone["macs"]),
+        }
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

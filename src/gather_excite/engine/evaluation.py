@@ -1,4 +1,4 @@
-"""Single-crop evaluation: top-1/top-5 error with the model's params and MACs, written as one JSON file per run."""
+"""Evaluation of a trained classifier or detector, with its params and MACs, written as one JSON file per run."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from typing import Any
 
 import lightning as L
 
-from ..complexity import complexity
-from ..data import ImageClassificationData
-from .module import ClassificationModule
+from .module import SGDModule
 
 __all__ = ["evaluate", "evaluation_trainer", "write_eval_json"]
 
@@ -30,38 +28,24 @@ def evaluation_trainer(accelerator: str = "auto", *, precision: str | None = Non
 
 
 def evaluate(
-    module: ClassificationModule,
-    datamodule: ImageClassificationData,
+    module: SGDModule,
+    datamodule: L.LightningDataModule,
     *,
     trainer: L.Trainer | None = None,
     checkpoint: str | None = None,
 ) -> dict[str, Any]:
-    """Top-1/top-5 error (%) and loss of ``module`` on the datamodule's validation split, with params and MACs.
+    """Test ``module`` on the datamodule's validation split; the figures of its :meth:`~SGDModule.evaluation_report`.
 
-    The evaluation transform is the recipe's single centre crop (ImageNet: 224 of the image
-    resized to 256). ``trainer`` defaults to a CPU/GPU ``Trainer`` without loggers.
+    A classifier reports top-1/top-5 error (%) and loss of the recipe's single centre crop
+    (ImageNet: 224 of the image resized to 256), a detector COCO AP/AR (see
+    :meth:`ClassificationModule.evaluation_report` and
+    :meth:`~gather_excite.detection.DetectionModule.evaluation_report`); both with params and MACs.
+    ``trainer`` defaults to :func:`evaluation_trainer` (one CPU/GPU device, no loggers).
     """
     if trainer is None:
         trainer = evaluation_trainer()
     metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    counts = complexity(module.net, input_size=module.image_size)
-    hp = module.hparams
-    return {
-        "model": hp["arch"],
-        "arch_kwargs": dict(hp.get("arch_kwargs") or {}),
-        "checkpoint": checkpoint,
-        "dataset": datamodule.dataset,
-        "data_root": datamodule.root,
-        "split": "test" if datamodule.dataset != "imagefolder" else datamodule.val_split,
-        "num_images": len(datamodule.val_set) if datamodule.val_set is not None else None,
-        "crop": list(module.image_size),
-        "top1_err": float(metrics["test/top1_err"]),
-        "top5_err": float(metrics["test/top5_err"]),
-        "top5_k": min(5, int(hp["num_classes"])),
-        "loss": float(metrics["test/loss"]),
-        "params": int(counts["params"]),
-        "macs": int(counts["macs"]),
-    }
+    return module.evaluation_report(datamodule, metrics, checkpoint=checkpoint)
 
 
 def write_eval_json(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:

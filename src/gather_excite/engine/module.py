@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..complexity import complexity
 from ..errors import CheckpointError, ConfigError
 from ..layers._validate import check_int, pair
 from ..models import create_model, list_models
@@ -79,6 +80,13 @@ class SGDModule(L.LightningModule):
         raise NotImplementedError
 
     def _evaluation_epoch_end(self, stage: str) -> None:
+        raise NotImplementedError
+
+    def evaluation_report(self, datamodule: Any, metrics: dict[str, Any], *, checkpoint: str | None) -> dict[str, Any]:
+        """The evaluation JSON of a finished test run (:func:`~gather_excite.engine.evaluate`).
+
+        ``metrics`` are what the run logged; ``checkpoint`` names the weights, for the record.
+        """
         raise NotImplementedError
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -240,6 +248,27 @@ class ClassificationModule(SGDModule):
 
     def _evaluation_epoch_end(self, stage: str) -> None:
         self._log_errors(stage)
+
+    def evaluation_report(self, datamodule: Any, metrics: dict[str, Any], *, checkpoint: str | None) -> dict[str, Any]:
+        """Top-1/top-5 error (%) and loss of the test run, the data it read, params and MACs at the input size."""
+        counts = complexity(self.net, input_size=self.image_size)
+        hp = self.hparams
+        return {
+            "model": hp["arch"],
+            "arch_kwargs": dict(hp.get("arch_kwargs") or {}),
+            "checkpoint": checkpoint,
+            "dataset": datamodule.dataset,
+            "data_root": datamodule.root,
+            "split": "test" if datamodule.dataset != "imagefolder" else datamodule.val_split,
+            "num_images": len(datamodule.val_set) if datamodule.val_set is not None else None,
+            "crop": list(self.image_size),
+            "top1_err": float(metrics["test/top1_err"]),
+            "top5_err": float(metrics["test/top5_err"]),
+            "top5_k": min(5, int(hp["num_classes"])),
+            "loss": float(metrics["test/loss"]),
+            "params": int(counts["params"]),
+            "macs": int(counts["macs"]),
+        }
 
     def _log_errors(self, stage: str) -> None:
         # compute() syncs the counts over all processes, so the error is that of the whole split.
