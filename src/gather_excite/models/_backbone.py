@@ -29,6 +29,10 @@ class BackboneOptions(TypedDict, total=False):
     """The keyword options every backbone takes besides its own arguments.
 
     Attributes:
+        num_classes: classifier outputs (default: the backbone's ``default_num_classes``, 10 for
+            the CIFAR networks, 1000 for the ImageNet ones).
+        input_size: the image size (int or ``(h, w)``) the global-extent gathers are sized for
+            (default: the backbone's ``default_input_size``, 32 or 224).
         in_chans: input image channels (default 3).
         context_layer: the context module of every unit: a spec string (``"se"``,
             ``"ge_theta_e8"``, ...), a class, a ``functools.partial``, or ``None`` (default: the
@@ -39,6 +43,8 @@ class BackboneOptions(TypedDict, total=False):
             factory arguments; default: torch's).
     """
 
+    num_classes: int
+    input_size: int | tuple[int, int]
     in_chans: int
     context_layer: ContextArg
     zero_init_residual: bool
@@ -78,16 +84,18 @@ class Backbone(nn.Module):
     :meth:`forward_features`.
 
     Args:
-        num_classes: classifier outputs.
-        input_size: the image size (int or ``(h, w)``) the global-extent gathers are sized for.
         options: the :class:`BackboneOptions` the subclass was given.
     """
 
+    # The data a backbone is designed for (CIFAR or ImageNet) decides its defaults of
+    # ``num_classes`` and ``input_size``.
+    default_num_classes: int = 1000
+    default_input_size: int | tuple[int, int] = 224
     # The attribute of every unit that holds its branch's last BatchNorm (``zero_init_residual``
     # zeroes its scale); ``None`` where the branches end with a conv.
     residual_norm: str | None = None
 
-    def __init__(self, *, num_classes: int, input_size: int | tuple[int, int], options: BackboneOptions) -> None:
+    def __init__(self, options: BackboneOptions) -> None:
         super().__init__()
         for name in options:
             if name not in BackboneOptions.__annotations__ or (
@@ -95,10 +103,9 @@ class Backbone(nn.Module):
             ):
                 # The error Python raises for an explicit keyword-only signature.
                 raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument {name!r}")
-        check_int(num_classes, "num_classes")
-        self.num_classes = num_classes
+        self.num_classes = check_int(options.get("num_classes", self.default_num_classes), "num_classes")
         self.in_chans = check_int(options.get("in_chans", 3), "in_chans")
-        self.input_size = pair(input_size, "input_size")
+        self.input_size = pair(options.get("input_size", self.default_input_size), "input_size")
         self.feature_info: list[FeatureInfo] = []
         self.stage_names: dict[str, str] = {}
 

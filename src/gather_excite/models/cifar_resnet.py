@@ -80,11 +80,12 @@ class CifarResNet(Backbone):
     Args:
         depth: 6n+2 layers (n units per stage): 20, 56, 110, ...
         width: channels of the first stage (16 in the paper); the others double it.
-        num_classes, input_size: see :class:`Backbone`.
-        options: ``in_chans``, ``context_layer``, ``zero_init_residual``, ``device``, ``dtype``
-            (:class:`BackboneOptions`).
+        options: ``num_classes`` (default 10), ``input_size`` (default 32), ``in_chans``,
+            ``context_layer``, ``zero_init_residual``, ``device``, ``dtype`` (:class:`BackboneOptions`).
     """
 
+    default_num_classes = 10
+    default_input_size = 32
     residual_norm = "bn2"
 
     def __init__(
@@ -92,15 +93,13 @@ class CifarResNet(Backbone):
         depth: int = 110,
         *,
         width: int = 16,
-        num_classes: int = 10,
-        input_size: int | tuple[int, int] = 32,
         **options: Unpack[BackboneOptions],
     ) -> None:
         check_int(depth, "depth", minimum=8)
         if (depth - 2) % 6:
             raise ValueError(f"depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}")
         check_int(width, "width")
-        super().__init__(num_classes=num_classes, input_size=input_size, options=options)
+        super().__init__(options)
         units_per_stage = (depth - 2) // 6
 
         self.conv1 = nn.Conv2d(self.in_chans, width, 3, padding=1, bias=False)

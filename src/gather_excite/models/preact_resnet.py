@@ -120,10 +120,13 @@ class PreActResNet(Backbone):
         stem_width: output channels of the first 3x3 conv.
         units_per_stage: overrides the count derived from ``depth`` (the wide ResNets use it).
         dropout: dropout rate inside every branch (0 disables it).
-        num_classes, input_size: see :class:`Backbone`.
-        options: ``in_chans``, ``context_layer``, ``device``, ``dtype`` (:class:`BackboneOptions`;
-            no ``zero_init_residual``: a pre-activation branch ends with a conv).
+        options: ``num_classes`` (default 10), ``input_size`` (default 32), ``in_chans``,
+            ``context_layer``, ``device``, ``dtype`` (:class:`BackboneOptions`; no
+            ``zero_init_residual``: a pre-activation branch ends with a conv).
     """
+
+    default_num_classes = 10
+    default_input_size = 32
 
     def __init__(
         self,
@@ -134,8 +137,6 @@ class PreActResNet(Backbone):
         stem_width: int = 16,
         units_per_stage: int | None = None,
         dropout: float = 0.0,
-        num_classes: int = 10,
-        input_size: int | tuple[int, int] = 32,
         **options: Unpack[BackboneOptions],
     ) -> None:
         if unit not in _UNITS:
@@ -157,7 +158,7 @@ class PreActResNet(Backbone):
             check_int(value, "widths[i]")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        super().__init__(num_classes=num_classes, input_size=input_size, options=options)
+        super().__init__(options)
 
         self.conv1 = nn.Conv2d(self.in_chans, stem_width, 3, padding=1, bias=False)
         self.feature_info.append(feature("conv1", num_chs=stem_width, reduction=1, stage="conv1"))

@@ -69,12 +69,12 @@ class ResNet(Backbone):
 
     Args:
         layers: units per stage conv2_x..conv5_x, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
-        num_classes, input_size: see :class:`Backbone`.
         stages: the stages (``"conv2_x"``..``"conv5_x"``) whose units get the context module
             (Table 1); ``None`` means all of them.
         stride_in_1x1: ``True`` the authors' v1 layout, ``False`` torchvision's v1.5.
-        options: ``in_chans``, ``context_layer`` (of the units in ``stages``),
-            ``zero_init_residual``, ``device``, ``dtype`` (:class:`BackboneOptions`).
+        options: ``num_classes`` (default 1000), ``input_size`` (default 224), ``in_chans``,
+            ``context_layer`` (of the units in ``stages``), ``zero_init_residual``, ``device``,
+            ``dtype`` (:class:`BackboneOptions`).
     """
 
     residual_norm = "bn3"
@@ -83,8 +83,6 @@ class ResNet(Backbone):
         self,
         layers: Sequence[int] = (3, 4, 6, 3),
         *,
-        num_classes: int = 1000,
-        input_size: int | tuple[int, int] = 224,
         stages: Sequence[str] | None = None,
         stride_in_1x1: bool = True,
         **options: Unpack[BackboneOptions],
@@ -97,7 +95,7 @@ class ResNet(Backbone):
             stages = STAGE_LABELS
         elif isinstance(stages, str) or not all(s in STAGE_LABELS for s in stages):
             raise ValueError(f"stages must be a list of labels from {STAGE_LABELS} or None, got {stages!r}")
-        super().__init__(num_classes=num_classes, input_size=input_size, options=options)
+        super().__init__(options)
 
         self.conv1 = nn.Conv2d(self.in_chans, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)

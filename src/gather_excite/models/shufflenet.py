@@ -91,9 +91,8 @@ class ShuffleNet(Backbone):
     Args:
         groups: groups of the pointwise convs (1, 2, 3, 4 or 8).
         width: channel multiplier ("ShuffleNet s x"); every channel count is scaled by it.
-        num_classes, input_size: see :class:`Backbone`.
-        options: ``in_chans``, ``context_layer``, ``zero_init_residual``, ``device``, ``dtype``
-            (:class:`BackboneOptions`).
+        options: ``num_classes`` (default 1000), ``input_size`` (default 224), ``in_chans``,
+            ``context_layer``, ``zero_init_residual``, ``device``, ``dtype`` (:class:`BackboneOptions`).
     """
 
     residual_norm = "bn3"
@@ -103,15 +102,13 @@ class ShuffleNet(Backbone):
         *,
         groups: int = 3,
         width: float = 1.0,
-        num_classes: int = 1000,
-        input_size: int | tuple[int, int] = 224,
         **options: Unpack[BackboneOptions],
     ) -> None:
         if groups not in STAGE_CHANNELS:
             raise ValueError(f"groups must be one of {sorted(STAGE_CHANNELS)}, got {groups!r}")
         if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
             raise ValueError(f"width must be a positive number (e.g. 0.5, 1.0, 2.0), got {width!r}")
-        super().__init__(num_classes=num_classes, input_size=input_size, options=options)
+        super().__init__(options)
         stem_chs = int(STEM_CHANNELS * width)
         stage_chs = [int(chs * width) for chs in STAGE_CHANNELS[groups]]
 
