@@ -1,10 +1,10 @@
-"""``gex compare``: baseline, SE, GE-θ−, GE-θ and GE-θ+ ResNet-20s on Fashion-MNIST, several seeds, error bars.
+"""`gex compare`: train baseline, SE, GE-θ−, GE-θ and GE-θ+ ResNet-20s on Fashion-MNIST with several seeds.
 
-Parses the arguments and calls :func:`gather_excite.compare.run_compare`: every variant is
-trained once per seed (in parallel processes, one per CPU core), each finished run is kept under
-``OUT/runs/<model>/seed<k>/`` (``last.ckpt`` for gex eval/analyze, ``run.json``), and the table gives
-per variant the mean test error ± its standard error and the difference to the baseline paired by
-seed, marking differences larger than twice their standard error.
+Every variant is trained once per seed, in parallel processes (one per CPU core). The table gives
+each variant's test error ± standard error and its difference to the baseline paired by seed,
+marking differences larger than twice their standard error. Each finished run is kept under
+OUT/runs/<model>/seed<k>/ (last.ckpt for gex eval and gex analyze, run.json). The defaults
+(3 seeds, 6000 training images, 3 epochs) take about 10 minutes on 2 idle CPU cores.
 """
 
 from __future__ import annotations
@@ -34,11 +34,9 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    # The module's docstring is the command's description, laid out as written.
     parser = argparse.ArgumentParser(
-        prog="gex compare",
-        description="Train baseline, SE, GE-θ−, GE-θ and GE-θ+ ResNet-20s on Fashion-MNIST with several seeds and "
-        "report each variant's test error ± standard error and its difference to the baseline (paired by seed). "
-        "The defaults (3 seeds, 6000 training images, 3 epochs) take about 10 minutes on 2 idle CPU cores.",
+        prog="gex compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data-root", default=DEFAULT_FASHION_MNIST_ROOT, help="folder with the IDX files")
     parser.add_argument("--download", action="store_true", help="let torchvision download Fashion-MNIST there")
@@ -127,7 +125,7 @@ def _config(args: argparse.Namespace) -> SweepConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the sweep, print the table, write ``results.json`` and ``curves.png`` under ``--out``."""
+    """Run the sweep (:func:`~gather_excite.compare.run_compare`), print the table, write results.json, curves.png."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = _config(args)

@@ -1,4 +1,5 @@
-"""``gex eval``: single-centre-crop top-1/top-5 error of a checkpoint, with params and MACs, written to JSON."""
+"""`gex eval`: evaluate a checkpoint on its dataset's validation/test split (single centre crop):
+top-1/top-5 error (%), params and MACs, written as JSON."""
 
 from __future__ import annotations
 
@@ -15,11 +16,7 @@ __all__ = ["check_output_file", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gex eval",
-        description="Evaluate a checkpoint on its dataset's validation/test split (single centre crop): "
-        "top-1/top-5 error (%), params and MACs, written as JSON.",
-    )
+    parser = argparse.ArgumentParser(prog="gex eval", description=__doc__)  # the module's docstring
     add_evaluation_arguments(
         parser,
         checkpoint_help="a .ckpt written by gex train or gex compare",
