@@ -1,6 +1,6 @@
 """CUDA checks (skipped without a GPU; ``scripts/gpu-check`` runs them): the lean path against the
 plain composition on the GPU, in float32 and under bf16 autocast with channels_last, and DDP over
-NCCL in one process."""
+NCCL in one process. The bf16 comparison also runs on the CPU (CPU autocast), in the default suite."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from gather_excite import create_model
 from gather_excite.layers.norm_context import set_lean
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu-check)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu-check)")
 
 SPECS = ["ge_theta_minus", "ge_theta_minus_e4", "ge_theta", "ge_theta_e8", "ge_theta_plus", "ge_theta_plus_e2", "se"]
 
@@ -30,42 +30,56 @@ def _exact_float32():
     set_lean(True)
 
 
-def _step(model: torch.nn.Module, x: torch.Tensor, *, lean: bool, bf16: bool) -> list[torch.Tensor]:
+def _step(model: torch.nn.Module, x: torch.Tensor, *, lean: bool, bf16: bool) -> dict[str, list[torch.Tensor]]:
     """Logits, every parameter's gradient and every BatchNorm running statistic after one training step."""
     set_lean(lean)
     model = copy.deepcopy(model)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(x)
     F.cross_entropy(logits.float(), torch.arange(x.shape[0], device=x.device) % 10).backward()
     grads = [p.grad.float() for p in model.parameters()]
     stats = [b.float() for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var"))]
-    return [logits.float(), *grads, *stats]
+    return {"logits": [logits.detach().float()], "gradients": grads, "running statistics": stats}
 
 
+@needs_cuda
 @pytest.mark.parametrize("spec", SPECS)
 def test_lean_equals_plain_float32(spec):
     torch.manual_seed(0)
     model = create_model(f"{spec}_cifar_resnet20", num_classes=10).cuda().train()
     x = torch.randn(8, 3, 32, 32, device="cuda")
     plain, lean = _step(model, x, lean=False, bf16=False), _step(model, x, lean=True, bf16=False)
-    for a, b in zip(plain, lean, strict=True):
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    for group, tensors in plain.items():
+        for a, b in zip(tensors, lean[group], strict=True):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=group)
 
 
-@pytest.mark.parametrize("spec", SPECS)
-def test_lean_close_to_plain_bf16_channels_last(spec):
+def _relative_error(tensors: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    flat = torch.cat([t.flatten() for t in tensors]), torch.cat([t.flatten() for t in reference])
+    return float((flat[0] - flat[1]).norm() / flat[1].norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize(
+    ("device", "spec"),
+    [pytest.param("cuda", spec, marks=needs_cuda) for spec in SPECS] + [("cpu", "se"), ("cpu", "ge_theta_plus")],
+)
+def test_lean_close_to_plain_bf16_channels_last(device, spec):
     """Under bf16 autocast both paths round differently; the lean path must be as close to a
-    float32 run as the plain path is (relative error at most twice the plain one, plus 1e-2)."""
+    float32 run as the plain path is: for the logits, all gradients together and all running
+    statistics together, a relative error at most 1.5x the plain path's plus 1e-3.
+
+    Compared as groups, not tensor by tensor: the gate MLP's first bias gradient is a batch sum
+    that nearly cancels, so two bf16 roundings put its error anywhere between 0.3x and 7x of
+    each other (measured over seeds, CPU and H200), while the groups agree within 1.35x."""
     torch.manual_seed(0)
-    model = create_model(f"{spec}_cifar_resnet20", num_classes=10).cuda().train()
+    model = create_model(f"{spec}_cifar_resnet20", num_classes=10).to(device).train()
     model = model.to(memory_format=torch.channels_last)
-    x = torch.randn(8, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     reference = _step(model, x, lean=False, bf16=False)
     plain, lean = _step(model, x, lean=False, bf16=True), _step(model, x, lean=True, bf16=True)
-    for ref, p, q in zip(reference, plain, lean, strict=True):
-        scale = ref.norm().clamp_min(1e-12)
-        plain_error, lean_error = (p - ref).norm() / scale, (q - ref).norm() / scale
-        assert lean_error <= 2 * plain_error + 1e-2, (float(lean_error), float(plain_error))
+    for group, ref in reference.items():
+        plain_error, lean_error = _relative_error(plain[group], ref), _relative_error(lean[group], ref)
+        assert lean_error <= 1.5 * plain_error + 1e-3, (group, lean_error, plain_error)
 
 
 def _free_port() -> int:
@@ -74,6 +88,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@needs_cuda
 def test_ddp_nccl_one_process_equals_local_step(monkeypatch):
     """DDP over NCCL with a world of one averages each gradient over one process: two SGD steps
     through DDP leave exactly the weights that two local steps leave."""
