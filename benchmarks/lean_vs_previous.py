@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import gather_excite.layers
-from gather_excite.bench import paired_ratio, saved_bytes, time_samples
+from gather_excite.bench import TrainStep, paired_ratio, saved_bytes, time_samples
 from gather_excite.bench.net import _net_step
 from gather_excite.layers import NormContext, create_context
 from gather_excite.models import create_model
@@ -82,13 +82,13 @@ def _op_row(bn_context, spec: str, channels: int, size: int, repeats: int) -> di
     context, norm_context = create_context(spec, channels, feature_size=size), NormContext(lean=True)
 
     def step(call):
-        def run() -> None:
+        def forward() -> torch.Tensor:
             bn.zero_grad(set_to_none=True)
             context.zero_grad(set_to_none=True)
             z.grad = None
-            call().backward(grad)
+            return call()
 
-        return run
+        return TrainStep(forward, lambda out: out.backward(grad))
 
     steps = {"previous": step(lambda: bn_context(bn, context, z)), "new": step(lambda: norm_context(z, bn, context))}
     memory = {key: saved_bytes(s, exclude=(bn, context)) for key, s in steps.items()}

@@ -22,6 +22,20 @@ def test_saved_bytes_counts_each_storage_once_and_skips_parameters():
     assert bench.saved_bytes(lambda: linear(x.view(1, -1)).sum(), exclude=(linear,)) == 1000 * 4
 
 
+def test_saved_bytes_of_a_train_step_counts_its_forward_pass_only():
+    """A TrainStep's finish runs but what it records does not count: x * x keeps x (4000 bytes) into
+    backward; exp's output (another 4000), recorded in finish, would count in a plain callable."""
+    x = torch.randn(1000, requires_grad=True)
+
+    def finish(out: torch.Tensor) -> None:
+        (out + x.exp().sum()).backward()
+
+    assert bench.saved_bytes(bench.TrainStep(lambda: (x * x).sum(), finish)) == 1000 * 4
+    torch.testing.assert_close(x.grad, 2 * x + x.exp())  # finish ran: d/dx (x^2 + e^x)
+    x.grad = None
+    assert bench.saved_bytes(lambda: finish((x * x).sum())) == 2 * 1000 * 4
+
+
 def test_time_interleaved_runs_every_step_and_rejects_unknown_clock():
     calls = {"a": 0, "b": 0}
     steps = {name: (lambda n=name: calls.__setitem__(n, calls[n] + 1)) for name in calls}

@@ -170,19 +170,25 @@ def _saved_storages(fn) -> dict[int, int]:
     return storages
 
 
-@pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e2", "ge_theta", "ge_theta_plus_e4", "se"])
+@pytest.mark.parametrize(
+    "spec", ["ge_theta_minus", "ge_theta_minus_e2", "ge_theta_minus_max_e4", "ge_theta", "ge_theta_e2",
+             "ge_theta_e8", "ge_theta_plus_e2", "ge_theta_plus_e4", "se"],
+)  # fmt: skip
 def test_lean_keeps_only_the_batchnorm_input_full_size(spec):
-    """Plain keeps z and BN(z) (and a resized gate) at full size; lean keeps only z at full size."""
+    """Plain keeps z and BN(z) (and a resized gate) at full size, and the gather's maps at a quarter
+    size and less; lean keeps z and, besides parameters, only per-(sample, channel) values."""
     bn, context = _unit(spec, 16, 16, dtype=torch.float32)
     z = torch.randn(4, 16, 16, 16, requires_grad=True)
-    full = z.numel() * 4
-    for lean, expected in ((False, 2 if spec in ("ge_theta_minus", "ge_theta", "se") else 3), (True, 1)):
-        set_lean(lean)
-        storages = _saved_storages(lambda: bn_context(bn, context, z))
-        # Everything else is at most a quarter map (extent 2: the pooled map) or per-channel.
-        assert sum(n >= full for n in storages.values()) == expected
-        assert all(n >= full or n <= full // 4 for n in storages.values())
-        assert z.untyped_storage().data_ptr() in storages
+    full, per_sample_channel = z.numel() * 4, 4 * 16 * 4
+    parameters = {p.untyped_storage().data_ptr() for p in [*bn.parameters(), *context.parameters()]}
+    set_lean(False)
+    storages = _saved_storages(lambda: bn_context(bn, context, z))
+    assert sum(n >= full for n in storages.values()) == (2 if spec in ("ge_theta_minus", "ge_theta", "se") else 3)
+    set_lean(True)
+    storages = _saved_storages(lambda: bn_context(bn, context, z))
+    assert z.untyped_storage().data_ptr() in storages
+    others = [n for ptr, n in storages.items() if ptr not in parameters and ptr != z.untyped_storage().data_ptr()]
+    assert max(others) <= per_sample_channel, sorted(others)
 
 
 def test_gate_hook_reads_and_steers_on_the_lean_path():
@@ -213,20 +219,25 @@ def _compare_with(bn, context):
 
 def test_hooks_run_where_the_lean_path_calls_the_module_and_everywhere_when_built_plain():
     """PyTorch has no public query for a module's hooks, so hooks do not choose the path: the lean
-    path calls the gather's first conv and the gate probe as modules (their hooks fire) but not the
-    BN or the gather module; a NormContext built with lean=False runs every hook once."""
+    path calls the gather (a windowed one whole, once more in backward) and the gate probe as
+    modules, so their hooks fire, but not the BN or the context module; a NormContext built with
+    lean=False runs every hook once."""
     set_lean(True)
     bn, context = _unit("ge_theta_e2", 8, 8)
     calls = []
-    for name, module in (("bn", bn), ("gather", context.gather), ("first", context.gather.layers[0]),
-                         ("gate", context.gate)):  # fmt: skip
+    for name, module in (("bn", bn), ("context", context), ("gather", context.gather),
+                         ("first", context.gather.layers[0]), ("gate", context.gate)):  # fmt: skip
         module.register_forward_hook(lambda *_args, name=name: calls.append(name))
     z = torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
-    assert _lean_ran(NormContext(lean=True)(z, bn, context))
-    assert sorted(calls) == ["first", "gate"]
+    out = NormContext(lean=True)(z, bn, context)
+    assert _lean_ran(out)
+    assert sorted(calls) == ["first", "gate", "gather"]
+    calls.clear()
+    out.sum().backward()  # backward records the gather again (the windowed gate is not kept), as checkpointing does
+    assert sorted(calls) == ["first", "gate", "gather"]
     calls.clear()
     assert not _lean_ran(NormContext(lean=False)(z, bn, context))
-    assert sorted(calls) == ["bn", "first", "gate", "gather"]
+    assert sorted(calls) == ["bn", "context", "first", "gate", "gather"]
 
 
 @pytest.mark.parametrize("case", ["no_grad", "identity", "sync_bn", "disabled"])
@@ -549,15 +560,19 @@ def test_functorch_grad_steps_aside_and_equals_autograd():
 @pytest.mark.parametrize("spec", list_context_specs())
 @pytest.mark.parametrize("size", [(12, 12), (7, 5)])
 def test_gather_split_recomposes_the_gather(spec, size):
-    """The operator's lean API: ``rest(first(x))``, or ``rest(sum_hw(weights * x))``, is the gather's
-    output, and ``gate_from`` of it is the gate the operator multiplies by (float64)."""
+    """The operator's lean API: a global gather's split, ``rest(sum_hw(weights * x))``, is the
+    gather's output (a windowed gather has none: the lean path runs it whole), and ``gate_from``
+    of the gathered map is the gate the operator multiplies by (float64)."""
     torch.manual_seed(0)
     context = create_context(spec, 8, feature_size=10).double()  # 10 px: the global kernel is resampled
     x = torch.randn(3, 8, *size, dtype=torch.float64)
     split = context.gather_split(size)
-    s = (x * split.weights).sum((2, 3), keepdim=True) if split.first is None else split.first(x)
-    gathered = split.rest(s)
     reference = context.gather(x) if hasattr(context, "gather") else x.mean((2, 3), keepdim=True)
-    torch.testing.assert_close(gathered, reference)
+    if split is None:
+        assert context.extent is not None or "max" in spec  # windows, or a global max
+        gathered = reference
+    else:
+        gathered = split.rest((x * split.weights).sum((2, 3), keepdim=True))
+        torch.testing.assert_close(gathered, reference)
     gate = F.interpolate(context.gate_from(gathered), size=size, mode="nearest")
     torch.testing.assert_close(x * gate, context(x))

@@ -3,13 +3,13 @@
 Every figure is a ratio against a baseline measured in the same run: runs of the compared
 variants are interleaved (the order rotates every repeat) and the median is reported, so a
 machine shared with other jobs slows all variants alike. Saved bytes are what autograd keeps
-for the backward pass, counted once per storage through
+from a training step's forward pass for its backward pass, counted once per storage through
 ``torch.autograd.graph.saved_tensors_hooks``, parameters excluded.
 """
 
 from .environment import check_device, environment
 from .lean import fused
-from .memory import saved_bytes
+from .memory import TrainStep, saved_bytes
 from .net import NET_MODELS, bench_net
 from .op import OP_VARIANTS, STAGES, bench_op
 from .timing import CLOCKS, paired_ratio, time_interleaved, time_samples
@@ -19,6 +19,7 @@ __all__ = [
     "NET_MODELS",
     "OP_VARIANTS",
     "STAGES",
+    "TrainStep",
     "bench_net",
     "bench_op",
     "check_device",

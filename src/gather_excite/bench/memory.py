@@ -7,11 +7,27 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["saved_bytes"]
+__all__ = ["TrainStep", "saved_bytes"]
 
 
-def saved_bytes(step: Callable[[], None], *, exclude: tuple[nn.Module, ...] = ()) -> int:
-    """Bytes that autograd saves for backward during ``step()``, each storage once, parameters excluded."""
+class TrainStep:
+    """A training step split where its forward pass ends: ``forward()`` returns what backward
+    starts from, ``finish(output)`` runs backward and the update; calling the step runs both."""
+
+    def __init__(self, forward: Callable[[], torch.Tensor], finish: Callable[[torch.Tensor], None]) -> None:
+        self.forward, self.finish = forward, finish
+
+    def __call__(self) -> None:
+        self.finish(self.forward())
+
+
+def saved_bytes(step: Callable[[], object], *, exclude: tuple[nn.Module, ...] = ()) -> int:
+    """Bytes that autograd saves for backward during ``step()``, each storage once, parameters excluded.
+
+    For a :class:`TrainStep` only its forward pass counts: the activations held from the end of the
+    forward pass into backward. Its ``finish`` runs too, uncounted: what backward records for
+    itself (a recomputation, as in ``torch.utils.checkpoint``) lives for one layer's backward.
+    """
     skip = {p.untyped_storage().data_ptr() for m in exclude for p in m.parameters()}
     storages: dict[int, int] = {}
 
@@ -22,5 +38,7 @@ def saved_bytes(step: Callable[[], None], *, exclude: tuple[nn.Module, ...] = ()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        step()
+        output = step.forward() if isinstance(step, TrainStep) else step()
+    if isinstance(step, TrainStep):
+        step.finish(output)
     return sum(storages.values())

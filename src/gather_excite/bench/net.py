@@ -12,7 +12,7 @@ from torch import nn
 from ..layers.context_spec import GE_VARIANTS
 from .environment import check_device
 from .lean import fused
-from .memory import saved_bytes
+from .memory import TrainStep, saved_bytes
 from .timing import paired_ratio, time_samples
 
 __all__ = ["NET_MODELS", "bench_net"]
@@ -22,20 +22,22 @@ NET_MODELS = ("resnet50", *(f"{variant}_resnet50" for variant in (*GE_VARIANTS, 
 
 def _net_step(
     model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, lean: bool, autocast: torch.dtype | None
-) -> Callable[[], None]:
+) -> TrainStep:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     device = x.device
 
-    def step() -> None:
+    def forward() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with fused(lean), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            loss = F.cross_entropy(model(x), target)
+            return F.cross_entropy(model(x), target)
+
+    def finish(loss: torch.Tensor) -> None:
         loss.backward()
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the step's kernels run asynchronously; count all of them
 
-    return step
+    return TrainStep(forward, finish)
 
 
 def bench_net(

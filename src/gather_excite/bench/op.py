@@ -16,7 +16,7 @@ from ..layers import create_context
 from ..layers.context_spec import EXTENTS, GE_VARIANTS, ContextSpec
 from ..layers.norm_context import NormContext
 from .lean import fused
-from .memory import saved_bytes
+from .memory import TrainStep, saved_bytes
 from .timing import paired_ratio, time_samples
 
 __all__ = ["OP_VARIANTS", "STAGES", "bench_op"]
@@ -45,21 +45,18 @@ def _timm_context(spec: str, channels: int, size: int) -> tuple[nn.Module | None
         return None, f"{type(err).__name__}: {err}"
 
 
-def _op_step(
-    bn: nn.Module, context: nn.Module, z: torch.Tensor, grad: torch.Tensor, *, lean: bool
-) -> Callable[[], None]:
+def _op_step(bn: nn.Module, context: nn.Module, z: torch.Tensor, grad: torch.Tensor, *, lean: bool) -> TrainStep:
     modules = (bn, context)
     norm_context = NormContext(lean=True)  # fused(lean) below picks the path
 
-    def step() -> None:
+    def forward() -> torch.Tensor:
         for m in modules:
             m.zero_grad(set_to_none=True)
         z.grad = None
         with fused(lean):
-            out = norm_context(z, bn, context)
-        out.backward(grad)
+            return norm_context(z, bn, context)
 
-    return step
+    return TrainStep(forward, lambda out: out.backward(grad))
 
 
 def bench_op(

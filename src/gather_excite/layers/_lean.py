@@ -8,6 +8,9 @@ weighted sum never writes ``y``: ``sum_hw(K * BN(z)) = scale * sum_hw(K * z) + s
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,9 +78,12 @@ class _Unit:
     """What one call's forward hands its backward besides the saved tensors."""
 
     def __init__(self, norm: nn.BatchNorm2d, context: nn.Module, z: torch.Tensor) -> None:
-        self.split = context.gather_split((z.shape[-2], z.shape[-1]))
+        self.split = context.gather_split((z.shape[-2], z.shape[-1]))  # None: windows, run whole
+        self.gather = context.gather if self.split is None else None
         self.gate_from, self.eps = context.gate_from, norm.eps
         self.params = [p for p in context.parameters() if p.requires_grad]
+        self.buffers, kind = list(context.buffers()), z.device.type
+        self.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
         # Running stats, mode and averaging factor exactly as nn.BatchNorm2d.forward picks them.
         self.factor = 0.0 if norm.momentum is None else norm.momentum
         if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
@@ -97,16 +103,30 @@ class _Unit:
         return mean, invstd, scale, bias - mean * scale, sample_mean
 
     def gate(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(gate, recorded)`` of the reduced map ``s``, recorded from a detached copy plus a zero
-        leaf: an entry whose gradient backward reads without keeping ``s``."""
+        """``(gate, recorded)`` of the globally reduced map ``s``, recorded from a detached copy plus
+        a zero leaf: an entry whose gradient backward reads without keeping ``s``."""
         with torch.enable_grad():
             entry = s.detach() + s.new_zeros((), requires_grad=True)
             recorded = self.gate_from(self.split.rest(entry))
         self.entry = torch.autograd.graph.get_gradient_edge(entry)
         return recorded.detach(), recorded
 
+    @contextlib.contextmanager
+    def replay(self, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(gate, recorded)`` of ``gather(y)``, recorded in backward as the forward ran it: under
+        its autocast, leaving the running statistics that the gather's norms updated then as they
+        were (put back on leaving, once the recording, which keeps them, has been differentiated)."""
+        kept = [b.clone() for b in self.buffers]
+        kind, dtype, enabled = self.autocast
+        with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
+            self.entry = y.detach().requires_grad_()
+            recorded = self.gate_from(self.gather(self.entry))
+        yield recorded.detach(), recorded
+        for buffer, value in zip(self.buffers, kept, strict=True):
+            buffer.copy_(value)
+
     def gate_backward(self, recorded: torch.Tensor, grad_gate: torch.Tensor):
-        """Gradient of the reduced map, and of the context's parameters on the gate's path."""
+        """Gradient of the recording's entry, and of the context's parameters on the gate's path."""
         grads = torch.autograd.grad(recorded, [self.entry, *self.params], grad_gate.to(recorded.dtype),
                                     retain_graph=True, allow_unused=True)  # fmt: skip
         return grads[0], dict(zip(self.params, grads[1:], strict=True))
@@ -169,31 +189,32 @@ class LeanGlobal(torch.autograd.Function):
 
 
 class LeanWindowed(torch.autograd.Function):
-    """``y * resize(gate(first(y)))`` with ``y = BN(z)``; keeps ``z``, per-channel statistics and the gate."""
+    """``y * resize(gate(gather(y)))`` with ``y = BN(z)``; keeps ``z`` and per-channel statistics.
+
+    Backward rebuilds ``y`` and records the gather and the gate from it once more
+    (:meth:`_Unit.replay`): hooks on the gather and the excite fire again then, as under
+    ``torch.utils.checkpoint``."""
 
     @staticmethod
     def forward(ctx, unit: _Unit, z, weight, bias, *params):
         mean, invstd, scale, shift, _ = unit.statistics(z, weight, bias)
         y = _rebuild(z, scale, shift)
-        gate, recorded = unit.gate(unit.split.first(y))
+        gate = unit.gate_from(unit.gather(y))
         ctx.unit = unit
         running = (None, None) if unit.batch_stats else (unit.running_mean, unit.running_var)
-        ctx.save_for_backward(z, weight, *running, mean, invstd, scale, shift, gate, recorded)
+        ctx.save_for_backward(z, weight, *running, mean, invstd, scale, shift)
         return GateBroadcast(gate, y).multiply(y)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        z, weight, running_mean, running_var, mean, invstd, scale, shift, gate, recorded = ctx.saved_tensors
+        z, weight, running_mean, running_var, mean, invstd, scale, shift = ctx.saved_tensors
         unit, y = ctx.unit, _rebuild(z, scale, shift)
-        excite = GateBroadcast(gate, y)
-        ds, grads = unit.gate_backward(recorded, excite.gate_grad(grad_out, y))
-        if ds is None:
-            total = excite.multiply(grad_out)
-        else:  # the gather's share, by the first step's own backward, plus the excite's in one pass
-            grad_y, *first_grads = unit.split.first_backward(y, ds)
-            grads.update(zip(unit.split.first.parameters(), first_grads, strict=True))
-            total = excite.multiply_add(grad_y.to(z.dtype), grad_out)
+        with unit.replay(y) as (gate, recorded):
+            excite = GateBroadcast(gate, y)
+            grad_y, grads = unit.gate_backward(recorded, excite.gate_grad(grad_out, y))
+        # The gather's share of y's gradient plus the excite's, in one pass.
+        total = excite.multiply(grad_out) if grad_y is None else excite.multiply_add(grad_y.to(z.dtype), grad_out)
         del y
         layout = torch.channels_last if not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last) \
             else torch.contiguous_format  # fmt: skip
@@ -208,7 +229,7 @@ class LeanWindowed(torch.autograd.Function):
 def lean_norm_context(norm: nn.BatchNorm2d, context: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """``context(norm(z))`` keeping only ``z`` at full size for backward (see the module's docstring)."""
     unit = _Unit(norm, context, z)
-    if unit.split.first is not None:
+    if unit.split is None:
         return LeanWindowed.apply(unit, z, norm.weight, norm.bias, *unit.params)
     kernel = unit.split.weights if isinstance(unit.split.weights, torch.Tensor) else None
     return LeanGlobal.apply(unit, z, norm.weight, norm.bias, kernel, *unit.params)

@@ -26,21 +26,17 @@ BN_MOMENTUM = 0.05
 
 
 class GatherSplit(NamedTuple):
-    """A gather at one input size as ``rest(first(x))``, split where the full-size map has been read.
+    """A global gather at one input size as ``rest(sum_hw(weights * x))``.
 
-    ``first`` is the module that reads the full-size map; ``None`` means that step is the global
-    weighted sum ``sum_hw(weights * x)``, with ``weights`` a ``(C, H, W)`` kernel or one number for
-    every position (``1 / (H * W)``: the mean). ``rest`` works on the reduced map only.
-    ``first_backward(x, grad)``, given with every ``first``, is the gradient of ``first``'s input
-    ``x`` and of its parameters (in ``first.parameters()`` order) from the gradient of its output,
-    without keeping what ``first`` computed. Memory-lean training
-    (:class:`~gather_excite.layers.NormContext`) uses the split to rebuild the full-size input.
+    ``weights`` is a ``(C, H, W)`` kernel or one number for every position (``1 / (H * W)``: the
+    mean); ``rest`` works on the reduced ``(N, C, 1, 1)`` map only. A gather whose ``split`` is
+    ``None`` at that size reads the map through windows. Memory-lean training
+    (:class:`~gather_excite.layers.NormContext`) takes a global weighted sum without writing the
+    full-size input; a windowed gather it runs as a whole.
     """
 
-    first: nn.Module | None
-    weights: torch.Tensor | float | None
+    weights: torch.Tensor | float
     rest: Callable[[torch.Tensor], torch.Tensor]
-    first_backward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, ...]] | None = None
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -75,23 +71,13 @@ class PoolGather(nn.Module):
             return F.avg_pool2d(x, 2 * e - 1, stride=e, padding=e - 1, ceil_mode=False, count_include_pad=False)
         return F.max_pool2d(x, 2 * e - 1, stride=e, padding=e - 1)
 
-    def split(self, size: tuple[int, int]) -> GatherSplit:
-        """This gather at input ``size`` as a :class:`GatherSplit`."""
+    def split(self, size: tuple[int, int]) -> GatherSplit | None:
+        """This gather at input ``size`` as a :class:`GatherSplit`, or ``None`` where it pools windows."""
         # An extent at least as large as the map pools each channel over the whole map in one
         # window (the padding excluded from the mean): the global mean.
         if self.mode == "avg" and (self.extent is None or self.extent >= max(size)):
-            return GatherSplit(None, 1.0 / (size[0] * size[1]), _identity)
-        return GatherSplit(self, None, _identity, self._backward)
-
-    def _backward(self, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor]:
-        if self.extent is None:  # global max: amax's gradient, shared evenly between tied maxima
-            ties = x == x.amax((2, 3), keepdim=True)
-            return (ties * (grad / ties.sum((2, 3), keepdim=True)),)
-        window = ([2 * self.extent - 1] * 2, [self.extent] * 2, [self.extent - 1] * 2)
-        if self.mode == "avg":
-            return (torch.ops.aten.avg_pool2d_backward(grad, x, *window, False, False, None),)
-        _, indices = F.max_pool2d(x, *window, return_indices=True)
-        return (torch.ops.aten.max_pool2d_with_indices_backward(grad, x, *window, [1, 1], False, indices),)
+            return GatherSplit(1.0 / (size[0] * size[1]), _identity)
+        return None
 
     def extra_repr(self) -> str:
         return f"extent={self.extent}, mode={self.mode!r}"
@@ -122,18 +108,9 @@ class ConvGather(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
-    def split(self, size: tuple[int, int]) -> GatherSplit:
-        """This gather as a :class:`GatherSplit`: the first conv reads the full-size map."""
-        return GatherSplit(self.layers[0], None, self.layers[1:], self._first_conv_backward)
-
-    def _first_conv_backward(self, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        conv = self.layers[0]
-        # In the gradient's dtype (bf16 under autocast), as autocast ran the conv.
-        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad, x.to(grad.dtype), conv.weight.to(grad.dtype), None, list(conv.stride), list(conv.padding),
-            list(conv.dilation), False, [0, 0], conv.groups, [True, conv.weight.requires_grad, False],
-        )  # fmt: skip
-        return grad_x.to(x.dtype), None if grad_weight is None else grad_weight.to(conv.weight.dtype)
+    def split(self, size: tuple[int, int]) -> None:
+        """``None``: strided windows at every size (see :class:`GatherSplit`)."""
+        return None
 
 
 def resample_kernel(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -216,7 +193,7 @@ class GlobalConvGather(nn.Module):
 
     def split(self, size: tuple[int, int]) -> GatherSplit:
         """This gather at input ``size`` as a :class:`GatherSplit`: a map-sized kernel is a weighted sum."""
-        return GatherSplit(None, self.kernel_for(size)[:, 0], self.bn)
+        return GatherSplit(self.kernel_for(size)[:, 0], self.bn)
 
     def extra_repr(self) -> str:
         return f"feature_size={self.feature_size}, strict_size={self.strict_size}"

@@ -178,8 +178,8 @@ class GatherExcite(nn.Module):
         _check_floating(x)
         return _excite(x, self.gate_logits(x), self.gate, resize=self.extent is not None)
 
-    def gather_split(self, size: tuple[int, int]) -> GatherSplit:
-        """The gather at input ``size`` split where it has read the full-size map (see :class:`GatherSplit`)."""
+    def gather_split(self, size: tuple[int, int]) -> GatherSplit | None:
+        """The gather at input ``size`` as a global weighted sum, or ``None`` (see :class:`GatherSplit`)."""
         return self.gather.split(size)
 
     def gate_from(self, gathered: torch.Tensor) -> torch.Tensor:
@@ -216,7 +216,7 @@ class SqueezeExcite(nn.Module):
 
     def gather_split(self, size: tuple[int, int]) -> GatherSplit:
         """The squeeze (global mean) at input ``size`` as a :class:`GatherSplit`."""
-        return GatherSplit(None, 1.0 / (size[0] * size[1]), lambda s: s)
+        return GatherSplit(1.0 / (size[0] * size[1]), lambda s: s)
 
     def gate_from(self, gathered: torch.Tensor) -> torch.Tensor:
         """The gate from the squeezed map: MLP, sigmoid, probe."""
