@@ -9,7 +9,7 @@ from a training step's forward pass for its backward pass, counted once per stor
 
 from .environment import check_device, environment
 from .lean import fused
-from .memory import TrainStep, saved_bytes
+from .memory import TrainStep, peak_bytes, saved_bytes
 from .net import NET_MODELS, bench_net
 from .op import OP_VARIANTS, STAGES, bench_op
 from .timing import CLOCKS, paired_ratio, time_interleaved, time_samples
@@ -26,6 +26,7 @@ __all__ = [
     "environment",
     "fused",
     "paired_ratio",
+    "peak_bytes",
     "saved_bytes",
     "time_interleaved",
     "time_samples",

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["TrainStep", "saved_bytes"]
+__all__ = ["TrainStep", "peak_bytes", "saved_bytes"]
 
 
 class TrainStep:
@@ -42,3 +42,14 @@ def saved_bytes(step: Callable[[], object], *, exclude: tuple[nn.Module, ...] = 
     if isinstance(step, TrainStep):
         step.finish(output)
     return sum(storages.values())
+
+
+def peak_bytes(step: Callable[[], object], device: torch.device) -> int:
+    """How far the CUDA caching allocator's allocated bytes rise above their level before ``step()``
+    while it runs: saved activations, gradients and every temporary, as the GPU has to hold them."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before

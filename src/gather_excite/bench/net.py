@@ -12,7 +12,7 @@ from torch import nn
 from ..layers.context_spec import GE_VARIANTS
 from .environment import check_device
 from .lean import fused
-from .memory import TrainStep, saved_bytes
+from .memory import TrainStep, peak_bytes, saved_bytes
 from .timing import paired_ratio, time_samples
 
 __all__ = ["NET_MODELS", "bench_net"]
@@ -83,6 +83,8 @@ def bench_net(
             steps[f"{name}/{path}"] = _net_step(runner, x, target, lean=path == "ours", autocast=autocast)
     # The counted run doubles as the warm-up (and as the compile run under torch.compile).
     memory = {key: saved_bytes(step, exclude=(built[key.split("/")[0]],)) for key, step in steps.items()}
+    cuda = target_device.type == "cuda"
+    peak = {key: peak_bytes(step, target_device) for key, step in steps.items()} if cuda else {}
     samples = time_samples(steps, repeats=repeats, warmup=1 if compile else 0, clock=clock)
     base = f"{models[0]}/plain"
     rows = []
@@ -97,6 +99,8 @@ def bench_net(
             "time_vs_baseline": ratio, "time_vs_baseline_quartiles": [q1, q3],
             "bytes_vs_baseline": memory[key] / memory[base],
         }  # fmt: skip
+        if cuda:
+            row.update(peak_bytes=peak[key], peak_vs_baseline=peak[key] / peak[base])
         rows.append(row)
         if progress:
             progress(row)

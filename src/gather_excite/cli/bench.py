@@ -39,6 +39,7 @@ def _print_net(row: dict) -> None:
         f"{row['device']} autocast={row['autocast']}",
         f"step {row['seconds']:7.3f} s ({row['time_vs_baseline']:.3f}x, quartiles {q1:.3f}-{q3:.3f})",
         f"saved {_mb(row['saved_bytes']):>9} MiB ({row['bytes_vs_baseline']:.3f}x)",
+        *([f"peak {_mb(row['peak_bytes']):>9} MiB ({row['peak_vs_baseline']:.3f}x)"] if "peak_bytes" in row else []),
     )
 
 

@@ -1,9 +1,10 @@
 """The memory-lean ``context(batch_norm(z))`` of :class:`~gather_excite.layers.NormContext`.
 
 Autograd would keep ``y = BN(z)`` besides ``z`` (which the BatchNorm keeps anyway). One autograd
-function per unit keeps ``z``, per-channel statistics and the small gate, and rebuilds what its
-backward needs, through the context's own API: ``gather_split(size)`` and ``gate_from(s)``. A global
-weighted sum never writes ``y``: ``sum_hw(K * BN(z)) = scale * sum_hw(K * z) + shift * sum_hw(K)``.
+function per unit keeps ``z`` and per-channel statistics and rebuilds what its backward needs,
+through the context's own API: ``gather_split(size)``, ``gather`` and ``gate_from``. A global
+weighted sum never writes ``y``: ``sum_hw(K * BN(z)) = scale * sum_hw(K * z) + shift * sum_hw(K)``;
+it keeps the (N, C) sums and gate. A windowed gather and its gate are recorded again in backward.
 """
 
 from __future__ import annotations
@@ -102,26 +103,23 @@ class _Unit:
         scale = weight * invstd
         return mean, invstd, scale, bias - mean * scale, sample_mean
 
-    def gate(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(gate, recorded)`` of the globally reduced map ``s``, recorded from a detached copy plus
-        a zero leaf: an entry whose gradient backward reads without keeping ``s``."""
+    def record(self, entry: torch.Tensor, gather) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gate, recorded)``: ``gate_from(gather(entry))``, recorded from a detached ``entry``."""
         with torch.enable_grad():
-            entry = s.detach() + s.new_zeros((), requires_grad=True)
-            recorded = self.gate_from(self.split.rest(entry))
-        self.entry = torch.autograd.graph.get_gradient_edge(entry)
+            self.entry = entry.detach().requires_grad_()
+            recorded = self.gate_from(gather(self.entry))
         return recorded.detach(), recorded
 
     @contextlib.contextmanager
     def replay(self, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(gate, recorded)`` of ``gather(y)``, recorded in backward as the forward ran it: under
+        """:meth:`record` of the windowed gather of ``y`` in backward, as the forward ran it: under
         its autocast, leaving the running statistics that the gather's norms updated then as they
         were (put back on leaving, once the recording, which keeps them, has been differentiated)."""
         kept = [b.clone() for b in self.buffers]
         kind, dtype, enabled = self.autocast
-        with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
-            self.entry = y.detach().requires_grad_()
-            recorded = self.gate_from(self.gather(self.entry))
-        yield recorded.detach(), recorded
+        with torch.autocast(kind, dtype=dtype, enabled=enabled):
+            recording = self.record(y, self.gather)
+        yield recording
         for buffer, value in zip(self.buffers, kept, strict=True):
             buffer.copy_(value)
 
@@ -150,7 +148,7 @@ class LeanGlobal(torch.autograd.Function):
             kernel_sum = torch.full_like(scale, unit.split.weights * h * w, dtype=acc)
         else:
             z_dot, kernel_sum = map_dot(z, kernel, acc), kernel.sum((1, 2), dtype=acc)
-        gate, recorded = unit.gate((scale * z_dot + shift * kernel_sum).view(n, c, 1, 1).to(z.dtype))
+        gate, recorded = unit.record((scale * z_dot + shift * kernel_sum).view(n, c, 1, 1).to(z.dtype), unit.split.rest)
         ctx.unit = unit
         ctx.save_for_backward(z, kernel, mean, invstd, scale, shift, z_dot, kernel_sum, gate, recorded)
         return torch.addcmul(as_channel(shift) * gate, z, as_channel(scale) * gate).to(z.dtype)

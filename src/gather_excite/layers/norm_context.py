@@ -60,11 +60,12 @@ class NormContext(nn.Module):
     converted norm such as ``SyncBatchNorm``) and passes them on each call; this module has no state.
 
     ``lean``: take the memory-lean path where :func:`lean_applies` (default :func:`lean_enabled`).
-    It calls neither ``norm`` nor ``context`` as a module, only the steps of the context it runs (the
-    gather's ``first`` and ``rest``, the MLP, the gate probe), whose hooks run. PyTorch has no public
-    query for a module's hooks, so, like timm's fused attention, the choice is made at build time:
-    build with ``lean=False`` (or after ``set_lean(False)``) where hooks on ``norm`` or the gather
-    module must run in training.
+    It calls neither ``norm`` nor ``context`` as a module, only the parts of the context it runs (a
+    windowed gather, whole, in forward and once more in backward; a global gather's later steps;
+    the MLP; the gate probe), whose hooks run. PyTorch has no public query for a module's hooks,
+    so, like timm's fused attention, the choice is made at build time: build with ``lean=False``
+    (or after ``set_lean(False)``) where hooks on ``norm`` or on the context module must run in
+    training.
     """
 
     def __init__(self, *, lean: bool | None = None, device: torch.device | None = None, dtype=None) -> None:
