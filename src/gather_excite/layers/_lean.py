@@ -50,7 +50,8 @@ class GateBroadcast:
         else:
             channels_last = x.is_contiguous(memory_format=torch.channels_last)
             gate = gate.contiguous(memory_format=torch.channels_last) if channels_last else gate
-            self.factor = F.interpolate(gate, size=self.size, mode="nearest")
+            # CUDA's autocast runs interpolate in float32; a float32 factor would make the product float32.
+            self.factor = F.interpolate(gate, size=self.size, mode="nearest").to(x.dtype)
 
     def _view(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(2, (self.gate.shape[-2], self.block)) if self.block is not None else x
