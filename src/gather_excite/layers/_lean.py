@@ -80,12 +80,12 @@ class _Unit:
     """What one call's forward hands its backward besides the saved tensors."""
 
     def __init__(self, norm: nn.BatchNorm2d, context: nn.Module, z: torch.Tensor) -> None:
-        self.split = context.gather_split((z.shape[-2], z.shape[-1]))  # None: windows, run whole
-        self.gather = context.gather if self.split is None else None
+        self.split = context.gather_split((z.shape[-2], z.shape[-1]))
         self.gate_from, self.eps = context.gate_from, norm.eps
         self.params = [p for p in context.parameters() if p.requires_grad]
-        self.buffers, kind = list(context.buffers()), z.device.type
-        self.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
+        if self.split is None:  # a windowed gather, run whole and replayed in backward (see replay)
+            self.gather, self.buffers, kind = context.gather, list(context.buffers()), z.device.type
+            self.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
         # Running stats, mode and averaging factor exactly as nn.BatchNorm2d.forward picks them.
         self.factor = 0.0 if norm.momentum is None else norm.momentum
         if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
