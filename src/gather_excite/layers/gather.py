@@ -151,9 +151,9 @@ class GlobalConvGather(nn.Module):
     Traced by ``torch.compile`` or ``torch.export`` it is written as one, ``sum_hw(x * kernel)``,
     which compilers fuse into one reduction over the map (a map-sized convolution they leave to a
     slow generic kernel). In eager mode a GPU takes it as a batched matrix product (``einsum``):
-    cuDNN's map-sized depthwise convolution made a bf16 channels-last GE-θ ResNet-50 training step
-    18x as long as ResNet-50's on an H200. The CPU (and ``meta``) keep ``F.conv2d``. FLOP counters
-    count the product and the convolution alike, ``2 * N * C * H * W``.
+    cuDNN has no fast kernel for a depthwise convolution as large as the map (the README's GPU
+    section has the figures). The CPU (and ``meta``) keep ``F.conv2d``. FLOP counters count the
+    product and the convolution alike, ``2 * N * C * H * W``.
     """
 
     def __init__(
