@@ -154,22 +154,24 @@ def test_network_traces_fullgraph_dynamic_without_breaks(name):
 @pytest.mark.slow  # Inductor compiles C++ kernels: about a minute on 2 cores
 def test_small_network_compiled_with_inductor_trains_like_eager():
     """Inductor, fullgraph, dynamic: GE-θ+ ResNet-20 (global gathers, resampled kernels at 24 px)
-    gives eager's loss and gradients at two input sizes."""
+    gives eager's loss and gradients at two input sizes. In float64: in float32 Inductor's fused
+    reductions round differently from eager's, by up to 3e-3 relative in conv1's gradient through
+    20 layers of batch-4 BatchNorms, which says nothing about the graph; float64 agrees to 1e-15."""
     torch.manual_seed(0)
-    model = create_model("ge_theta_plus_cifar_resnet20", num_classes=5, input_size=32).train()
+    model = create_model("ge_theta_plus_cifar_resnet20", num_classes=5, input_size=32).train().double()
     twin = copy.deepcopy(model)
     compiled = torch.compile(twin, fullgraph=True, dynamic=True)
     for size in (32, 24):
-        x, target = torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 3])
+        x, target = torch.randn(4, 3, size, size, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
         for net in (model, twin):
             net.zero_grad()
         expected = F.cross_entropy(model(x), target)
         got = F.cross_entropy(compiled(x), target)
         expected.backward()
         got.backward()
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
         for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
-            torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-3, msg=name)
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-10, rtol=1e-10, msg=name)
 
 
 def _full_size(name: str) -> torch.nn.Module:
