@@ -524,4 +524,3 @@ def test_remove_branch_zeroes_the_branch_with_gradients_on(ge_model, data):
         torch.testing.assert_close(seen["out"], expected)
     finally:
         handle.remove()
-

@@ -68,8 +68,15 @@ def test_every_backbone_feeds_an_fpn_detector(backbone, one_thread_private_cache
     # CIFAR-style nets keep full resolution in their first stage: start the FPN after it.
     levels = {"wrn16_8": ["stage2", "stage3"], "cifar_resnet164": ["stage2", "stage3"]}
     model = fasterrcnn_ge_resnet(
-        backbone, num_classes=4, layout="fpn", feature_levels=levels.get(backbone), fpn_channels=16,
-        representation_size=32, min_size=64, max_size=64, backbone_kwargs={"input_size": 64},
+        backbone,
+        num_classes=4,
+        layout="fpn",
+        feature_levels=levels.get(backbone),
+        fpn_channels=16,
+        representation_size=32,
+        min_size=64,
+        max_size=64,
+        backbone_kwargs={"input_size": 64},
     ).eval()
     infos = create_model(backbone).feature_info
     expected = levels.get(backbone) or [info["stage"] for info in infos[1:]]
