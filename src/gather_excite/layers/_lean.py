@@ -1,11 +1,9 @@
 """The memory-lean ``context(batch_norm(z))`` of :class:`~gather_excite.layers.NormContext`.
 
-Autograd would keep ``y = BN(z)`` besides ``z`` (which the BatchNorm keeps anyway). One autograd
-function per unit keeps ``z`` and per-channel statistics and rebuilds what its backward needs,
-through the context's own API: ``gather_split(size)``, ``gather`` and ``gate_from``. A global
-weighted sum never writes ``y``: ``sum_hw(K * BN(z)) = scale * sum_hw(K * z) + shift * sum_hw(K)``;
-it keeps the (N, C) sums and gate. A windowed gather and its gate are recorded again in backward.
-"""
+Autograd would keep ``y = BN(z)`` besides ``z``. One autograd function per unit keeps ``z`` and
+per-channel statistics, using the context's API (``gather_split``, ``gather``, ``gate_from``). A global
+weighted sum never writes ``y``: ``sum_hw(K * BN(z)) = scale * sum_hw(K * z) + shift * sum_hw(K)``.
+A windowed gather and its gate are recorded again in backward."""
 
 from __future__ import annotations
 
@@ -28,10 +26,9 @@ def _runs(small: int, big: int, device: torch.device) -> torch.Tensor:
 
 
 class GateBroadcast:
-    """``x * nearest_resize(gate)`` and its gate gradient. Where the map is a power-of-two multiple
-    of the gate (then interpolate's source index ``floor(i * h / H)`` is ``i // k``) a view
-    broadcasts each cell over its block; otherwise the gate is resized once, by run-length repeats
-    for NCHW maps (CPU's nearest ``interpolate`` is slow for them), else by ``F.interpolate``."""
+    """``x * nearest_resize(gate)`` and its gate gradient. A power-of-two multiple of the gate's size
+    (interpolate's source index ``floor(i * h / H)`` is then ``i // k``) broadcasts a view over blocks;
+    else the gate is resized once, NCHW by run-length repeats (CPU's ``interpolate`` is slow there)."""
 
     def __init__(self, gate: torch.Tensor, x: torch.Tensor) -> None:
         (h, w), (big_h, big_w) = gate.shape[-2:], x.shape[-2:]
@@ -101,8 +98,7 @@ class _Unit:
         if self.batch_stats:
             mean, var, sample_mean = batch_stats(z, mean, var, self.factor, accumulate_dtype(z.dtype))
         invstd = torch.rsqrt(var + self.eps)
-        scale = weight * invstd
-        return mean, invstd, scale, bias - mean * scale, sample_mean
+        return mean, invstd, (scale := weight * invstd), bias - mean * scale, sample_mean
 
     def record(self, entry: torch.Tensor, gather) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gate, recorded)``: ``gate_from(gather(entry))``, recorded from a detached ``entry``."""
@@ -113,9 +109,8 @@ class _Unit:
 
     @contextlib.contextmanager
     def replay(self, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """:meth:`record` of the windowed gather of ``y`` in backward, as the forward ran it: under
-        its autocast, leaving the running statistics that the gather's norms updated then as they
-        were (put back on leaving, once the recording, which keeps them, has been differentiated)."""
+        """:meth:`record` of the windowed gather in backward under the forward's autocast; the running
+        statistics its norms update are put back once the recording (which keeps them) is used."""
         kept = [b.clone() for b in self.buffers]
         kind, dtype, enabled = self.autocast
         with torch.autocast(kind, dtype=dtype, enabled=enabled):
@@ -188,11 +183,8 @@ class LeanGlobal(torch.autograd.Function):
 
 
 class LeanWindowed(torch.autograd.Function):
-    """``y * resize(gate(gather(y)))`` with ``y = BN(z)``; keeps ``z`` and per-channel statistics.
-
-    Backward rebuilds ``y`` and records the gather and the gate from it once more
-    (:meth:`_Unit.replay`): hooks on the gather and the excite fire again then, as under
-    ``torch.utils.checkpoint``."""
+    """``y * resize(gate(gather(y)))``, ``y = BN(z)``; keeps ``z`` and per-channel statistics. Backward
+    rebuilds ``y`` and records the gather and gate again; their hooks fire again, as under checkpointing."""
 
     @staticmethod
     def forward(ctx, unit: _Unit, z, weight, bias, *params):

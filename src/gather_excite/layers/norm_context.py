@@ -1,7 +1,5 @@
-"""``context(norm(z))``, a residual branch's last norm layer and context module, as one step: the
-one place that decides how the pair is computed (as timm's ``BatchNormAct2d`` stands for norm +
-activation). :func:`lean_applies` is the one rule for when the memory-lean path of :mod:`._lean`
-steps aside."""
+"""``context(norm(z))`` of a residual branch as one step (as timm's ``BatchNormAct2d`` stands for
+norm + activation); :func:`lean_applies` is the one rule for when the lean path of :mod:`._lean` steps aside."""
 
 from __future__ import annotations
 
@@ -32,14 +30,10 @@ def lean_enabled() -> bool:
 
 
 def lean_applies(norm: nn.Module, context: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the lean path computes ``context(norm(x))`` here with the plain composition's results.
-
-    Not for: a norm other than an affine ``nn.BatchNorm2d`` or a context other than GatherExcite /
-    SqueezeExcite (exact types: a subclass may compute otherwise); nothing to record a gradient of;
-    an empty, non-4-D or non-floating map, or one value per channel in training (the plain modules
-    raise their own errors); forward-mode AD and functorch transforms; compiling, exporting,
-    scripting and tracing (compilers recompute ``norm(x)`` by themselves).
-    """
+    """Whether the lean path computes ``context(norm(x))`` here as the plain composition would. Not for
+    another norm or context (exact types: a subclass may compute otherwise), nothing to differentiate,
+    a map the plain modules reject with their own errors, forward-mode AD, functorch transforms,
+    compiling, exporting, scripting or tracing (compilers recompute ``norm(x)`` by themselves)."""
     if type(norm) is not nn.BatchNorm2d or not norm.affine or type(context) not in (GatherExcite, SqueezeExcite):
         return False
     if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.numel() and x.is_floating_point()):
@@ -56,17 +50,13 @@ def lean_applies(norm: nn.Module, context: nn.Module, x: torch.Tensor) -> bool:
 
 
 class NormContext(nn.Module):
-    """``context(norm(x))``. The unit owns ``norm`` and ``context`` (parameters, state-dict keys, a
-    converted norm such as ``SyncBatchNorm``) and passes them on each call; this module has no state.
-
-    ``lean``: take the memory-lean path where :func:`lean_applies` (default :func:`lean_enabled`).
-    It calls neither ``norm`` nor ``context`` as a module, only the parts of the context it runs (a
-    windowed gather, whole, in forward and once more in backward; a global gather's later steps;
-    the MLP; the gate probe), whose hooks run. PyTorch has no public query for a module's hooks,
-    so, like timm's fused attention, the choice is made at build time: build with ``lean=False``
-    (or after ``set_lean(False)``) where hooks on ``norm`` or on the context module must run in
-    training.
-    """
+    """``context(norm(x))``; the unit owns ``norm`` and ``context`` (state-dict keys, a converted
+    ``SyncBatchNorm``) and passes them on each call. ``lean`` (default :func:`lean_enabled`): take the
+    lean path where :func:`lean_applies`. It calls the context's parts (a windowed gather, in forward
+    and again in backward; a global gather's later steps; the MLP; the probe), whose hooks run, but
+    not ``norm`` or the context as modules. PyTorch has no public query for a module's hooks, so, as
+    timm's fused attention, the choice is made at build time: build with ``lean=False`` (or after
+    ``set_lean(False)``) where hooks on ``norm`` or the context module must run in training."""
 
     def __init__(self, *, lean: bool | None = None, device: torch.device | None = None, dtype=None) -> None:
         super().__init__()  # device and dtype: PyTorch's module convention; there is nothing to place
