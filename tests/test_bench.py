@@ -68,7 +68,7 @@ def test_gex_bench_op_json(capsys):
     doc = json.loads(capsys.readouterr().out)
     (row,) = doc["rows"]
     assert row["variant"] == "ge_theta_minus" and (row["channels"], row["size"]) == (2048, 7)
-    # plain keeps z and BN(z), 2048*49*4 bytes each; fused keeps z and a few per-channel tensors.
+    # plain keeps z and BN(z), 2048*49*4 bytes each; the lean path keeps z and a few per-channel tensors.
     full, per_channel = 2048 * 7 * 7 * 4, 2048 * 4
     assert row["saved_bytes"]["plain"] >= 2 * full
     assert full <= row["saved_bytes"]["ours"] <= full + 8 * per_channel
@@ -77,7 +77,7 @@ def test_gex_bench_op_json(capsys):
 
 def test_gex_bench_net_json(capsys):
     """ResNet-50 vs GE-θ− ResNet-50 at 64 px: the baseline's paired ratio to itself is exactly 1,
-    and the fused path keeps fewer bytes than the plain composition (which also keeps BN(z))."""
+    and the lean path keeps fewer bytes than the plain composition (which also keeps BN(z))."""
     assert bench_cli.main(["net", "--models", "resnet50", "ge_theta_minus_resnet50", "--batch", "2",
                        "--image-size", "64", "--repeats", "2", "--threads", "1", "--json"]) == 0  # fmt: skip
     doc = json.loads(capsys.readouterr().out)
@@ -96,9 +96,9 @@ def test_gex_bench_net_json(capsys):
     assert "allocator" in doc["environment"]
 
 
-def test_gex_bench_net_bf16_autocast_records_it_and_keeps_the_fused_saving(capsys):
+def test_gex_bench_net_bf16_autocast_records_it_and_keeps_the_lean_saving(capsys):
     """--bf16 runs forward and loss under torch.autocast(bfloat16) (here on the CPU); the row
-    says so, and the fused path still keeps fewer bytes than the plain composition."""
+    says so, and the lean path still keeps fewer bytes than the plain composition."""
     assert bench_cli.main(["net", "--models", "resnet50", "ge_theta_resnet50", "--batch", "2", "--image-size", "32",
                        "--repeats", "1", "--threads", "1", "--bf16", "--json"]) == 0  # fmt: skip
     rows = {(r["model"], r["path"]): r for r in json.loads(capsys.readouterr().out)["rows"]}

@@ -8,7 +8,7 @@ from a training step's forward pass for its backward pass, counted once per stor
 """
 
 from .environment import check_device, environment
-from .lean import fused
+from .lean import lean_path
 from .memory import TrainStep, peak_bytes, saved_bytes
 from .net import NET_MODELS, bench_net
 from .op import OP_VARIANTS, STAGES, bench_op
@@ -24,7 +24,7 @@ __all__ = [
     "bench_op",
     "check_device",
     "environment",
-    "fused",
+    "lean_path",
     "paired_ratio",
     "peak_bytes",
     "saved_bytes",

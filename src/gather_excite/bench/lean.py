@@ -7,11 +7,11 @@ from collections.abc import Iterator
 
 from ..layers.norm_context import lean_enabled, set_lean
 
-__all__ = ["fused"]
+__all__ = ["lean_path"]
 
 
 @contextlib.contextmanager
-def fused(enabled: bool) -> Iterator[None]:
+def lean_path(enabled: bool) -> Iterator[None]:
     """Run with the memory-lean path of ``NormContext`` allowed or not, restoring the previous setting."""
     previous = lean_enabled()
     set_lean(enabled)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..layers.context_spec import GE_VARIANTS
 from .environment import check_device
-from .lean import fused
+from .lean import lean_path
 from .memory import TrainStep, peak_bytes, saved_bytes
 from .timing import paired_ratio, time_samples
 
@@ -28,7 +28,7 @@ def _net_step(
 
     def forward() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        with fused(lean), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        with lean_path(lean), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             return F.cross_entropy(model(x), target)
 
     def finish(loss: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from ..layers import create_context
 from ..layers.context_spec import EXTENTS, GE_VARIANTS, ContextSpec
 from ..layers.norm_context import NormContext
-from .lean import fused
+from .lean import lean_path
 from .memory import TrainStep, saved_bytes
 from .timing import paired_ratio, time_samples
 
@@ -47,13 +47,13 @@ def _timm_context(spec: str, channels: int, size: int) -> tuple[nn.Module | None
 
 def _op_step(bn: nn.Module, context: nn.Module, z: torch.Tensor, grad: torch.Tensor, *, lean: bool) -> TrainStep:
     modules = (bn, context)
-    norm_context = NormContext(lean=True)  # fused(lean) below picks the path
+    norm_context = NormContext(lean=True)  # lean_path(lean) below picks the path
 
     def forward() -> torch.Tensor:
         for m in modules:
             m.zero_grad(set_to_none=True)
         z.grad = None
-        with fused(lean):
+        with lean_path(lean):
             return norm_context(z, bn, context)
 
     return TrainStep(forward, lambda out: out.backward(grad))
