@@ -25,7 +25,7 @@ def _restore_lean():
     set_lean(previous)
 
 
-def bn_context(bn: nn.Module, context: nn.Module, z: torch.Tensor) -> torch.Tensor:
+def norm_context(bn: nn.Module, context: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """``context(bn(z))`` through a NormContext built now (so under the current global switch)."""
     return NormContext()(z, bn, context)
 
@@ -51,7 +51,7 @@ def _lean_ran(out: torch.Tensor) -> bool:
 def _run(bn, context, z, *, lean: bool, grad_seed: int = 1):
     set_lean(lean)
     z = z.detach().clone().requires_grad_()
-    out = bn_context(bn, context, z)
+    out = norm_context(bn, context, z)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
     out.backward(grad.to(memory_format=torch.channels_last) if z.is_contiguous(memory_format=torch.channels_last)
                  and not z.is_contiguous() else grad)  # fmt: skip
@@ -133,7 +133,7 @@ def test_bf16_autocast_close_to_plain(spec):
         b, c = copy.deepcopy(bn), copy.deepcopy(context)
         x = z.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = bn_context(b, c, x.to(torch.bfloat16) if autocast else x)
+            out = norm_context(b, c, x.to(torch.bfloat16) if autocast else x)
         out.float().square().sum().backward()
         dtypes[name] = out.dtype
         results[name] = [out.float(), x.grad, b.weight.grad, b.bias.grad, *(p.grad for p in c.parameters())]
@@ -153,7 +153,7 @@ def test_gradcheck(spec):
     z = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
 
     def fn(x, *_):
-        return bn_context(bn, context, x)
+        return norm_context(bn, context, x)
 
     assert torch.autograd.gradcheck(fn, (z, *params), eps=1e-6, atol=1e-6, fast_mode=True)
 
@@ -182,10 +182,10 @@ def test_lean_keeps_only_the_batchnorm_input_full_size(spec):
     full, per_sample_channel = z.numel() * 4, 4 * 16 * 4
     parameters = {p.untyped_storage().data_ptr() for p in [*bn.parameters(), *context.parameters()]}
     set_lean(False)
-    storages = _saved_storages(lambda: bn_context(bn, context, z))
+    storages = _saved_storages(lambda: norm_context(bn, context, z))
     assert sum(n >= full for n in storages.values()) == (2 if spec in ("ge_theta_minus", "ge_theta", "se") else 3)
     set_lean(True)
-    storages = _saved_storages(lambda: bn_context(bn, context, z))
+    storages = _saved_storages(lambda: norm_context(bn, context, z))
     assert z.untyped_storage().data_ptr() in storages
     others = [n for ptr, n in storages.items() if ptr not in parameters and ptr != z.untyped_storage().data_ptr()]
     assert max(others) <= per_sample_channel, sorted(others)
@@ -253,10 +253,10 @@ def test_plain_path_cases(case):
     z = torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
     if case == "no_grad":
         with torch.no_grad():
-            out = bn_context(bn, context, z)
+            out = norm_context(bn, context, z)
         assert out.grad_fn is None
     else:
-        out = bn_context(bn, context, z)
+        out = norm_context(bn, context, z)
         assert not _lean_ran(out)
     torch.testing.assert_close(out, context(bn(z)))
 
@@ -267,7 +267,7 @@ def test_wrong_channels_raises_like_plain():
     _bn, context = _unit("ge_theta_minus", 8, 8)
     bn6 = nn.BatchNorm2d(6).double()
     with pytest.raises(ValueError, match="channels=8"):
-        bn_context(bn6, context, torch.randn(2, 6, 8, 8, dtype=torch.float64, requires_grad=True))
+        norm_context(bn6, context, torch.randn(2, 6, 8, 8, dtype=torch.float64, requires_grad=True))
 
 
 def test_set_lean_and_norm_context_reject_non_bool():
@@ -356,7 +356,7 @@ def test_double_backward_raises_instead_of_being_wrong():
     set_lean(True)
     bn, context = _unit("ge_theta_minus_e2", 8, 8)
     z = torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
-    (grad,) = torch.autograd.grad(bn_context(bn, context, z).square().sum(), z, create_graph=True)
+    (grad,) = torch.autograd.grad(norm_context(bn, context, z).square().sum(), z, create_graph=True)
     with pytest.raises(RuntimeError, match=r"once_differentiable|twice|double"):
         grad.sum().backward()
 
@@ -552,8 +552,8 @@ def test_functorch_grad_steps_aside_and_equals_autograd():
     bn.eval()
     context.eval()  # functorch refuses the in-place running-stat updates of training mode, plain or lean
     z = torch.randn(2, 8, 8, 8, dtype=torch.float64)
-    expected = torch.autograd.grad(bn_context(bn, context, z.requires_grad_()).square().sum(), z)[0]
-    got = torch.func.grad(lambda x: bn_context(bn, context, x).square().sum())(z.detach())
+    expected = torch.autograd.grad(norm_context(bn, context, z.requires_grad_()).square().sum(), z)[0]
+    got = torch.func.grad(lambda x: norm_context(bn, context, x).square().sum())(z.detach())
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
 
 
