@@ -95,6 +95,16 @@ def test_lean_equals_plain_float64(spec, size, training):
     assert _lean_ran(lean[0]) and not _lean_ran(plain[0])
 
 
+@pytest.mark.parametrize("spec", ["ge_theta_minus_e2", "ge_theta_minus_max_e4", "ge_theta_e8", "ge_theta_plus_e4"])
+@pytest.mark.parametrize("size", [12, 7])
+def test_windowed_gate_gradient_one_sample_at_a_time_equals_plain(spec, size, monkeypatch):
+    """The windowed gate's gradient is summed one sample at a time on the CPU (a 1-element chunk
+    budget); the result equals the plain composition's for every broadcast path (12 px: blocks of
+    2 and 4, 6x6 runs; 7 px: runs of unequal length)."""
+    monkeypatch.setattr(_reduce, "_CHUNK_ELEMENTS", 1)
+    _assert_lean_equals_plain(spec, size=size, training=True)
+
+
 @pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_plus_e2", "se"])
 def test_running_stats_cumulative_average_and_batch_count(spec):
     """momentum=None (cumulative average) over 3 steps: running stats and num_batches_tracked match."""

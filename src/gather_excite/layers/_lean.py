@@ -1,21 +1,16 @@
-"""The memory-lean ``context(batch_norm(z))`` of :class:`~gather_excite.layers.NormContext`.
-
-Autograd would keep ``y = BN(z)`` besides ``z``. One autograd function per unit keeps ``z`` and
-per-channel statistics, using the context's API (``gather_split``, ``gather``, ``gate_from``). A global
-weighted sum never writes ``y``: ``sum_hw(K * BN(z)) = scale * sum_hw(K * z) + shift * sum_hw(K)``.
-A windowed gather and its gate are recorded again in backward."""
+"""The memory-lean ``context(batch_norm(z))`` of :class:`~gather_excite.layers.NormContext`: where autograd
+would keep ``y = BN(z)`` besides ``z``, one autograd function per unit keeps ``z`` and per-channel statistics,
+using the context's API (``gather_split``, ``gather``, ``gate_from``). A global weighted sum never writes ``y``
+(``sum_hw(K * BN(z)) = scale * sum_hw(K * z) + shift * sum_hw(K)``); a windowed gather is recorded again in backward."""
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._reduce import as_channel, batch_stats, map_dot, map_weighted_sum
+from ._reduce import as_channel, batch_stats, map_dot, map_weighted_sum, per_chunk
 from ._validate import accumulate_dtype
 
 
@@ -53,8 +48,9 @@ class GateBroadcast:
     def _view(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(2, (self.gate.shape[-2], self.block)) if self.block is not None else x
 
-    def multiply(self, x: torch.Tensor) -> torch.Tensor:
-        return (self._view(x) * self.factor).view(x.shape)
+    def multiply(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x * gate``, into ``out`` (which may be ``x``) if given."""
+        return torch.mul(self._view(x), self.factor, out=None if out is None else self._view(out)).view(x.shape)
 
     def multiply_add(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``base + x * gate``, updating a fresh full-size ``base`` in place."""
@@ -64,13 +60,16 @@ class GateBroadcast:
         return base
 
     def gate_grad(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Gradient of ``sum(grad_out * x * resize(gate))`` with respect to the small gate."""
-        gate, product = self.gate, grad_out * x
+        """Gradient of ``sum(grad_out * x * resize(gate))`` for the gate, the products a few samples at a time."""
+        gate = self.gate
         if gate.shape[-2:] == (1, 1):
-            return product.sum((2, 3), keepdim=True, dtype=gate.dtype)
+            return map_dot(grad_out, x, gate.dtype).view(gate.shape)
+        return per_chunk(lambda part, part_x: self._gate_grad(part * part_x, (len(part), *gate.shape[1:])), grad_out, x)
+
+    def _gate_grad(self, product: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         if self.block is not None and self.block > 2:  # long runs: summing a view beats the generic kernel
-            return self._view(product).sum(3, dtype=gate.dtype).unflatten(3, (gate.shape[-1], -1)).sum(4)
-        return torch.ops.aten.upsample_nearest2d_backward(product.to(gate.dtype), self.size, gate.shape, None, None)
+            return self._view(product).sum(3, dtype=self.gate.dtype).unflatten(3, (shape[-1], -1)).sum(4)
+        return torch.ops.aten.upsample_nearest2d_backward(product.to(self.gate.dtype), self.size, shape, None, None)
 
 
 class _Unit:
@@ -78,7 +77,7 @@ class _Unit:
 
     def __init__(self, norm: nn.BatchNorm2d, context: nn.Module, z: torch.Tensor) -> None:
         self.split = context.gather_split((z.shape[-2], z.shape[-1]))
-        self.gate_from, self.eps = context.gate_from, norm.eps
+        self.gate_from, self.eps, self.buffers, self.kept = context.gate_from, norm.eps, [], []
         self.params = [p for p in context.parameters() if p.requires_grad]
         if self.split is None:  # a windowed gather, run whole and replayed in backward (see replay)
             self.gather, self.buffers, kind = context.gather, list(context.buffers()), z.device.type
@@ -107,27 +106,21 @@ class _Unit:
             recorded = self.gate_from(gather(self.entry))
         return recorded.detach(), recorded
 
-    @contextlib.contextmanager
-    def replay(self, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def replay(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`record` of the windowed gather in backward under the forward's autocast; the running
-        statistics its norms update are put back once the recording (which keeps them) is used."""
-        kept = [b.clone() for b in self.buffers]
+        statistics its norms update are put back by :meth:`gate_backward`, once the recording is used."""
+        self.kept = [b.clone() for b in self.buffers]
         kind, dtype, enabled = self.autocast
         with torch.autocast(kind, dtype=dtype, enabled=enabled):
-            recording = self.record(y, self.gather)
-        yield recording
-        for buffer, value in zip(self.buffers, kept, strict=True):
-            buffer.copy_(value)
+            return self.record(y, self.gather)
 
     def gate_backward(self, recorded: torch.Tensor, grad_gate: torch.Tensor):
         """Gradient of the recording's entry, and of the context's parameters on the gate's path."""
-        grads = torch.autograd.grad(recorded, [self.entry, *self.params], grad_gate.to(recorded.dtype),
-                                    retain_graph=True, allow_unused=True)  # fmt: skip
-        return grads[0], dict(zip(self.params, grads[1:], strict=True))
-
-
-def _rebuild(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    return torch.addcmul(as_channel(shift), z, as_channel(scale)).to(z.dtype)
+        entry, *grads = torch.autograd.grad(recorded, [self.entry, *self.params], grad_gate.to(recorded.dtype),
+                                            retain_graph=True, allow_unused=True)  # fmt: skip
+        for buffer, value in zip(self.buffers, self.kept, strict=True):
+            buffer.copy_(value)
+        return entry, dict(zip(self.params, grads, strict=True))
 
 
 class LeanGlobal(torch.autograd.Function):
@@ -189,21 +182,22 @@ class LeanWindowed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, unit: _Unit, z, weight, bias, *params):
         mean, invstd, scale, shift, _ = unit.statistics(z, weight, bias)
-        y = _rebuild(z, scale, shift)
+        y = torch.addcmul(as_channel(shift), z, as_channel(scale)).to(z.dtype)
         gate = unit.gate_from(unit.gather(y))
         ctx.unit = unit
         running = (None, None) if unit.batch_stats else (unit.running_mean, unit.running_var)
         ctx.save_for_backward(z, weight, *running, mean, invstd, scale, shift)
-        return GateBroadcast(gate, y).multiply(y)
+        GateBroadcast(gate, y).multiply(y, out=y)  # y is not kept: its buffer becomes the output
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         z, weight, running_mean, running_var, mean, invstd, scale, shift = ctx.saved_tensors
-        unit, y = ctx.unit, _rebuild(z, scale, shift)
-        with unit.replay(y) as (gate, recorded):
-            excite = GateBroadcast(gate, y)
-            grad_y, grads = unit.gate_backward(recorded, excite.gate_grad(grad_out, y))
+        unit, y = ctx.unit, torch.addcmul(as_channel(shift), z, as_channel(scale)).to(z.dtype)
+        gate, recorded = unit.replay(y)
+        excite = GateBroadcast(gate, y)
+        grad_y, grads = unit.gate_backward(recorded, excite.gate_grad(grad_out, y))
         # The gather's share of y's gradient plus the excite's, in one pass.
         total = excite.multiply(grad_out) if grad_y is None else excite.multiply_add(grad_y.to(z.dtype), grad_out)
         del y

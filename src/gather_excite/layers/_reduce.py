@@ -27,6 +27,13 @@ def _chunk(x: torch.Tensor) -> int:
     return max(1, _CHUNK_ELEMENTS // max(1, x[0].numel()))
 
 
+def per_chunk(fn, *maps: torch.Tensor) -> torch.Tensor:
+    """``fn`` over a few samples of ``maps`` at a time (on the CPU; whole elsewhere), joined along the batch."""
+    step = _chunk(maps[0]) if _cpu(maps[0]) else maps[0].shape[0]
+    parts = [fn(*(m[i : i + step] for m in maps)) for i in range(0, maps[0].shape[0], step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def map_dot(x: torch.Tensor, other: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``out[n, c] = sum_hw x[n, c] * other[(n,) c]`` in ``dtype``, ``other`` ``(C, H, W)`` or ``(N, C, H, W)``."""
     shared = other.dim() == 3
