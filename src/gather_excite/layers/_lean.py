@@ -123,6 +123,10 @@ class _Unit:
         return entry, dict(zip(self.params, grads, strict=True))
 
 
+def _rebuild(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(as_channel(shift), z, as_channel(scale)).to(z.dtype)
+
+
 class LeanGlobal(torch.autograd.Function):
     """``BN(z) * gate(sum_hw(K * BN(z)))`` for a global weighted sum; keeps ``z`` and per-(n, c) sums."""
 
@@ -182,7 +186,7 @@ class LeanWindowed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, unit: _Unit, z, weight, bias, *params):
         mean, invstd, scale, shift, _ = unit.statistics(z, weight, bias)
-        y = torch.addcmul(as_channel(shift), z, as_channel(scale)).to(z.dtype)
+        y = _rebuild(z, scale, shift)
         gate = unit.gate_from(unit.gather(y))
         ctx.unit = unit
         running = (None, None) if unit.batch_stats else (unit.running_mean, unit.running_var)
@@ -194,7 +198,7 @@ class LeanWindowed(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         z, weight, running_mean, running_var, mean, invstd, scale, shift = ctx.saved_tensors
-        unit, y = ctx.unit, torch.addcmul(as_channel(shift), z, as_channel(scale)).to(z.dtype)
+        unit, y = ctx.unit, _rebuild(z, scale, shift)
         gate, recorded = unit.replay(y)
         excite = GateBroadcast(gate, y)
         grad_y, grads = unit.gate_backward(recorded, excite.gate_grad(grad_out, y))
