@@ -279,6 +279,10 @@ def test_compare_bad_arguments_are_named(tmp_path: Path, capsys: pytest.CaptureF
     (tmp_path / "file").write_text("x")
     assert compare_cli.main(["--out", str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
+    # Both wrong: the folder is named first (it is checked before the data are read), and nothing is written.
+    assert compare_cli.main(["--data-root", str(missing), "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert not missing.exists() and not (tmp_path / "o").exists()
 
 
 def test_paper_preset_estimate_and_confirmation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -30,9 +30,9 @@ from .sweep import (
     SweepConfig,
     available_cores,
     calibrate,
+    check_folder,
     estimate_cpu_hours,
     finished_records,
-    prepare_folder,
     resolve_device,
     run_sweep,
 )
@@ -124,7 +124,7 @@ def summarize_finished(config: SweepConfig, out: Path) -> tuple[dict[str, Any], 
     """
     if not (out / "sweep.json").is_file():
         raise RunExistsError(f"--out {str(out)!r} holds no sweep (no sweep.json) to report on")
-    prepare_folder(out, config, resume=True)
+    check_folder(out, config, resume=True)
     runs = config.runs()
     done = finished_records(out, runs)
     records = [done[(spec.model, spec.seed)] for spec in runs if (spec.model, spec.seed) in done]

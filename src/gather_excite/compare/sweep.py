@@ -39,6 +39,7 @@ __all__ = [
     "VARIANTS",
     "SweepConfig",
     "available_cores",
+    "check_folder",
     "estimate_cpu_hours",
     "finished_records",
     "prepare_folder",
@@ -138,8 +139,8 @@ def _write_json_atomic(data: Any, path: Path) -> None:
     os.replace(handle.name, path)
 
 
-def prepare_folder(out: Path, config: SweepConfig, *, resume: bool) -> None:
-    """Create ``out`` for ``config``, or check that it holds this very sweep when resuming.
+def check_folder(out: Path, config: SweepConfig, *, resume: bool) -> bool:
+    """Whether ``out`` already holds this very sweep (only with ``resume``); changes nothing.
 
     Raises :class:`~gather_excite.errors.RunExistsError` for a non-empty folder without ``resume`` and
     for a folder that holds another sweep (or other files); ``ConfigError`` when ``out`` is a file.
@@ -166,9 +167,17 @@ def prepare_folder(out: Path, config: SweepConfig, *, resume: bool) -> None:
                 f"--out {str(out)!r} holds a different sweep ({'; '.join(differences)}); resume it with its own "
                 "settings or use another --out"
             )
+        return True
+    return False
+
+
+def prepare_folder(out: Path, config: SweepConfig, *, resume: bool) -> None:
+    """Create ``out`` for ``config``, or check that it holds this very sweep (see :func:`check_folder`)."""
+    if check_folder(out, config, resume=resume):
         return
     out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic({"format": SWEEP_FORMAT, "identity": config.identity(), "data_root": config.data_root}, marker)
+    marker = {"format": SWEEP_FORMAT, "identity": config.identity(), "data_root": config.data_root}
+    _write_json_atomic(marker, out / "sweep.json")
 
 
 def finished_records(out: Path, runs: Sequence[RunSpec]) -> dict[tuple[str, int], dict[str, Any]]:
@@ -239,7 +248,8 @@ def run_sweep(
     """
     if jobs < 1 or threads < 1:
         raise ConfigError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
-    # Read the data before touching the folder: a wrong --data-root leaves nothing behind.
+    # Check the folder, then read the data, before writing anything: a wrong --data-root leaves nothing behind.
+    check_folder(out, config, resume=resume)
     _load_data(config, torch.device(config.device))
     prepare_folder(out, config, resume=resume)
     runs = config.runs()
