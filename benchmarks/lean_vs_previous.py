@@ -7,6 +7,8 @@ benchmark functions: rotating rounds, CPU time, the median of within-round ratio
     git worktree add --detach /tmp/previous eaab1a9
     python benchmarks/lean_vs_previous.py /tmp/previous net --batch 8 --repeats 5
     python benchmarks/lean_vs_previous.py /tmp/previous op --repeats 7 ge_theta_minus_e2 ge_theta_e4
+
+``--channels-last`` puts models, inputs and gradients in NHWC, the layout ``gex compare`` trains in on the CPU.
 """
 
 from __future__ import annotations
@@ -51,13 +53,13 @@ class _Previous(nn.Module):
 NET_MODELS = ("ge_theta_minus_resnet50", "ge_theta_resnet50", "ge_theta_plus_resnet50", "se_resnet50")
 
 
-def net(bn_context, batch: int, repeats: int, models: list[str]) -> list[dict]:
+def net(bn_context, batch: int, repeats: int, models: list[str], layout: torch.memory_format) -> list[dict]:
     torch.manual_seed(0)
-    x, target = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
-    built = {"resnet50": create_model("resnet50").train()}
+    x, target = torch.randn(batch, 3, 224, 224).contiguous(memory_format=layout), torch.randint(0, 1000, (batch,))
+    built = {"resnet50": create_model("resnet50").train().to(memory_format=layout)}
     for name in models:
         torch.manual_seed(0)
-        built[f"{name}/new"] = create_model(name).train()
+        built[f"{name}/new"] = create_model(name).train().to(memory_format=layout)
         built[f"{name}/previous"] = previous = copy.deepcopy(built[f"{name}/new"])
         for module in previous.modules():
             if isinstance(getattr(module, "norm_context", None), NormContext):
@@ -75,11 +77,12 @@ def net(bn_context, batch: int, repeats: int, models: list[str]) -> list[dict]:
     return rows
 
 
-def _op_row(bn_context, spec: str, channels: int, size: int, repeats: int) -> dict:
+def _op_row(bn_context, spec: str, channels: int, size: int, repeats: int, layout: torch.memory_format) -> dict:
     torch.manual_seed(0)
-    z = torch.randn(8, channels, size, size).requires_grad_()
+    z = torch.randn(8, channels, size, size).contiguous(memory_format=layout).requires_grad_()
     grad, bn = torch.randn_like(z), nn.BatchNorm2d(channels)
-    context, norm_context = create_context(spec, channels, feature_size=size), NormContext(lean=True)
+    context = create_context(spec, channels, feature_size=size).to(memory_format=layout)
+    norm_context = NormContext(lean=True)
 
     def step(call):
         def forward() -> torch.Tensor:
@@ -100,9 +103,9 @@ def _op_row(bn_context, spec: str, channels: int, size: int, repeats: int) -> di
     }  # fmt: skip
 
 
-def op(bn_context, variants: list[str], repeats: int) -> list[dict]:
+def op(bn_context, variants: list[str], repeats: int, layout: torch.memory_format) -> list[dict]:
     stages = ((256, 56), (512, 28), (1024, 14), (2048, 7))
-    return [_op_row(bn_context, spec, c, size, repeats) for spec in variants for c, size in stages]
+    return [_op_row(bn_context, spec, c, size, repeats, layout) for spec in variants for c, size in stages]
 
 
 def main() -> None:
@@ -113,14 +116,18 @@ def main() -> None:
                         f"(default: {' '.join(NET_MODELS)})")  # fmt: skip
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--channels-last", action="store_true", help="NHWC models and inputs (gex compare's)")
     args = parser.parse_args()
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.set_num_threads(1)
     bn_context = _load_previous(args.previous)
     if args.what == "net":
-        rows = net(bn_context, args.batch, args.repeats, args.variants or list(NET_MODELS))
+        rows = net(bn_context, args.batch, args.repeats, args.variants or list(NET_MODELS), layout)
     else:
-        rows = op(bn_context, args.variants or ["ge_theta_minus_e2", "ge_theta_e4", "ge_theta_plus_e8"], args.repeats)
-    print(json.dumps({"threads": 1, "clock": "cpu", "torch": torch.__version__, "rows": rows}, indent=1))
+        variants = args.variants or ["ge_theta_minus_e2", "ge_theta_e4", "ge_theta_plus_e8"]
+        rows = op(bn_context, variants, args.repeats, layout)
+    settings = {"threads": 1, "clock": "cpu", "torch": torch.__version__, "channels_last": args.channels_last}
+    print(json.dumps({**settings, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
