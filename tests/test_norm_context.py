@@ -13,7 +13,7 @@ from torch import nn
 from torch.autograd import forward_ad
 
 from gather_excite.layers import _reduce, create_context, list_context_specs
-from gather_excite.layers._lean import GateBroadcast
+from gather_excite.layers._broadcast import GateBroadcast
 from gather_excite.layers._reduce import batch_stats, map_dot, map_weighted_sum
 from gather_excite.layers.norm_context import NormContext, lean_enabled, set_lean
 
@@ -97,12 +97,13 @@ def test_lean_equals_plain_float64(spec, size, training):
 
 @pytest.mark.parametrize("spec", ["ge_theta_minus_e2", "ge_theta_minus_max_e4", "ge_theta_e8", "ge_theta_plus_e4"])
 @pytest.mark.parametrize("size", [12, 7])
-def test_windowed_gate_gradient_one_sample_at_a_time_equals_plain(spec, size, monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_windowed_gate_gradient_one_sample_at_a_time_equals_plain(spec, size, channels_last, monkeypatch):
     """The windowed gate's gradient is summed one sample at a time on the CPU (a 1-element chunk
     budget); the result equals the plain composition's for every broadcast path (12 px: blocks of
-    2 and 4, 6x6 runs; 7 px: runs of unequal length)."""
+    2 and 4, 6x6 runs; 7 px: runs of unequal length), NCHW and channels-last."""
     monkeypatch.setattr(_reduce, "_CHUNK_ELEMENTS", 1)
-    _assert_lean_equals_plain(spec, size=size, training=True)
+    _assert_lean_equals_plain(spec, size=size, training=True, channels_last=channels_last)
 
 
 @pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_plus_e2", "se"])
@@ -126,9 +127,8 @@ def test_channels_last_equals_plain(spec, size):
     """channels_last input: same values as the plain composition (float64), and a channels-last
     input gradient as the plain composition gives."""
     plain, lean = _assert_lean_equals_plain(spec, size=size, training=True, channels_last=True)
-    assert lean[1].is_contiguous(memory_format=torch.channels_last) == plain[1].is_contiguous(
-        memory_format=torch.channels_last
-    )
+    for output in (0, 1):  # the unit's output and the input gradient: in the plain composition's layout
+        assert lean[output].stride() == plain[output].stride()
 
 
 @pytest.mark.parametrize("spec", ["ge_theta_minus", "ge_theta_minus_e4", "ge_theta_plus_e2", "ge_theta", "se"])
@@ -299,7 +299,8 @@ def test_nearest_resize_equals_interpolate(small, big, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     expected = F.interpolate(gate, size=big, mode="nearest")
     broadcast = GateBroadcast(gate, x)
-    assert torch.equal(broadcast.multiply(x), x * expected)
+    product = broadcast.multiply(x)
+    assert torch.equal(product, x * expected) and product.stride() == x.stride()
     # The gate's gradient: autograd through interpolate gives the same sums (in another order).
     grad_out = torch.randn_like(x)
     leaf = gate.clone().requires_grad_()

@@ -6,70 +6,12 @@ using the context's API (``gather_split``, ``gather``, ``gate_from``). A global 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._reduce import as_channel, batch_stats, map_dot, map_weighted_sum, per_chunk
+from ._broadcast import GateBroadcast
+from ._reduce import as_channel, batch_stats, map_dot, map_weighted_sum
 from ._validate import accumulate_dtype
-
-
-def _runs(small: int, big: int, device: torch.device) -> torch.Tensor:
-    """How many output rows nearest-resizing ``small`` rows to ``big`` gives each input row."""
-    source = F.interpolate(torch.arange(small, dtype=torch.float32).view(1, 1, small, 1), size=(big, 1))
-    return torch.bincount(source.view(big).long(), minlength=small).to(device)
-
-
-class GateBroadcast:
-    """``x * nearest_resize(gate)`` and its gate gradient. A power-of-two multiple of the gate's size
-    (interpolate's source index ``floor(i * h / H)`` is then ``i // k``) broadcasts a view over blocks;
-    else the gate is resized once, NCHW by run-length repeats (CPU's ``interpolate`` is slow there)."""
-
-    def __init__(self, gate: torch.Tensor, x: torch.Tensor) -> None:
-        (h, w), (big_h, big_w) = gate.shape[-2:], x.shape[-2:]
-        self.gate, self.size, self.block = gate, (big_h, big_w), None
-        kh, kw = big_h // h, big_w // w
-        gate = gate.to(x.dtype)
-        blocks = (kh * h, kw * w) == self.size and not (kh & kh - 1 or kw & kw - 1)
-        if (h, w) != (1, 1) and x.is_contiguous() and blocks:
-            self.block, self.factor = kh, gate.repeat_interleave(kw, dim=-1).unsqueeze(3)  # W repeated; H a view
-        elif (h, w) in ((1, 1), self.size):
-            self.factor = gate
-        elif x.is_contiguous() and big_h >= h and big_w >= w:
-            rows, cols = _runs(h, big_h, gate.device), _runs(w, big_w, gate.device)
-            gate = gate.repeat_interleave(cols, 3, output_size=big_w)
-            self.factor = gate.repeat_interleave(rows, 2, output_size=big_h)
-        else:
-            channels_last = x.is_contiguous(memory_format=torch.channels_last)
-            gate = gate.contiguous(memory_format=torch.channels_last) if channels_last else gate
-            # CUDA's autocast runs interpolate in float32; a float32 factor would make the product float32.
-            self.factor = F.interpolate(gate, size=self.size, mode="nearest").to(x.dtype)
-
-    def _view(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(2, (self.gate.shape[-2], self.block)) if self.block is not None else x
-
-    def multiply(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``x * gate``, into ``out`` (which may be ``x``) if given."""
-        return torch.mul(self._view(x), self.factor, out=None if out is None else self._view(out)).view(x.shape)
-
-    def multiply_add(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``base + x * gate``, updating a fresh full-size ``base`` in place."""
-        if base.shape != x.shape or base.stride() != x.stride():
-            return base + self.multiply(x)
-        self._view(base).addcmul_(self._view(x), self.factor)
-        return base
-
-    def gate_grad(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Gradient of ``sum(grad_out * x * resize(gate))`` for the gate, the products a few samples at a time."""
-        gate = self.gate
-        if gate.shape[-2:] == (1, 1):
-            return map_dot(grad_out, x, gate.dtype).view(gate.shape)
-        return per_chunk(lambda part, part_x: self._gate_grad(part * part_x, (len(part), *gate.shape[1:])), grad_out, x)
-
-    def _gate_grad(self, product: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        if self.block is not None and self.block > 2:  # long runs: summing a view beats the generic kernel
-            return self._view(product).sum(3, dtype=self.gate.dtype).unflatten(3, (shape[-1], -1)).sum(4)
-        return torch.ops.aten.upsample_nearest2d_backward(product.to(self.gate.dtype), self.size, shape, None, None)
 
 
 class _Unit:
