@@ -27,9 +27,9 @@ class GateBroadcast:
         kh, kw = big_h // h, big_w // w
         gate = gate.to(x.dtype)
         blocks = (h, w) != (1, 1) and (kh * h, kw * w) == self.size and not (kh & kh - 1 or kw & kw - 1)
-        if blocks and x.is_contiguous():
-            self.blocks, self.factor = (kh, 1), gate.repeat_interleave(kw, dim=-1).unsqueeze(3)
-        elif blocks and x.is_contiguous(memory_format=torch.channels_last):
+        if blocks and x.is_contiguous():  # H split into blocks by a view, W repeated in the factor
+            self.blocks, self.factor = (kh, kw), gate.repeat_interleave(kw, dim=-1).unsqueeze(3)
+        elif blocks and x.is_contiguous(memory_format=torch.channels_last):  # H and W split, C innermost
             self.blocks, self.nhwc = (kh, kw), True
             self.factor = gate.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)[:, :, None, :, None]
         elif (h, w) in ((1, 1), self.size):
@@ -75,5 +75,5 @@ class GateBroadcast:
         if self.nhwc:  # the mean of a power-of-two block, times its size: exact, and fast on channels-last
             return F.avg_pool2d(product, (kh, kw)) * (kh * kw)
         if kh > 2:  # long NCHW runs: summing a view beats the generic kernel
-            return self._view(product).sum(3).unflatten(3, (shape[-1], -1)).sum(4)
+            return self._view(product).sum(3).unflatten(3, (shape[-1], kw)).sum(4)
         return torch.ops.aten.upsample_nearest2d_backward(product, self.size, shape, None, None)
