@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,18 @@ def test_link_target_and_unknown_recipe_are_one_line(capsys: pytest.CaptureFixtu
     assert train_cli.main(["--config", "imagenett"]) == 2
     error = capsys.readouterr().err
     assert "--config imagenett: no such file, base recipe or paper row" in error and "--list-recipes" in error
+
+
+def test_an_error_without_a_config_is_one_line_and_the_seed_defaults_to_0(capsys: pytest.CaptureFixture[str]) -> None:
+    """No recipe, no seed: seed 0 (what Lightning picks), without its "No seed found" warning before the error."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert train_cli.main(["--model.arch", "nope"]) == 2
+    assert [str(w.message) for w in caught if "seed" in str(w.message).lower()] == []
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == ["gex train: error: arch='nope' is not a registered model; gather_excite.list_models() names all"]
+    assert train_cli.main(["--model.arch", "cifar_resnet20", "--print_config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["seed_everything"] == 0
 
 
 def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

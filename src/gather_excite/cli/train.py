@@ -257,6 +257,7 @@ def _parse(
             subclass_mode_model=False,
             subclass_mode_data=False,
             auto_configure_optimizers=False,
+            seed_everything_default=0,  # a recipe's seed_everything overrides it; Lightning's default warns
             save_config_callback=_SaveConfigAfterRestore,
             save_config_kwargs={"overwrite": True},
             # exit_on_error=False: what jsonargparse rejects raises (GexCLI.parse_arguments words it as one line).
