@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from gather_excite.cli import evaluate as eval_cli
 from gather_excite.cli import train as train_cli
 from gather_excite.data import cifar_dataset
 from gather_excite.engine import ClassificationModule, load_model, write_eval_json
-from gather_excite.errors import DataError, GexError, UnsafeFileError
+from gather_excite.errors import CheckpointError, DataError, GexError, UnsafeFileError
 from test_data import write_cifar10, write_fashion_idx, write_image_folder
 from test_train import TINY_FASHION_MODEL, write_config
 
@@ -195,6 +196,47 @@ def test_checkpoint_errors_say_what_the_file_is(tmp_path: Path, capsys: pytest.C
     torch.save({**_fake_checkpoint(), "extra": _Payload(marker)}, unsafe)
     assert eval_cli.main([str(unsafe), "--accelerator", "cpu"]) == 2
     assert f"checkpoint {str(unsafe)!r} was refused as unsafe" in _error_line(capsys, "gex eval")
+    assert not marker.exists()
+
+
+# What each file holds, and what reading it reports: bytes that torch.save never writes are a bad file
+# (the legacy unpickler meets them as KeyError, EOFError, an unknown opcode ...), not a traceback;
+# only a global outside the weights-only allowlist is "unsafe".
+_NOT_TORCH_FILES = {
+    "junk.ckpt": (b"junk\n", "is incomplete or corrupt"),  # 'j' reads as a memo lookup: KeyError
+    "empty.ckpt": (b"", "is incomplete or corrupt"),  # EOFError
+    "text.ckpt": (b"x = 1\n", "not a torch.save file (Unsupported operand 120)"),  # 'x' is no pickle opcode
+    "plain.pkl": (pickle.dumps({"a": 1}, protocol=4), "not a torch.save file (Unsupported operand 149)"),  # FRAME
+}
+
+
+@pytest.mark.parametrize("name", sorted(_NOT_TORCH_FILES))
+def test_a_file_torch_save_did_not_write_is_one_line_from_every_reader(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gather_excite.cli import detect as detect_cli
+
+    content, expected = _NOT_TORCH_FILES[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert eval_cli.main([str(path), "--accelerator", "cpu"]) == 2
+    line = _error_line(capsys, "gex eval")
+    assert line.startswith(f"gex eval: error: checkpoint {str(path)!r} ") and expected in line, line
+    assert detect_cli.main(["eval", str(path), "--accelerator", "cpu"]) == 2
+    assert expected in _error_line(capsys, "gex detect eval")
+    with pytest.raises(CheckpointError, match=f"pretrained={str(path)!r}.*{re.escape(expected)}") as caught:
+        create_model("cifar_resnet20", pretrained=path, width=4)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_unsafe_global_is_named_and_nothing_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "pwned"
+    for path in (tmp_path / "zip.ckpt", tmp_path / "legacy.ckpt"):  # torch.save's zip and legacy formats
+        torch.save({"x": _Payload(marker)}, path, _use_new_zipfile_serialization=path.stem == "zip")
+        assert eval_cli.main([str(path), "--accelerator", "cpu"]) == 2
+        line = _error_line(capsys, "gex eval")
+        assert f"checkpoint {str(path)!r} was refused as unsafe" in line
+        assert "(Unsupported global: GLOBAL exec was not an allowed global by default)" in line
     assert not marker.exists()
 
 

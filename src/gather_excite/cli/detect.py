@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import pickle
 import sys
 import time
 from dataclasses import fields
@@ -18,7 +17,7 @@ from typing import Any
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from ..errors import CheckpointError, CheckpointNotFoundError, GexError, UnsafeFileError, one_line
+from ..errors import CheckpointError, CheckpointNotFoundError, GexError, one_line
 from ._evaluation import add_evaluation_arguments, check_output_file, data_overrides, output_path
 
 __all__ = ["main"]
@@ -131,22 +130,13 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 def load_detector(checkpoint: str | Path, data: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """The :class:`DetectionModule` of ``checkpoint`` (eval mode) and its datamodule; refuses a classifier's."""
-    import torch
-
     from ..detection import CocoDetectionData, DetectionModule, is_detector_checkpoint
+    from ..serialization import load_torch_file
 
     path = Path(checkpoint)
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        raise UnsafeFileError(
-            f"checkpoint {str(path)!r} was refused as unsafe: it holds pickled Python objects that a weights-only "
-            f"load does not build ({one_line(err)[:200]}); it was not loaded"
-        ) from None
-    except (RuntimeError, EOFError) as err:
-        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete or corrupt: {one_line(err)[:200]}") from None
+    saved = load_torch_file(path, f"checkpoint {str(path)!r}", mmap=True)
     if not isinstance(saved, dict) or not is_detector_checkpoint(saved):
         kind = (
             "a classifier checkpoint (gex train; evaluate it with gex eval)"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from ..errors import CheckpointError, CheckpointNotFoundError, UnsafeFileError
+from ..errors import CheckpointError, CheckpointNotFoundError
+from ..serialization import load_torch_file
 
 __all__ = ["LAST_CHECKPOINT", "AtomicCheckpointIO", "atomic_torch_save", "checkpoint_callbacks", "read_checkpoint"]
 
@@ -58,21 +58,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch's weights-only unpickler met a global it does not allow (a pickled object or callable).
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise UnsafeFileError(
-            f"checkpoint {str(path)!r} was refused as unsafe: it holds pickled Python objects that a weights-only "
-            f"load does not build, and loading it fully could run code ({reason}); it was not loaded"
-        ) from None
-    except (RuntimeError, EOFError) as err:
-        # A zip archive without its central directory, or an empty file: the write never finished.
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is incomplete or corrupt (truncated while written or copied?): "
-            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
-        ) from None
+    checkpoint = load_torch_file(path, f"checkpoint {str(path)!r}", map_location=map_location)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if isinstance(hparams, dict) and "arch" not in hparams and {"backbone", "layout"} <= set(hparams):
         raise CheckpointError(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import re
 import urllib.error
 import urllib.parse
@@ -23,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeFileError, one_line
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, one_line
+from ..serialization import load_torch_file
 
 __all__ = [
     "CLASSIFIER",
@@ -95,17 +95,7 @@ def _checkpoint_config(saved: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_torch_file(path: Path, source: str) -> Weights:
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UnsafeFileError(
-            f"pretrained={source!r}: refused, the file holds Python objects that torch.load(weights_only=True) "
-            f"will not unpickle ({first})"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"pretrained={source!r}: not a readable torch file ({first})") from None
+    saved = load_torch_file(path, f"pretrained={source!r}")
     config: dict[str, Any] = {}
     if (
         isinstance(saved, dict)

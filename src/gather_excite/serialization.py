@@ -1,0 +1,58 @@
+"""Reading a ``torch.save`` file a user was handed: ``torch.load(weights_only=True)`` only, and each way it
+fails as one :class:`~gather_excite.errors.GexError` line that names the file (checkpoints, ``pretrained=``
+weights, detector checkpoints all come through here)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, UnsafeFileError, one_line
+
+__all__ = ["load_torch_file"]
+
+
+def _unpickler_reason(error: pickle.UnpicklingError) -> str:
+    """The weights-only unpickler's own reason, without PyTorch's advice around it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[1].strip() or " ".join(lines[index + 1 : index + 2])
+            return reason.split(". Please use", 1)[0]
+    return one_line(error)[:200] or type(error).__name__
+
+
+def load_torch_file(
+    path: str | os.PathLike[str], what: str, *, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain Python values, nothing imported or called.
+
+    ``what`` names the file in the errors (e.g. ``"checkpoint 'last.ckpt'"``). Raises
+    :class:`~gather_excite.errors.UnsafeFileError` when the file names a global outside the weights-only
+    allowlist (a pickled object or callable, which a full load would build or call) and
+    :class:`~gather_excite.errors.CheckpointError` when it is truncated, corrupt or not a ``torch.save``
+    file at all (whatever the unpickler met: ``EOFError``, ``KeyError``, ``RuntimeError``, ...).
+    """
+    try:
+        # mmap reads only torch.save's zip format; any other file is read (and reported on) as a whole
+        mmap = mmap and zipfile.is_zipfile(path)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        reason = _unpickler_reason(err)
+        if reason.startswith("Unsupported global"):
+            raise UnsafeFileError(
+                f"{what} was refused as unsafe: it holds pickled Python objects that a weights-only load does not "
+                f"build, and loading it fully could run code ({reason}); it was not loaded"
+            ) from None
+        raise CheckpointError(f"{what} is incomplete or corrupt, or not a torch.save file ({reason})") from None
+    except OSError as err:
+        raise CheckpointError(f"{what} cannot be read ({err.strerror or one_line(err)})") from None
+    except Exception as err:  # any failure to parse the bytes means a bad file: one line, not a traceback
+        detail = f"{type(err).__name__}: {one_line(err)[:200]}" if one_line(err) else type(err).__name__
+        raise CheckpointError(
+            f"{what} is incomplete or corrupt (truncated while written or copied?), or not a torch.save file ({detail})"
+        ) from None
