@@ -505,8 +505,19 @@ def test_gex_analyze_commands_write_png_and_json(tmp_path, capsys):
     assert gex(["analyze", "plot", str(out / "prune.json"), "--png", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").stat().st_size > 10_000
     # A baseline has no excite gate to rank channels by: a clear error, exit status 2.
-    assert gex(["analyze", "prune", str(base), *common]) == 2
+    assert gex(["analyze", "prune", str(base), *common, "--name", "prune_base"]) == 2
     assert "excite gates" in capsys.readouterr().err
+    # An earlier result is not replaced without --overwrite (checked before the analysis runs);
+    # plot re-draws the PNG beside a report (its own drawing) but refuses another existing file.
+    before = (out / "curves.json").read_bytes()
+    assert gex(["analyze", "curves", str(run), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert f"--out {out / 'curves.json'}: the file exists (an earlier result); pass --overwrite" in error
+    assert (out / "curves.json").read_bytes() == before and not (out / "prune_base.json").exists()
+    assert gex(["analyze", "curves", str(run), "--out", str(out), "--overwrite"]) == 0
+    assert gex(["analyze", "plot", str(out / "prune.json")]) == 0
+    assert gex(["analyze", "plot", str(out / "prune.json"), "--png", str(tmp_path / "again.png")]) == 2
+    assert gex(["analyze", "plot", str(out / "prune.json"), "--png", str(tmp_path / "again.png"), "--overwrite"]) == 0
 
 
 def test_remove_branch_zeroes_the_branch_with_gradients_on(ge_model, data):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -330,6 +332,44 @@ def _hand_made_checkpoint(path: Path, data_root: Path) -> Path:
         path,
     )
     return path
+
+
+def test_no_command_writes_over_an_earlier_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An output that exists is refused in one line before any work, --overwrite replaces it, and gex
+    eval's default file steps to eval-2.json beside the eval.json that gex train wrote."""
+    from gather_excite.cli import detect as detect_cli
+    from gather_excite.cli import export as export_cli
+
+    checkpoint = _hand_made_checkpoint(tmp_path / "last.ckpt", write_fashion_idx(tmp_path / "data", train=8, test=8))
+    earlier = tmp_path / "eval.json"
+    earlier.write_text('{"top1_err": 12.5}\n')
+    assert eval_cli.main([str(checkpoint), "--accelerator", "cpu"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"-> {tmp_path / 'eval-2.json'}")
+    assert json.loads((tmp_path / "eval-2.json").read_text())["num_images"] == 8
+    assert eval_cli.main([str(checkpoint), "--accelerator", "cpu", "--out", str(earlier)]) == 2
+    refused = f"--out {earlier}: the file exists (an earlier result); pass --overwrite to replace it"
+    assert _error_line(capsys, "gex eval") == f"gex eval: error: {refused}"
+    assert earlier.read_text() == '{"top1_err": 12.5}\n'
+    assert eval_cli.main([str(checkpoint), "--accelerator", "cpu", "--out", str(earlier), "--overwrite"]) == 0
+    assert json.loads(earlier.read_text())["num_images"] == 8
+
+    graph = tmp_path / "model.pt2"
+    graph.write_text("an earlier export")
+    export = ["cifar_resnet20", "--format", "pt2", "--out", str(graph), "--image-size", "28"]
+    assert export_cli.main(export) == 2
+    assert f"--out {graph}: the file exists" in _error_line(capsys, "gex export")
+    assert graph.read_text() == "an earlier export"
+    assert export_cli.main([*export, "--overwrite"]) == 0 and zipfile.is_zipfile(graph)  # torch.export.save's zip
+    capsys.readouterr()
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert export_cli.main([str(checkpoint), "--format", "safetensors", "--out", str(folder)]) == 2
+    assert f"--out {folder}: the folder holds files (an earlier result)" in _error_line(capsys, "gex export")
+    assert detect_cli.main(["data", "--out", str(folder)]) == 2
+    assert f"--out {folder}: the folder holds files" in _error_line(capsys, "gex detect data")
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
 
 
 def test_eval_and_analyze_errors_are_one_line_with_their_own_flags(

@@ -23,6 +23,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from ..errors import ConfigError, DataNotFoundError, GexError, one_line
+from ._outputs import add_overwrite_argument, check_output_file
 
 __all__ = ["main"]
 
@@ -42,6 +43,7 @@ def _add_output_flags(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--out", default="analysis", help="output folder (default ./analysis)")
     parser.add_argument("--name", default=name, help=f"file stem of the PNG and JSON (default {name})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_overwrite_argument(parser)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
     plot = commands.add_parser("plot", help="re-draw a figure from a JSON report that gex analyze wrote")
     plot.add_argument("report", help="a <name>.json written by gex analyze")
-    plot.add_argument("--png", default=None, help="PNG to write (default: beside the JSON)")
+    plot.add_argument("--png", default=None, help="PNG to write (default: beside the JSON, replacing its drawing)")
+    add_overwrite_argument(plot)
     return parser
 
 
@@ -265,9 +268,13 @@ def main(argv: list[str] | None = None) -> int:
                 if report["analysis"] not in PLOTS:
                     raise ConfigError(f"report analysis must be one of {sorted(PLOTS)}, got {report['analysis']!r}")
                 png = Path(args.png) if args.png else Path(args.report).with_suffix(".png")
+                # The PNG beside a report is that report's own drawing (write_report draws it from the JSON).
+                check_output_file(png, "--png", overwrite=args.overwrite or args.png is None)
                 PLOTS[report["analysis"]](report).savefig(png, dpi=120)
                 print(f"-> {png}")
                 return 0
+            for suffix in (".json", ".png"):  # before the analysis, which can take hours
+                check_output_file(Path(args.out) / f"{args.name}{suffix}", overwrite=args.overwrite)
             run = {"selectivity": _selectivity, "prune": _prune, "curves": _curves}[args.command]
             report, plot = run(args)
             png, json_path = write_report(report, plot, out_dir=args.out, name=args.name)

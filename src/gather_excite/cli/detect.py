@@ -18,7 +18,8 @@ from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from ..errors import CheckpointError, CheckpointNotFoundError, GexError, one_line
-from ._evaluation import add_evaluation_arguments, check_output_file, data_overrides, output_path
+from ._evaluation import add_evaluation_arguments, checked_output_path, data_overrides
+from ._outputs import add_overwrite_argument, check_output_folder
 
 __all__ = ["main"]
 
@@ -171,9 +172,8 @@ def _eval(argv: list[str]) -> int:
     from ..engine import evaluation_trainer, write_eval_json
 
     args = _eval_parser().parse_args(argv)
-    out = output_path(args)
     try:
-        check_output_file(out)  # as gex eval: before the evaluation, not after it
+        out = checked_output_path(args)  # as gex eval: before the evaluation, not after it
         module, datamodule = load_detector(args.checkpoint, data_overrides(args))
         trainer = evaluation_trainer(args.accelerator)
         result = evaluate_detector(module, datamodule, trainer=trainer, checkpoint=str(args.checkpoint))
@@ -215,6 +215,7 @@ def _data_parser() -> argparse.ArgumentParser:
         help="largest intersection of two items' boxes over the smaller box",
     )
     parser.add_argument("--seed", type=int, default=spec.seed, help="random seed")
+    add_overwrite_argument(parser)
     return parser
 
 
@@ -223,6 +224,7 @@ def _data(argv: list[str]) -> int:
 
     args = _data_parser().parse_args(argv)
     try:
+        check_output_folder(args.out, overwrite=args.overwrite)
         # Each CanvasSpec field is the option of the same name (_data_parser takes its defaults from the spec).
         spec = CanvasSpec(**{field.name: getattr(args, field.name) for field in fields(CanvasSpec)})
         paths = make_fashion_mnist_detection(args.out, spec, root=args.data_root, download=args.download)

@@ -10,9 +10,9 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from ..engine import evaluate, evaluation_trainer, load_for_evaluation, write_eval_json
 from ..errors import DataNotFoundError, GexError, one_line
-from ._evaluation import add_evaluation_arguments, check_output_file, data_overrides, output_path
+from ._evaluation import add_evaluation_arguments, checked_output_path, data_overrides
 
-__all__ = ["check_output_file", "main"]
+__all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,10 +33,9 @@ _DATA_HINT = " [gex eval: pass --data-root with the folder of the checkpoint's d
 def main(argv: list[str] | None = None) -> int:
     """Evaluate, print the errors and write the JSON file."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    out = output_path(args)
     try:
         # The output is checked before the evaluation, which can take hours on ImageNet.
-        check_output_file(out)
+        out = checked_output_path(args)
         module, datamodule = load_for_evaluation(args.checkpoint, data=data_overrides(args))
         trainer = evaluation_trainer(args.accelerator, precision=args.precision)
         result = evaluate(module, datamodule, trainer=trainer, checkpoint=str(args.checkpoint))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, GexError, one_line
+from ._outputs import add_overwrite_argument, check_output_file, check_output_folder
 
 if TYPE_CHECKING:
     from torch import nn
@@ -52,6 +53,7 @@ def _export_safetensors(args: argparse.Namespace) -> str:
 
     if args.out is None:
         raise ConfigError("--out is required: the folder to write model.safetensors, config.json and README.md into")
+    check_output_folder(args.out, overwrite=args.overwrite)
     out = export_pretrained(args.checkpoint, args.out, eval_results=_eval_figures(args), repo_id=args.push_to_hub)
     message = (
         f"wrote {out}/model.safetensors, config.json, README.md (load: create_model(..., pretrained={str(out)!r}))"
@@ -73,6 +75,7 @@ def _network(args: argparse.Namespace) -> nn.Module:
     out = Path(args.out)
     if not out.parent.is_dir():
         raise ConfigError(f"--out {args.out}: the folder {str(out.parent)!r} does not exist")
+    check_output_file(out, overwrite=args.overwrite)
     kwargs: dict[str, object] = {}
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
@@ -155,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--format", required=True, choices=sorted(EXPORTERS), help="what to write")
     parser.add_argument("--out", default=None, help="where to write it (a folder for safetensors, a file otherwise)")
+    add_overwrite_argument(parser)
     hub = parser.add_argument_group("safetensors")
     hub.add_argument(
         "--eval-json", default=None, help="figures for the card (default: eval.json beside the checkpoint)"
