@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from gather_excite import create_model
 from gather_excite.cli import evaluate as eval_cli
@@ -254,6 +255,50 @@ def test_a_checkpoint_never_names_code_to_import(tmp_path: Path) -> None:
     loaded = load_model(path)
     assert type(loaded) is ClassificationModule and loaded.hparams["arch"] == "cifar_resnet20"
     assert torch.equal(loaded.net.fc.weight, module.net.fc.weight)
+
+
+def _with_trainer(config: Path, trainer: dict[str, object], path: Path) -> Path:
+    recipe = yaml.safe_load(config.read_text())
+    recipe["trainer"].update(trainer)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_config_names_only_allowlisted_classes_and_no_function(
+    tmp_path: Path, tiny_config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = tmp_path / "pwned"
+    # A handed folder with a module beside the config, importable here: importing it would run code.
+    (tmp_path / "handed_callbacks.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nimport lightning\nclass Cb(lightning.pytorch.Callback):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    outside = [{"class_path": "handed_callbacks.Cb"}]
+    config = _with_trainer(tiny_config, {"callbacks": outside}, tmp_path / "outside.yaml")
+    assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert _error_line(capsys, "gex train") == (
+        f"gex train: error: --config {config}: trainer.callbacks[0].class_path = 'handed_callbacks.Cb' names a "
+        "class outside lightning, torch, gather_excite; refused before importing it (a config a user was handed "
+        "must not run code: build such a Trainer in Python)"
+    )
+    # A function by its import path (an allowlisted class's callable argument): refused before the hook runs.
+    (tmp_path / "handed_hooks.py").write_text(f"def touch(*args):\n    open({str(marker)!r}, 'w').close()\n")
+    lambda_callback = "lightning.pytorch.callbacks.LambdaCallback"
+    hook = [{"class_path": lambda_callback, "init_args": {"on_fit_start": "handed_hooks.touch"}}]
+    config = _with_trainer(tiny_config, {"callbacks": hook}, tmp_path / "hook.yaml")
+    assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    line = _error_line(capsys, "gex train")
+    assert "trainer.callbacks[0].init_args.on_fit_start = handed_hooks.touch is a function or class" in line
+    assert not marker.exists() and not (tmp_path / "run").exists()
+    # Lightning's classes, by full or short name, are built as before.
+    # (They reach the Trainer beside the run's own callbacks and checkpoint plugin.)
+    allowed = [{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}, {"class_path": "ModelSummary"}]
+    double = {"class_path": "lightning.pytorch.plugins.precision.DoublePrecision"}
+    config = _with_trainer(tiny_config, {"callbacks": allowed, "plugins": [double]}, tmp_path / "allowed.yaml")
+    trainer = train_cli._parse(["--config", str(config), "--out", str(tmp_path / "run")]).trainer
+    assert {"LearningRateMonitor", "ModelSummary", "ModelCheckpoint"} <= {type(c).__name__ for c in trainer.callbacks}
+    assert type(trainer.precision_plugin).__name__ == "DoublePrecision"
+    assert type(trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
 
 
 # ---------------------------------------------------------------- nothing a user made is lost

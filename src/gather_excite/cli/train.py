@@ -30,6 +30,7 @@ from ..engine import (
     write_eval_json,
 )
 from ..errors import CheckpointError, ConfigError, DataNotFoundError, GexError, RunExistsError, one_line
+from ._config_guard import check_config_file, check_parsed_config
 
 __all__ = ["GexCLI", "main"]
 
@@ -44,6 +45,7 @@ class RecipeConfigFile(ActionConfigFile):
     def __call__(self, parser: Any, cfg: Any, values: Any, option_string: str | None = None) -> None:
         value = str(values)
         if Path(value).expanduser().is_file():
+            check_config_file(value)  # before jsonargparse imports what it names
             return super().__call__(parser, cfg, values, option_string)
         recipe = RECIPES.get(value.removesuffix(".yaml"))
         base = base_path(recipe.base if recipe is not None else value)
@@ -159,9 +161,15 @@ class GexCLI(LightningCLI):
         except ArgumentError as err:
             raise ConfigError(_explain(err, parser, list(args or []))) from None
 
+    def before_instantiate_classes(self) -> None:
+        check_parsed_config(self.config)  # the file's and the command line's, before anything is built
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         out = Path(self.config["out"])
-        callbacks = list(kwargs.pop("callbacks", None) or [])
+        # The config's own callbacks and plugins (built from trainer.callbacks/plugins) come first:
+        # Lightning merges the trainer config with these kwargs, so passing ours alone would drop them.
+        configured = self.config_init.get("trainer") or {}
+        callbacks = _as_list(kwargs.pop("callbacks", None) or configured.get("callbacks"))
         callbacks += [
             *checkpoint_callbacks(
                 out / "checkpoints",
@@ -177,10 +185,13 @@ class GexCLI(LightningCLI):
                 TensorBoardLogger(str(out), name="", version="tensorboard", default_hp_metric=False),
                 ResumableCSVLogger(str(out), name="", version="csv"),
             ]
-        plugins = kwargs.pop("plugins", None) or []
-        plugins = [plugins] if not isinstance(plugins, list) else list(plugins)
+        plugins = _as_list(kwargs.pop("plugins", None) or configured.get("plugins"))
         plugins.append(AtomicCheckpointIO())
         return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
 
 
 def _run_files(out: Path) -> list[Path]:
