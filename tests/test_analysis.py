@@ -515,6 +515,8 @@ def test_gex_analyze_commands_write_png_and_json(tmp_path, capsys):
     assert f"--out {out / 'curves.json'}: the file exists (an earlier result); pass --overwrite" in error
     assert (out / "curves.json").read_bytes() == before and not (out / "prune_base.json").exists()
     assert gex(["analyze", "curves", str(run), "--out", str(out), "--overwrite"]) == 0
+    assert gex(["analyze", "curves", str(run), "--out", str(out), "--name", "sub/curves"]) == 2
+    assert "--name must be a plain file stem (no folder), got 'sub/curves'" in capsys.readouterr().err
     assert gex(["analyze", "plot", str(out / "prune.json")]) == 0
     assert gex(["analyze", "plot", str(out / "prune.json"), "--png", str(tmp_path / "again.png")]) == 2
     assert gex(["analyze", "plot", str(out / "prune.json"), "--png", str(tmp_path / "again.png"), "--overwrite"]) == 0

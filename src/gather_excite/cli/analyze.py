@@ -273,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
                 PLOTS[report["analysis"]](report).savefig(png, dpi=120)
                 print(f"-> {png}")
                 return 0
-            for suffix in (".json", ".png"):  # before the analysis, which can take hours
+            # The name and the outputs are checked before the analysis, which can take hours.
+            if not args.name or Path(args.name).name != args.name:
+                raise ConfigError(f"--name must be a plain file stem (no folder), got {args.name!r}")
+            for suffix in (".json", ".png"):
                 check_output_file(Path(args.out) / f"{args.name}{suffix}", overwrite=args.overwrite)
             run = {"selectivity": _selectivity, "prune": _prune, "curves": _curves}[args.command]
             report, plot = run(args)
