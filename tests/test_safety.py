@@ -381,7 +381,7 @@ def _hand_made_checkpoint(path: Path, data_root: Path) -> Path:
 
 def test_no_command_writes_over_an_earlier_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An output that exists is refused in one line before any work, --overwrite replaces it, and gex
-    eval's default file steps to eval-2.json beside the eval.json that gex train wrote."""
+    eval's default file steps to eval-2.json beside an earlier evaluation's eval.json."""
     from gather_excite.cli import detect as detect_cli
     from gather_excite.cli import export as export_cli
 

@@ -40,7 +40,7 @@ def data_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def checked_output_path(args: argparse.Namespace) -> Path:
     """``--out`` (refused where a file is, unless ``--overwrite``), or the first free ``eval.json``,
-    ``eval-2.json``, ... in the checkpoint's folder: ``gex train`` wrote its own ``eval.json`` there."""
+    ``eval-2.json``, ... in the checkpoint's folder (where earlier evaluations of it are)."""
     out = Path(args.out) if args.out else next_free_path(Path(args.checkpoint).resolve().parent / "eval.json")
     check_output_file(out, overwrite=args.overwrite, kind="JSON file")
     return out

@@ -2,7 +2,7 @@
 
 An output file that exists, or an output folder that holds files, is refused in one line that
 names it; ``--overwrite`` replaces it. ``gex eval``'s default file (``eval.json`` beside the
-checkpoint, which ``gex train`` writes) steps to the next free name instead: ``eval-2.json``, ...
+checkpoint) steps to the next free name instead: ``eval-2.json``, ...
 Training runs and ``gex compare`` sweeps keep their own rule (``--resume``).
 """
 
