@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from gather_excite.cli import compare as compare_cli
+from gather_excite.cli import evaluate as eval_cli
 from gather_excite.compare import (
     SweepConfig,
     build_results,
@@ -255,9 +256,13 @@ def test_compare_cli_writes_table_results_curves_and_checkpoints(
         module = load_model(out / "runs" / variant["model"] / "seed1" / "last.ckpt")
         assert module.hparams["arch"] == variant["model"]
         assert variant["params"] == sum(p.numel() for p in module.net.parameters())
-        # The checkpoint holds the run's final weights: they reproduce its test error on the 20 images.
-        test = torch.load(out / "runs" / variant["model"] / "seed1" / "last.ckpt", weights_only=True)
-        assert test["global_step"] == 2 * 3
+        # The checkpoint holds the run's final weights and its data: gex eval, reading both from it,
+        # reproduces the sweep's test error on the 20 images.
+        checkpoint = out / "runs" / variant["model"] / "seed1" / "last.ckpt"
+        assert torch.load(checkpoint, weights_only=True)["global_step"] == 2 * 3
+        assert eval_cli.main([str(checkpoint), "--accelerator", "cpu", "--num-workers", "0"]) == 0
+        evaluated = json.loads((checkpoint.parent / "eval.json").read_text())
+        assert evaluated["num_images"] == 20 and evaluated["top1_err"] == pytest.approx(variant["test_top1_err"][1])
     assert "(mean ± SE, 2 seeds)" in printed and "| GE-θ+ | `ge_theta_plus_cifar_resnet20` |" in printed
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A second sweep into the same folder is refused before any work (issue 10).

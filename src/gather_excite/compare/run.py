@@ -197,8 +197,9 @@ def _head(split: TensorSplit, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return split.images[:size], split.labels[:size]
 
 
-def lightning_checkpoint(record: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """A checkpoint ``gex eval``/``gex analyze``/``load_model`` read as a ``ClassificationModule`` one."""
+def lightning_checkpoint(record: dict[str, Any], state_dict: dict[str, torch.Tensor], data_root: str) -> dict[str, Any]:
+    """A checkpoint ``gex eval``/``gex analyze``/``load_model`` read as a ``ClassificationModule`` one, with
+    the data it was trained on (Fashion-MNIST in ``data_root``), as ``gex train`` records it."""
     import lightning as L
 
     spec = record["spec"]
@@ -217,6 +218,7 @@ def lightning_checkpoint(record: dict[str, Any], state_dict: dict[str, torch.Ten
     return {
         "state_dict": {f"net.{key}": value for key, value in state_dict.items()},
         "hyper_parameters": hyper_parameters,
+        "datamodule_hyper_parameters": {"dataset": "fashion_mnist", "root": str(data_root)},
         "epoch": spec["epochs"] - 1,
         "global_step": record["steps"],
         "pytorch-lightning_version": L.__version__,

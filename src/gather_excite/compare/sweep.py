@@ -220,7 +220,7 @@ def execute_run(config: SweepConfig, spec: RunSpec, out: Path, threads: int) -> 
         torch.set_num_threads(previous)
     folder = run_dir(out, spec)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(lightning_checkpoint(outcome.record, outcome.state_dict), folder / "last.ckpt")
+    atomic_torch_save(lightning_checkpoint(outcome.record, outcome.state_dict, config.data_root), folder / "last.ckpt")
     _write_json_atomic(outcome.record, folder / "run.json")
     return outcome.record
 
