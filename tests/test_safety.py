@@ -294,11 +294,17 @@ def test_a_config_names_only_allowlisted_classes_and_no_function(
     # (They reach the Trainer beside the run's own callbacks and checkpoint plugin.)
     allowed = [{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}, {"class_path": "ModelSummary"}]
     double = {"class_path": "lightning.pytorch.plugins.precision.DoublePrecision"}
-    config = _with_trainer(tiny_config, {"callbacks": allowed, "plugins": [double]}, tmp_path / "allowed.yaml")
+    csv = {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "mine")}}
+    trainer_config = {"callbacks": allowed, "plugins": [double], "logger": csv}
+    config = _with_trainer(tiny_config, trainer_config, tmp_path / "allowed.yaml")
     trainer = train_cli._parse(["--config", str(config), "--out", str(tmp_path / "run")]).trainer
     assert {"LearningRateMonitor", "ModelSummary", "ModelCheckpoint"} <= {type(c).__name__ for c in trainer.callbacks}
     assert type(trainer.precision_plugin).__name__ == "DoublePrecision"
     assert type(trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
+    assert [(type(log).__name__, log.save_dir) for log in trainer.loggers] == [("CSVLogger", str(tmp_path / "mine"))]
+    # No logger named: the run's own TensorBoard and CSV logs in --out.
+    trainer = train_cli._parse(["--config", str(tiny_config), "--out", str(tmp_path / "run")]).trainer
+    assert [type(log).__name__ for log in trainer.loggers] == ["TensorBoardLogger", "ResumableCSVLogger"]
 
 
 # ---------------------------------------------------------------- nothing a user made is lost

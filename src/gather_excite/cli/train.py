@@ -166,7 +166,7 @@ class GexCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         out = Path(self.config["out"])
-        # The config's own callbacks and plugins (built from trainer.callbacks/plugins) come first:
+        # The config's own callbacks, plugins and logger (trainer.callbacks/plugins/logger) are kept:
         # Lightning merges the trainer config with these kwargs, so passing ours alone would drop them.
         configured = self.config_init.get("trainer") or {}
         callbacks = _as_list(kwargs.pop("callbacks", None) or configured.get("callbacks"))
@@ -180,7 +180,7 @@ class GexCLI(LightningCLI):
             TrainSpeed(),
             DiscardRedoneRows(),
         ]
-        if kwargs.get("logger") in (None, True):
+        if kwargs.get("logger", configured.get("logger")) in (None, True):  # no logger named: the run's own
             kwargs["logger"] = [
                 TensorBoardLogger(str(out), name="", version="tensorboard", default_hp_metric=False),
                 ResumableCSVLogger(str(out), name="", version="csv"),
