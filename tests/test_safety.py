@@ -243,6 +243,43 @@ def test_an_unsafe_global_is_named_and_nothing_runs(tmp_path: Path, capsys: pyte
     assert not marker.exists()
 
 
+def test_a_json_file_that_is_not_json_is_one_line_from_every_reader(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import save_file
+
+    from gather_excite.cli import analyze as analyze_cli
+    from gather_excite.cli import compare as compare_cli
+    from gather_excite.cli import export as export_cli
+
+    broken = b'{"analysis": "prune", "ratios": [0.0, 0.25'  # a report cut off while copied
+    report = tmp_path / "prune.json"
+    report.write_bytes(broken)
+    assert analyze_cli.main(["plot", str(report)]) == 2
+    line = _error_line(capsys, "gex analyze plot")
+    assert line.startswith(f"gex analyze plot: error: report {str(report)!r} is not a JSON file (")
+    assert not report.with_suffix(".png").exists()
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_bytes(b"\xff\xfe not text")
+    assert compare_cli.main(["--out", str(sweep), "--resume"]) == 2
+    assert f"--out {str(sweep)!r}: its sweep.json is not a JSON file" in _error_line(capsys, "gex compare")
+
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    save_file(create_model("cifar_resnet20", width=4).state_dict(), folder / "model.safetensors")
+    (folder / "config.json").write_bytes(broken)
+    with pytest.raises(DataError, match=rf"pretrained={re.escape(repr(str(folder)))}: config.json is not a JSON file"):
+        create_model("cifar_resnet20", pretrained=folder, width=4)
+
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save(_fake_checkpoint(), checkpoint)
+    out = ["--format", "safetensors", "--out", str(tmp_path / "o"), "--eval-json", str(report)]
+    assert export_cli.main([str(checkpoint), *out]) == 2
+    assert f"--eval-json {str(report)!r} is not a JSON file" in _error_line(capsys, "gex export")
+
+
 def test_a_checkpoint_never_names_code_to_import(tmp_path: Path) -> None:
     # LightningCLI saves `_class_path`/`_instantiator` beside the arguments; they are never imported.
     module = ClassificationModule("cifar_resnet20", arch_kwargs={"width": 4})

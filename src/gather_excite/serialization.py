@@ -1,19 +1,30 @@
-"""Reading a ``torch.save`` file a user was handed: ``torch.load(weights_only=True)`` only, and each way it
-fails as one :class:`~gather_excite.errors.GexError` line that names the file (checkpoints, ``pretrained=``
-weights, detector checkpoints all come through here)."""
+"""Reading files a user was handed, each way they fail as one :class:`~gather_excite.errors.GexError` line
+that names the file: ``torch.save`` files with ``torch.load(weights_only=True)`` only (checkpoints,
+``pretrained=`` weights, detector checkpoints) and JSON files (reports, configs, sweep records)."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import CheckpointError, UnsafeFileError, one_line
+from .errors import CheckpointError, DataError, UnsafeFileError, one_line
 
-__all__ = ["load_torch_file"]
+__all__ = ["load_json_file", "load_torch_file"]
+
+
+def load_json_file(path: str | os.PathLike[str], what: str) -> Any:
+    """The JSON value in ``path``; :class:`~gather_excite.errors.DataError` naming ``what`` when the
+    file is not UTF-8 JSON (truncated, or another kind of file)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{what} is not a JSON file ({one_line(err)})") from None
 
 
 def _unpickler_reason(error: pickle.UnpicklingError) -> str:

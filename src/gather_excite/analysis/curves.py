@@ -9,7 +9,6 @@ per variant its ``model``, ``test_top1_err`` per seed and per-epoch ``curves`` p
 from __future__ import annotations
 
 import csv
-import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..layers import ContextSpec
 from ..models import split_model_name
+from ..serialization import load_json_file
 from .plotting import new_figure
 
 __all__ = [
@@ -96,7 +96,7 @@ def read_run(path: str | Path, *, label: str | None = None) -> dict[str, Any]:
     info: dict[str, Any] = {"path": str(path), "label": label or (run.parent.name if run.name == "csv" else run.name)}
     evaluation = run / "eval.json"
     if evaluation.is_file():
-        result = json.loads(evaluation.read_text())
+        result = load_json_file(evaluation, f"{str(evaluation)!r}")
         info["model"], info["top1_err"] = result.get("model"), result.get("top1_err")
     if info.get("model") is None and path.is_dir():
         info["model"] = _checkpoint_model(run)
@@ -116,7 +116,7 @@ def _is_results_json(path: Path) -> bool:
 
 
 def _compare_variants(path: Path) -> list[dict[str, Any]]:
-    data = json.loads(path.read_text())
+    data = load_json_file(path, f"{str(path)!r}")
     entries = data.get("variants") if isinstance(data, dict) else data
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "model" in e for e in entries):
         raise ValueError(f"{str(path)!r} is not a gex compare results.json (a list of 'variants' with 'model')")

@@ -12,6 +12,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..serialization import load_json_file
+
 __all__ = ["load_report", "new_figure", "write_report"]
 
 
@@ -53,7 +55,7 @@ def load_report(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"report {str(path)!r} does not exist")
-    report = json.loads(path.read_text())
+    report = load_json_file(path, f"report {str(path)!r}")
     if not isinstance(report, dict) or "analysis" not in report:
         raise ValueError(f"{str(path)!r} is not an analysis report (no 'analysis' key)")
     return report

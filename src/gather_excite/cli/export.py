@@ -12,7 +12,6 @@ print) and, if it needs options, an ``add_<format>_arguments(parser)`` call in :
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from importlib.util import find_spec
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, GexError, one_line
+from ..serialization import load_json_file
 from ._outputs import add_overwrite_argument, check_output_file, check_output_folder
 
 if TYPE_CHECKING:
@@ -41,8 +41,7 @@ def _eval_figures(args: argparse.Namespace) -> dict[str, object]:
         if not found:
             return {}
         path = found[0]
-    with open(path) as handle:
-        figures = json.load(handle)
+    figures = load_json_file(path, f"--eval-json {str(path)!r}")
     if not isinstance(figures, dict):
         raise ConfigError(f"--eval-json {str(path)!r}: expected a JSON object (gex eval's output)")
     return figures

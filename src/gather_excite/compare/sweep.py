@@ -30,6 +30,7 @@ import torch
 from ..engine import atomic_torch_save
 from ..errors import ConfigError, RunExistsError
 from ..layers.context_spec import TABLE_VARIANTS, ContextSpec
+from ..serialization import load_json_file
 from .data import TensorSplit, load_fashion_mnist
 from .run import RunSpec, lightning_checkpoint, train_run
 
@@ -156,7 +157,7 @@ def check_folder(out: Path, config: SweepConfig, *, resume: bool) -> bool:
             )
         if not marker.is_file():
             raise RunExistsError(f"--out {str(out)!r} holds files but no sweep.json: not a gex compare sweep")
-        saved = json.loads(marker.read_text())
+        saved = load_json_file(marker, f"--out {str(out)!r}: its sweep.json")
         differences = [
             f"{key}: folder {saved.get('identity', {}).get(key)!r}, this command {value!r}"
             for key, value in config.identity().items()
@@ -186,7 +187,7 @@ def finished_records(out: Path, runs: Sequence[RunSpec]) -> dict[tuple[str, int]
     for spec in runs:
         path = run_dir(out, spec) / "run.json"
         if path.is_file():
-            record = json.loads(path.read_text())
+            record = load_json_file(path, f"run record {str(path)!r}")
             if record.get("spec") == spec.to_dict():
                 done[(spec.model, spec.seed)] = record
     return done

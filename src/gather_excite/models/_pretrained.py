@@ -9,7 +9,6 @@ with ``safetensors`` or ``torch.load(weights_only=True)`` only; nothing in them 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import urllib.error
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, one_line
-from ..serialization import load_torch_file
+from ..serialization import load_json_file, load_torch_file
 
 __all__ = [
     "CLASSIFIER",
@@ -140,8 +139,7 @@ def _read_folder(folder: Path, source: str) -> Weights:
         )
     weights = _read_file(weights_path, source)
     if config_path.is_file():
-        with open(config_path) as handle:
-            weights.config = json.load(handle)
+        weights.config = load_json_file(config_path, f"pretrained={source!r}: {CONFIG_FILE}")
     return weights
 
 
@@ -206,8 +204,7 @@ def _read_hub(spec: str) -> Weights:
     except HfHubHTTPError as err:  # no such repository or revision, or no access to it
         raise CheckpointNotFoundError(f"pretrained={spec!r}: {one_line(err)}") from None
     weights = _read_file(Path(weights_path), spec)
-    with open(config_path) as handle:
-        weights.config = json.load(handle)
+    weights.config = load_json_file(config_path, f"pretrained={spec!r}: {CONFIG_FILE}")
     return weights
 
 
