@@ -114,7 +114,7 @@ def test_global_kernel_resampling_is_in_the_dynamic_graph_and_folds_in_a_static_
         return sum("upsample_bilinear2d_aa" in str(node.target) for node in program.graph.nodes)
 
     assert (resizes(dynamic), resizes(static)) == (9, 0)
-    x = example_input(model)
+    x = example_input(model, batch=1)  # a static program is fixed to one image, as deployed
     with torch.no_grad():
         torch.testing.assert_close(static.module()(x), model(x), atol=TOLERANCE, rtol=0)
         torch.testing.assert_close(dynamic.module()(x), model(x), atol=TOLERANCE, rtol=0)
@@ -270,6 +270,64 @@ def test_gex_export_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, ca
     assert _gex(["export", *argv, "--format", "pt2", "--out", str(tmp_path / "m.pt2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("gex export: error:") and message in err[0]
+
+
+@pytest.mark.parametrize("fmt", ["pt2", pytest.param("onnx", marks=needs_onnx)])
+def test_a_static_export_takes_one_image_or_the_batch_asked_for(fmt, tmp_path, capsys):
+    """A static graph is fixed to its example's batch: it used to be 2, so the exported file refused the
+    one image a deployment feeds it."""
+    out = tmp_path / f"model.{fmt}"
+    argv = ["export", "cifar_resnet20", "--format", fmt, "--out", str(out), "--image-size", "28"]
+    assert _gex(argv) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"wrote {out} ({fmt}, static shapes, batch 1)"
+    assert _graph_batches(out, fmt, [1, 3]) == [True, False]
+    assert _gex([*argv, "--batch-size", "3", "--overwrite"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"wrote {out} ({fmt}, static shapes, batch 3)"
+    assert _graph_batches(out, fmt, [1, 3]) == [False, True]
+
+
+def _graph_batches(path, fmt, batches):
+    """Whether the exported graph at ``path`` runs a batch of each size (3x28x28 images)."""
+    results = []
+    for batch in batches:
+        x = torch.randn(batch, 3, 28, 28)
+        try:
+            if fmt == "pt2":
+                torch.export.load(path).module()(x)
+            else:
+                import onnxruntime
+
+                session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                session.run(None, {"image": x.numpy()})
+        except Exception:
+            results.append(False)
+        else:
+            results.append(True)
+    return results
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # ResNet-20's total stride is 4: a dynamic graph starts at 5 px (deepest map 2x2); was a traceback
+        (["--dynamic", "--image-size", "4"], "--image-size 4x4: with --dynamic the height and width must be >= 5"),
+        (["--dynamic", "--batch-size", "2"], "--batch-size fixes the batch of a static graph"),
+        (["--eval-json", "eval.json"], "--eval-json applies to --format safetensors, not pt2"),
+        (["--private"], "--private applies to --format safetensors, not pt2"),
+    ],
+)
+def test_gex_export_options_that_cannot_apply_are_one_line(argv, message, tmp_path, capsys):
+    out = tmp_path / "m.pt2"
+    assert _gex(["export", "cifar_resnet20", "--format", "pt2", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gex export: error: ") and message in err[0], err
+    assert not out.exists()
+
+
+def test_gex_export_graph_options_are_refused_for_safetensors(tmp_path, capsys):
+    argv = ["export", "x.ckpt", "--format", "safetensors", "--out", str(tmp_path / "o"), "--num-classes", "3"]
+    assert _gex(argv) == 2
+    assert "--num-classes applies to --format onnx and pt2, not safetensors" in capsys.readouterr().err
 
 
 def test_gex_export_out_folder_must_exist(tmp_path, capsys):

@@ -8,11 +8,14 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import shutil
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -153,18 +156,74 @@ def test_url_download_checks_the_hash(http_root: tuple[Path, str]) -> None:
     with pytest.raises(ValueError, match="SHA-256 does not match") as failure:
         create_model("ge_theta_plus_cifar_resnet20", pretrained=f"{address}/weights.safetensors#sha256={wrong}", **TINY)
     assert "\n" not in str(failure.value)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / "weights.safetensors"
-    assert not cached.exists()  # a download that fails its check is not kept
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    assert not list(cache.rglob("weights.safetensors"))  # a download that fails its check is not kept
 
     loaded = create_model(
         "ge_theta_plus_cifar_resnet20", pretrained=f"{address}/weights.safetensors#sha256={digest}", **TINY
     )
     assert torch.equal(logits(loaded, x), logits(model, x))
-    assert cached.is_file()
+    assert len(list(cache.rglob("weights.safetensors"))) == 1
     # torch.hub's naming convention: the file name carries a prefix of its hash.
     torch.save(model.state_dict(), root / "tiny-deadbeef.pth")
     with pytest.raises(ValueError, match="SHA-256 does not match"):
         create_model("ge_theta_plus_cifar_resnet20", pretrained=f"{address}/tiny-deadbeef.pth", **TINY)
+
+
+def test_the_card_carries_only_this_checkpoints_own_figures(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """gex export used to take whatever eval.json lay beside the checkpoint or in its run folder, so
+    best.ckpt was published with last.ckpt's error (and the other way round)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained["ge_theta_cifar_resnet20"], run)
+    last, best = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "best.ckpt"
+    shutil.copy(last, best)
+    trained_figures = json.loads((run / "eval.json").read_text())  # gex train's: last.ckpt, absolute path
+
+    def write(path: Path, checkpoint: str, top1: float, mtime: float) -> None:
+        path.write_text(json.dumps({**trained_figures, "checkpoint": checkpoint, "top1_err": top1}))
+        os.utime(path, (mtime, mtime))
+
+    def exported(checkpoint: Path, *extra: str) -> dict:
+        out = tmp_path / f"export-{len(list(tmp_path.iterdir()))}"
+        assert export_cli.main([str(checkpoint), "--format", "safetensors", "--out", str(out), *extra]) == 0
+        return json.loads((out / "config.json").read_text())["eval"]
+
+    now = best.stat().st_mtime
+    os.utime(last, (now, now))
+    os.utime(run / "eval.json", (now + 1, now + 1))
+    write(run / "checkpoints" / "eval.json", "run/checkpoints/best.ckpt", 11.0, now + 2)  # gex eval, relative path
+    assert exported(best)["top1_err"] == 11.0
+    assert exported(last)["top1_err"] == trained_figures["top1_err"]  # the run's, not best's newer one
+    write(run / "checkpoints" / "eval-2.json", "checkpoints/last.ckpt", 12.5, now + 3)
+    assert exported(last)["top1_err"] == 12.5  # the newest evaluation of last.ckpt
+    os.utime(best, (now + 10, now + 10))  # best.ckpt written again after its evaluation: the figures are stale
+    assert exported(best) == {}
+    explicit = ["--eval-json", str(run / "checkpoints" / "eval-2.json")]
+    assert export_cli.main([str(best), "--format", "safetensors", "--out", str(tmp_path / "o"), *explicit]) == 2
+    assert "evaluated 'checkpoints/last.ckpt', not " in capsys.readouterr().err
+    assert exported(last, *explicit)["top1_err"] == 12.5
+
+
+def test_two_urls_ending_in_the_same_file_name_keep_their_own_weights(http_root: tuple[Path, str]) -> None:
+    """Every Hub file URL ends in model.safetensors: a cache keyed by the name alone handed the second
+    URL the first one's weights, and a URL that answers 404 "loaded" from that cache."""
+    from safetensors.torch import save_file
+
+    root, address = http_root
+    models = {}
+    for name in ("a", "b"):
+        (root / name).mkdir()
+        models[name] = create_model("cifar_resnet20", **TINY)
+        save_file(models[name].state_dict(), str(root / name / "model.safetensors"))
+    x = torch.randn(2, 1, 28, 28)
+    assert not torch.equal(logits(models["a"], x), logits(models["b"], x))  # two random initialisations
+    for name in ("a", "b", "a"):  # the third load is a's cached copy
+        loaded = create_model("cifar_resnet20", pretrained=f"{address}/{name}/model.safetensors", **TINY)
+        assert torch.equal(logits(loaded, x), logits(models[name], x)), name
+    with pytest.raises(OSError, match=r"download failed.*404"):
+        create_model("cifar_resnet20", pretrained=f"{address}/absent/model.safetensors", **TINY)
 
 
 def test_mismatches_are_named_key_by_key(tmp_path: Path) -> None:
@@ -184,6 +243,24 @@ def test_mismatches_are_named_key_by_key(tmp_path: Path) -> None:
     assert "  shapes differ (" in message
 
 
+def test_weights_without_batchnorm_step_counts_load_as_in_torchvision(tmp_path: Path) -> None:
+    """Weights saved before PyTorch 0.4.1 (or converted from Caffe) have no ``num_batches_tracked``;
+    ``nn.BatchNorm2d`` loads them (the count starts at 0), so torchvision and timm do."""
+    source = create_model("ge_theta_cifar_resnet20", **TINY)
+    source.train()(torch.randn(4, 1, 28, 28))  # one step: running statistics away from their initial values
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "legacy.pth"
+    torch.save(state, path)
+    loaded = create_model("ge_theta_cifar_resnet20", pretrained=path, **TINY)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(logits(loaded, x), logits(source, x))
+    assert all(int(m.num_batches_tracked) == 0 for m in loaded.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    del state["stage2.0.bn1.running_mean"]  # anything else missing is still named
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"missing from the weights \(1\):\n    stage2.0.bn1.running_mean"):
+        create_model("ge_theta_cifar_resnet20", pretrained=path, **TINY)
+
+
 def test_an_unsafe_file_is_refused_in_one_line(tmp_path: Path) -> None:
     path = tmp_path / "pickled.pth"
     torch.save({"state_dict": argparse.Namespace(weight=torch.zeros(1))}, path)
@@ -192,6 +269,8 @@ def test_an_unsafe_file_is_refused_in_one_line(tmp_path: Path) -> None:
     assert "\n" not in str(failure.value)
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         create_model("cifar_resnet20", pretrained=tmp_path / "absent.pth", **TINY)
+    with pytest.raises(ValueError, match="pretrained='' is empty"):  # was ./model.safetensors, if one was there
+        create_model("cifar_resnet20", pretrained="", **TINY)
 
 
 def test_another_class_count_replaces_the_classifier_and_says_so(tmp_path: Path) -> None:
@@ -289,6 +368,31 @@ def test_torchvision_retrofit_starts_at_torchvisions_logits(
     assert config.mean == (0.485, 0.456, 0.406) and config.resize_size == 232 and len(config.label_names) == 1000
 
 
+def test_timm_builds_our_evaluation_transform_from_the_pretrained_cfg(
+    torchvision_resnet50: tuple[nn.Module, Path], trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """``resize_size`` is not a timm key: without ``crop_pct`` timm resized torchvision's 232/224 preset
+    to 256 (its default 0.875) and a 28-pixel Fashion-MNIST model's images to 32, then cropped."""
+    timm_data = pytest.importorskip("timm.data")
+    from PIL import Image
+
+    _, path = torchvision_resnet50
+    imagenet = create_model("resnet50", stride_in_1x1=False, pretrained="torchvision", pretrained_file=path)
+    out = tmp_path / "export"
+    assert export_cli.main([str(trained["ge_theta_cifar_resnet20"] / "checkpoints" / "last.ckpt"),
+                            "--format", "safetensors", "--out", str(out)]) == 0  # fmt: skip
+    fashion = create_model("ge_theta_cifar_resnet20", pretrained=out)
+    y, x = np.mgrid[0:260, 0:300]
+    photo = Image.fromarray(np.stack([x * 0.8 % 256, y * 0.9 % 256, (x + y) % 256], -1).astype(np.uint8))
+    for model, image, resize in ((imagenet, photo, 232), (fashion, photo.convert("L").crop((0, 0, 28, 28)), 28)):
+        ours = resolve_data_config(model)
+        theirs = timm_data.create_transform(**timm_data.resolve_data_config(model=model))
+        resized = next(step for step in theirs.transforms if type(step).__name__ == "Resize")
+        assert resized.size == resize
+        # torchvision's tensor resize and PIL's differ by at most one grey level (in normalised units).
+        torch.testing.assert_close(theirs(image), ours.eval_transform()(image), rtol=0, atol=1.01 / 255 / min(ours.std))
+
+
 def test_torchvision_needs_the_v15_layout(torchvision_resnet50: tuple[nn.Module, Path]) -> None:
     _, path = torchvision_resnet50
     with pytest.raises(ValueError, match="pass stride_in_1x1=False"):
@@ -340,3 +444,19 @@ def test_push_to_hub_offline_fails_in_one_line_after_writing_the_folder(
     err = capsys.readouterr().err
     assert err.startswith("gex export: error: ") and err.count("\n") == 1
     assert (out / "model.safetensors").is_file()  # the folder is written before the upload is tried
+    assert "add --overwrite to write it and upload again" in err
+
+    # Online, a server that refuses the connection: httpx's ConnectError is no OSError, and was a traceback.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    assert export_cli.main([*argv, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gex export: error: upload to 'someone/tiny-ge' failed (") and err.count("\n") == 1, err
+
+
+def _free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, read, released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import zipfile
@@ -232,6 +233,17 @@ def test_a_file_torch_save_did_not_write_is_one_line_from_every_reader(
     assert "\n" not in str(caught.value)
 
 
+class _SystemPayload:
+    """Unpickling this object calls ``os.system``: PyTorch words a global from a blocked module
+    (``posix``) differently from one merely outside the allowlist (``exec`` above)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {str(self.marker)!r}",))
+
+
 def test_an_unsafe_global_is_named_and_nothing_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     marker = tmp_path / "pwned"
     for path in (tmp_path / "zip.ckpt", tmp_path / "legacy.ckpt"):  # torch.save's zip and legacy formats
@@ -240,6 +252,14 @@ def test_an_unsafe_global_is_named_and_nothing_runs(tmp_path: Path, capsys: pyte
         line = _error_line(capsys, "gex eval")
         assert f"checkpoint {str(path)!r} was refused as unsafe" in line
         assert "(Unsupported global: GLOBAL exec was not an allowed global by default)" in line
+    # A blocked module's function: still "unsafe", named, and none of PyTorch's advice to load it fully.
+    system = tmp_path / "system.pth"
+    torch.save({"w": torch.zeros(1), "x": _SystemPayload(marker)}, system)
+    with pytest.raises(UnsafeFileError, match=r"refused as unsafe.*unsupported GLOBAL posix\.system") as caught:
+        create_model("cifar_resnet20", pretrained=system, width=4)
+    assert "weights_only" not in str(caught.value) and "\n" not in str(caught.value)
+    assert eval_cli.main([str(system), "--accelerator", "cpu"]) == 2
+    assert f"checkpoint {str(system)!r} was refused as unsafe" in _error_line(capsys, "gex eval")
     assert not marker.exists()
 
 

@@ -12,6 +12,7 @@ without weights gets the configuration of the recipe its backbone is made for.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,28 @@ class DataConfig:
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))]
         return v2.Compose(steps)
 
+    @property
+    def crop_pct(self) -> float:
+        """timm's name for the crop: ``crop / resize``, so that timm's ``floor(crop / crop_pct)`` gives back
+        ``resize_size`` (1.0 without a resize: timm's resize to the crop is then a no-op on such images)."""
+        crop = min(self.input_size[1:])
+        if self.resize_size is None:
+            return 1.0
+        pct = crop / self.resize_size
+        while math.floor(crop / pct) < self.resize_size:  # a float quotient just below the integer
+            pct = math.nextafter(pct, 0.0)
+        return pct
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (the ``pretrained_cfg`` of ``config.json``)."""
+        """JSON-ready dict (the ``pretrained_cfg`` of ``config.json``), with timm's ``crop_pct``/``crop_mode``
+        so that ``timm.data.resolve_data_config`` builds the same evaluation transform."""
         values = asdict(self)
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+        values = {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+        return {**values, **self.timm_keys()}
+
+    def timm_keys(self) -> dict[str, Any]:
+        """The crop as timm's ``pretrained_cfg`` states it (our ``resize_size`` is not a timm key)."""
+        return {"crop_pct": self.crop_pct, "crop_mode": "center"}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, label_names: Any = None) -> DataConfig:

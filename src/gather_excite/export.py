@@ -12,9 +12,9 @@ Typical use (``gex export`` does exactly this)::
 With ``dynamic=True`` the height and width are symbolic: every gather computes its output size
 from the input's, the excite resizes the gate to the map whatever their sizes, and a global
 GE-θ/GE-θ+ resamples its learned kernel inside the graph (as it does in eager mode at a size
-other than the one it was built for). With ``dynamic=False`` the graph is fixed to the example
-size; at the model's own ``input_size`` the global gathers then use their learned kernels as
-they are (the resampling folds away).
+other than the one it was built for). With ``dynamic=False`` the graph is fixed to the example's
+batch and size (by default one image at the model's ``input_size``, as deployed); there the global
+gathers use their learned kernels as they are (the resampling folds away).
 """
 
 from __future__ import annotations
@@ -78,6 +78,12 @@ def example_input(
     return torch.randn(batch, _in_chans(model), height, width, generator=generator).to(device, dtype)
 
 
+def _default_example(model: nn.Module, dynamic: bool) -> torch.Tensor:
+    """One image for a fixed graph; two for a dynamic one, since a traced batch of 1 would be
+    specialised to 1 (size-1 dimensions broadcast)."""
+    return example_input(model, batch=2 if dynamic else 1)
+
+
 def check_sizes(model: nn.Module) -> list[tuple[int, int]]:
     """Three input sizes at which the gates' shapes differ: the model's own, 10/7 of it, and a non-square one.
 
@@ -121,7 +127,7 @@ def _size_oblivious(dynamic: bool) -> Iterator[None]:
 def export_program(model: nn.Module, *, example: torch.Tensor | None = None, dynamic: bool = True) -> ExportedProgram:
     """``torch.export.export`` of ``model`` in eval mode (batch, height, width symbolic when ``dynamic``)."""
     model = model.eval()
-    example = example_input(model) if example is None else example
+    example = _default_example(model, dynamic) if example is None else example
     with torch.no_grad(), _size_oblivious(dynamic):
         return torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes(model, dynamic=dynamic))
 
@@ -140,7 +146,7 @@ def export_onnx(
     and width are symbolic.
     """
     model = model.eval()
-    example = example_input(model) if example is None else example
+    example = _default_example(model, dynamic) if example is None else example
     with torch.no_grad(), _size_oblivious(dynamic):
         program = torch.onnx.export(
             model,

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import __version__
 from .data_config import DataConfig, resolve_data_config
-from .errors import CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointError, CheckpointNotFoundError, one_line
 from .models import create_model
 from .models._pretrained import CONFIG_FILE, WEIGHTS_FILE, read_weights
 
@@ -193,6 +193,19 @@ def push_to_hub(folder: str | os.PathLike[str], repo_id: str, *, private: bool =
             f"{str(folder)!r} is not an exported folder (needs {WEIGHTS_FILE} and {CONFIG_FILE})"
         )
     api = HfApi()
-    url = api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload gather-excite weights")
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload gather-excite weights")
+    except _transport_errors() as err:  # no connection, a timeout: an OSError as a refused request is
+        raise OSError(f"upload to {repo_id!r} failed ({type(err).__name__}: {one_line(err)})") from None
     return str(url)
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The HTTP client's errors that are not ``OSError``s (huggingface_hub >= 1.0 uses httpx, whose
+    connection errors are plain exceptions; earlier versions used requests, whose errors are ``OSError``)."""
+    try:
+        from huggingface_hub.errors import HTTPError
+    except ImportError:
+        return (OSError,)
+    return (HTTPError, OSError)

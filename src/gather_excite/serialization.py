@@ -27,14 +27,26 @@ def load_json_file(path: str | os.PathLike[str], what: str) -> Any:
         raise DataError(f"{what} is not a JSON file ({one_line(err)})") from None
 
 
+_ADVICE = ("Weights only load failed", "Check the documentation of torch.load", "Please file an issue")
+
+
 def _unpickler_reason(error: pickle.UnpicklingError) -> str:
-    """The weights-only unpickler's own reason, without PyTorch's advice around it."""
+    """The weights-only unpickler's own reason, without PyTorch's advice around it (which suggests
+    ``weights_only=False``, the very load this module exists to avoid)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     for index, line in enumerate(lines):
         if "WeightsUnpickler error:" in line:
             reason = line.split("WeightsUnpickler error:", 1)[1].strip() or " ".join(lines[index + 1 : index + 2])
             return reason.split(". Please use", 1)[0]
-    return one_line(error)[:200] or type(error).__name__
+    own = [line for line in lines if not line.startswith(_ADVICE)]
+    return (" ".join(own) or type(error).__name__)[:200]
+
+
+def _names_a_global(reason: str) -> bool:
+    """Whether the unpickler stopped at a global outside the allowlist, in either of PyTorch's wordings
+    ("Unsupported global: GLOBAL builtins.exec", "Trying to load unsupported GLOBAL posix.system whose
+    module posix is blocked")."""
+    return "unsupported global" in reason.lower()
 
 
 def load_torch_file(
@@ -54,7 +66,7 @@ def load_torch_file(
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         reason = _unpickler_reason(err)
-        if reason.startswith("Unsupported global"):
+        if _names_a_global(reason):
             raise UnsafeFileError(
                 f"{what} was refused as unsafe: it holds pickled Python objects that a weights-only load does not "
                 f"build, and loading it fully could run code ({reason}); it was not loaded"

@@ -12,6 +12,8 @@ print) and, if it needs options, an ``add_<format>_arguments(parser)`` call in :
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from collections.abc import Callable
 from importlib.util import find_spec
@@ -28,22 +30,50 @@ if TYPE_CHECKING:
 __all__ = ["EXPORTERS", "main"]
 
 
+def _names(recorded: object, checkpoint: Path) -> bool:
+    """Whether an evaluation's ``"checkpoint"`` entry is ``checkpoint``: the same file name in a folder of
+    the same name (``checkpoints/best.ckpt`` is not ``checkpoints/last.ckpt``). Only the tail is compared:
+    the entry may be relative to where ``gex eval`` ran, or name the run folder before it was moved."""
+    if not isinstance(recorded, str) or not recorded:
+        return False
+    tail = Path(os.path.normpath(recorded)).parts[-2:]
+    return any(full.parts[-len(tail) :] == tail for full in (checkpoint.absolute(), checkpoint.resolve()))
+
+
 def _eval_figures(args: argparse.Namespace) -> dict[str, object]:
-    """``--eval-json``, else ``eval.json`` of ``gex eval`` (beside the checkpoint) or ``gex train`` (its run folder)."""
+    """The figures of ``--eval-json``, else of the newest ``gex eval`` output beside the checkpoint
+    (``eval.json``, ``eval-2.json``, ...) or ``gex train``'s ``eval.json`` in its run folder that evaluated
+    this checkpoint as it is now (written after it). Another checkpoint's figures are never put on the card."""
+    checkpoint = Path(args.checkpoint).expanduser()
     if args.eval_json:
         path = Path(args.eval_json)
         if not path.is_file():
             raise ConfigError(f"--eval-json {args.eval_json!r}: no such file")
-    else:
-        checkpoint = Path(args.checkpoint).expanduser().resolve()
-        found = [folder / "eval.json" for folder in (checkpoint.parent, checkpoint.parent.parent)]
-        found = [candidate for candidate in found if checkpoint.is_file() and candidate.is_file()]
-        if not found:
-            return {}
-        path = found[0]
-    figures = load_json_file(path, f"--eval-json {str(path)!r}")
+        figures = _read_figures(path, "--eval-json")
+        if "checkpoint" in figures and not _names(figures["checkpoint"], checkpoint):
+            raise ConfigError(
+                f"--eval-json {args.eval_json!r} evaluated {figures['checkpoint']!r}, not {args.checkpoint!r}: "
+                "its figures would be published as this checkpoint's"
+            )
+        return figures
+    if not checkpoint.is_file():
+        return {}
+    folder = checkpoint.absolute().parent
+    candidates = [*folder.glob("eval*.json"), folder.parent / "eval.json"]
+    written = checkpoint.stat().st_mtime
+    found = [
+        (path.stat().st_mtime, figures)
+        for path in candidates
+        if re.fullmatch(r"eval(-\d+)?\.json", path.name) and path.is_file() and path.stat().st_mtime >= written
+        and _names((figures := _read_figures(path)).get("checkpoint"), checkpoint)
+    ]  # fmt: skip
+    return max(found, key=lambda entry: entry[0])[1] if found else {}
+
+
+def _read_figures(path: Path, what: str = "evaluation") -> dict[str, object]:
+    figures = load_json_file(path, f"{what} {str(path)!r}")
     if not isinstance(figures, dict):
-        raise ConfigError(f"--eval-json {str(path)!r}: expected a JSON object (gex eval's output)")
+        raise ConfigError(f"{what} {str(path)!r}: expected a JSON object (gex eval's output)")
     return figures
 
 
@@ -58,7 +88,10 @@ def _export_safetensors(args: argparse.Namespace) -> str:
         f"wrote {out}/model.safetensors, config.json, README.md (load: create_model(..., pretrained={str(out)!r}))"
     )
     if args.push_to_hub:
-        url = push_to_hub(out, args.push_to_hub, private=args.private)
+        try:
+            url = push_to_hub(out, args.push_to_hub, private=args.private)
+        except OSError as err:
+            raise OSError(f"{one_line(err)}; {out} was written: add --overwrite to write it and upload again") from None
         message += f"\npushed to {url} (load: pretrained='hf-hub:{args.push_to_hub}')"
     return message
 
@@ -66,9 +99,12 @@ def _export_safetensors(args: argparse.Namespace) -> str:
 def _network(args: argparse.Namespace) -> nn.Module:
     """The eval-mode network of a checkpoint or of a registered model name (fresh weights)."""
     from ..engine.loading import load_model
+    from ..export import min_input_size
 
     if args.num_classes is not None and args.num_classes < 1:
         raise ConfigError(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.dynamic and args.batch_size is not None:
+        raise ConfigError("--batch-size fixes the batch of a static graph; with --dynamic the batch is symbolic")
     if args.out is None:
         raise ConfigError(f"--out is required: the file to write the {args.format} graph into")
     out = Path(args.out)
@@ -81,23 +117,42 @@ def _network(args: argparse.Namespace) -> nn.Module:
     if args.image_size is not None:
         kwargs["input_size"] = args.image_size
     try:
-        return load_model(args.checkpoint, **kwargs).net.eval()
+        model = load_model(args.checkpoint, **kwargs).net.eval()
     except (FileNotFoundError, ValueError) as err:
         if isinstance(err, GexError):
             raise
         raise ConfigError(str(err)) from None
+    floor = min_input_size(model)
+    if args.dynamic and min(model.input_size) < floor:
+        size = "x".join(map(str, model.input_size))
+        raise ConfigError(
+            f"--image-size {size}: with --dynamic the height and width must be >= {floor} (one pixel above the "
+            "network's total stride, so that its deepest map is at least 2x2)"
+        )
+    return model
 
 
 def _report(args: argparse.Namespace, differences: dict[str, float] | None) -> str:
-    lines = [f"wrote {args.out} ({args.format}, {'dynamic' if args.dynamic else 'static'} shapes)"]
+    shapes = "dynamic shapes" if args.dynamic else f"static shapes, batch {args.batch_size or 1}"
+    lines = [f"wrote {args.out} ({args.format}, {shapes})"]
     lines += [f"  {size}: max |exported - eager| = {value:.3g}" for size, value in (differences or {}).items()]
     return "\n".join(lines)
 
 
-def _checked_sizes(model: nn.Module, dynamic: bool) -> list[tuple[int, int]]:
+def _checks(model: nn.Module, args: argparse.Namespace) -> dict[str, object]:
+    """The sizes and batch the exported graph is run at against eager: three sizes and two images for a
+    dynamic graph, the fixed size and batch (``--batch-size``, default 1) of a static one."""
     from ..export import check_sizes
 
-    return check_sizes(model) if dynamic else [tuple(model.input_size)]
+    if args.dynamic:
+        return {"sizes": check_sizes(model), "batch": 2}
+    return {"sizes": [tuple(model.input_size)], "batch": args.batch_size or 1}
+
+
+def _example(model: nn.Module, args: argparse.Namespace):
+    from ..export import example_input
+
+    return example_input(model, batch=_checks(model, args)["batch"])
 
 
 def _export_pt2(args: argparse.Namespace) -> str:
@@ -107,9 +162,9 @@ def _export_pt2(args: argparse.Namespace) -> str:
     from ..export import export_program, max_difference
 
     model = _network(args)
-    torch.export.save(export_program(model, dynamic=args.dynamic), args.out)
+    torch.export.save(export_program(model, example=_example(model, args), dynamic=args.dynamic), args.out)
     program = torch.export.load(args.out)
-    return _report(args, max_difference(program.module(), model, _checked_sizes(model, args.dynamic)))
+    return _report(args, max_difference(program.module(), model, **_checks(model, args)))
 
 
 def _export_onnx(args: argparse.Namespace) -> str:
@@ -119,10 +174,20 @@ def _export_onnx(args: argparse.Namespace) -> str:
     from ..export import export_onnx, onnx_max_difference
 
     model = _network(args)
-    export_onnx(model, args.out, dynamic=args.dynamic)
+    export_onnx(model, args.out, example=_example(model, args), dynamic=args.dynamic)
     if find_spec("onnxruntime") is None:
         return _report(args, None) + "\n  onnxruntime is not installed: the file was not checked against eager"
-    return _report(args, onnx_max_difference(args.out, model, _checked_sizes(model, args.dynamic)))
+    return _report(args, onnx_max_difference(args.out, model, **_checks(model, args)))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -160,15 +225,19 @@ def _parser() -> argparse.ArgumentParser:
     add_overwrite_argument(parser)
     hub = parser.add_argument_group("safetensors")
     hub.add_argument(
-        "--eval-json", default=None, help="figures for the card (default: eval.json beside the checkpoint)"
+        "--eval-json",
+        default=None,
+        help="figures for the card (default: the newest eval.json/eval-N.json of this checkpoint beside it, "
+        "or its run's eval.json)",
     )
     hub.add_argument("--push-to-hub", default=None, metavar="ORG/REPO", help="upload the folder (needs network)")
     hub.add_argument("--private", action="store_true", help="create the Hub repository as private")
     graph = parser.add_argument_group("onnx, pt2")
     graph.add_argument(
         "--dynamic", action="store_true",
-        help="symbolic batch, height and width (default: fixed to the example batch and the model's input size)",
+        help="symbolic batch, height and width (default: fixed to --batch-size and the model's input size)",
     )  # fmt: skip
+    graph.add_argument("--batch-size", type=_positive_int, default=None, help="the batch of a static graph (default 1)")
     graph.add_argument("--num-classes", type=int, default=None, help="classes of a model name (default 1000)")
     graph.add_argument(
         "--image-size", type=_image_size, default=None,
@@ -177,10 +246,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# option -> the formats it applies to; given with another format it would be silently ignored.
+_FORMAT_OPTIONS = {
+    "--eval-json": ("safetensors",),
+    "--push-to-hub": ("safetensors",),
+    "--private": ("safetensors",),
+    "--dynamic": ("onnx", "pt2"),
+    "--num-classes": ("onnx", "pt2"),
+    "--image-size": ("onnx", "pt2"),
+    "--batch-size": ("onnx", "pt2"),
+}
+
+
+def _check_format_options(args: argparse.Namespace) -> None:
+    for option, formats in _FORMAT_OPTIONS.items():
+        value = getattr(args, option[2:].replace("-", "_"))
+        if value not in (None, False) and args.format not in formats:
+            raise ConfigError(f"{option} applies to --format {' and '.join(formats)}, not {args.format}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the options and run the chosen format's exporter."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        _check_format_options(args)
         print(EXPORTERS[args.format](args))
     except (GexError, OSError) as err:  # OSError: a download or upload that cannot reach its server
         print(f"gex export: error: {one_line(err)}", file=sys.stderr)

@@ -155,7 +155,10 @@ def _download(url: str) -> Path:
     """The file at ``url`` in torch.hub's cache (``<hub dir>/checkpoints``), downloaded if absent.
 
     The expected SHA-256 (or a prefix of it) comes from a ``#sha256=HEX`` fragment or, as in
-    torch.hub, from the file name ``name-HEX.ext``; a cached copy is re-checked against it.
+    torch.hub, from the file name ``name-HEX.ext``; a cached copy is re-checked against it. A file
+    whose name carries its hash is cached under that name, as torch.hub does; any other under a
+    folder named after the URL, since two URLs may end in the same name (every Hub file URL ends
+    in ``model.safetensors``) and a name alone would hand one URL the other's weights.
     """
     parsed = urllib.parse.urlsplit(url)
     expected = None
@@ -167,13 +170,16 @@ def _download(url: str) -> Path:
     filename = os.path.basename(parsed.path)
     if not filename:
         raise ConfigError(f"pretrained={url!r}: the URL names no file")
+    address = urllib.parse.urlunsplit(parsed._replace(fragment=""))
+    destination = Path(torch.hub.get_dir()) / "checkpoints"
     if expected is None and (match := _HASH_IN_NAME.search(filename)):
         expected = match.group(1)
-    destination = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    else:
+        destination /= "url-" + hashlib.sha256(address.encode()).hexdigest()[:16]
+    destination /= filename
     if destination.is_file() and (expected is None or _sha256(destination).startswith(expected)):
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
-    address = urllib.parse.urlunsplit(parsed._replace(fragment=""))
     try:
         torch.hub.download_url_to_file(address, str(destination), hash_prefix=expected, progress=False)
     except RuntimeError as err:
@@ -268,6 +274,10 @@ def read_weights(
             f"({pretrained!r})"
         )
     spec = os.fspath(pretrained)
+    if not spec.strip():  # Path("") is the working directory: it would load ./model.safetensors unasked
+        raise ConfigError(
+            f"pretrained={spec!r} is empty: expected a path, URL, 'hf-hub:ORG/REPO' or 'torchvision' (None: no weights)"
+        )
     if spec == TORCHVISION or spec.startswith(TORCHVISION + ":"):
         return _read_torchvision(spec, backbone or "", pretrained_file)
     if pretrained_file is not None:
@@ -326,7 +336,13 @@ def load_weights_into(model: nn.Module, weights: Weights, *, model_name: str) ->
         state_dict = {key: value for key, value in state_dict.items() if key.split(".")[0] != CLASSIFIER}
         own = {key: value for key, value in own.items() if key.split(".")[0] != CLASSIFIER}
     retrofit = not any(_in_context(key) for key in state_dict)
-    missing = [key for key in own if key not in state_dict and not (retrofit and _in_context(key))]
+    # A BatchNorm's step count may be absent (weights saved before PyTorch 0.4.1, converted ones); BatchNorm's
+    # own loader fills it in, as in torchvision and timm.
+    missing = [
+        key
+        for key in own
+        if key not in state_dict and not (retrofit and _in_context(key)) and not key.endswith(".num_batches_tracked")
+    ]
     unexpected = [key for key in state_dict if key not in own]
     reshaped = [key for key in state_dict if key in own and state_dict[key].shape != own[key].shape]
     if missing or unexpected or reshaped:
@@ -411,6 +427,10 @@ def create_pretrained(
             stacklevel=3,
         )
     cfg = dict(weights.config.get("pretrained_cfg") or {})
+    if cfg and "crop_pct" not in cfg:  # torchvision's presets, folders exported before timm's keys were written
+        from ..data_config import DataConfig
+
+        cfg.update(DataConfig.from_dict(cfg).timm_keys())
     if cfg and weights.config.get("label_names") and not cfg.get("label_names"):
         cfg["label_names"] = list(weights.config["label_names"])
     if cfg.get("label_names") and len(cfg["label_names"]) != arguments["num_classes"]:
