@@ -15,13 +15,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..layers import ContextSpec
 from ..models import split_model_name
-from ..serialization import load_json_file
+from ..serialization import load_json_file, load_torch_file
 from .plotting import new_figure
 
 __all__ = [
@@ -82,8 +81,8 @@ def read_metrics(path: str | Path) -> dict[str, list[float | None]]:
 def _checkpoint_model(run: Path) -> str | None:
     for path in (run / "checkpoints" / "last.ckpt", *sorted(run.glob("checkpoints/*.ckpt"))):
         if path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            arch = (saved.get("hyper_parameters") or {}).get("arch")
+            saved = load_torch_file(path, f"checkpoint {str(path)!r}", mmap=True)
+            arch = (saved.get("hyper_parameters") or {}).get("arch") if isinstance(saved, dict) else None
             if isinstance(arch, str):
                 return arch
     return None
@@ -103,7 +102,7 @@ def read_run(path: str | Path, *, label: str | None = None) -> dict[str, Any]:
     try:
         info.update(read_metrics(path))
     except ValueError:
-        if "top1_err" not in info:
+        if info.get("top1_err") is None:  # nothing to draw (a detection run's eval.json has AP, no top-1 error)
             raise
     if info.get("top1_err") is None:
         finals = [v for v in info.get("val_top1_err", []) if v is not None]
@@ -198,7 +197,7 @@ def epoch_curves_report(
             continue
         info = read_run(path)
         if "epoch" not in info:
-            raise ValueError(f"run {str(run)!r} has no metrics.csv to draw per-epoch curves from")
+            raise ValueError(f"run {str(run)!r} has no per-epoch top-1 errors (metrics.csv) to draw curves from")
         rows.append(info)
     if labels is not None:
         if len(labels) != len(rows):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._args import int_at_least
 from ._outputs import add_overwrite_argument, check_output_file, next_free_path
 
 __all__ = ["add_evaluation_arguments", "checked_output_path", "data_overrides"]
@@ -27,10 +28,12 @@ def add_evaluation_arguments(
                         "or eval-2.json ... where that exists)")  # fmt: skip
     add_overwrite_argument(parser)
     parser.add_argument("--data-root", default=None, help="data folder (default: the one the model was trained on)")
-    parser.add_argument("--batch-size", type=int, default=None, help=batch_size_help)
-    parser.add_argument("--num-workers", type=int, default=None, help="data loader processes")
-    parser.add_argument("--subset", type=int, default=None, help=subset_help)
-    parser.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=None, help=batch_size_help)
+    parser.add_argument("--num-workers", type=int_at_least(0), default=None, help="data loader processes")
+    parser.add_argument("--subset", type=int_at_least(1), default=None, help=subset_help)
+    parser.add_argument(
+        "--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda", "mps"), help="device (default auto)"
+    )
 
 
 def data_overrides(args: argparse.Namespace) -> dict[str, object]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from ..errors import ConfigError, DataNotFoundError, GexError, one_line
+from ..errors import ConfigError, DataError, DataNotFoundError, GexError, one_line
 from ._outputs import add_overwrite_argument, check_output_file
 
 __all__ = ["main"]
@@ -270,7 +270,14 @@ def main(argv: list[str] | None = None) -> int:
                 png = Path(args.png) if args.png else Path(args.report).with_suffix(".png")
                 # The PNG beside a report is that report's own drawing (write_report draws it from the JSON).
                 check_output_file(png, "--png", overwrite=args.overwrite or args.png is None)
-                PLOTS[report["analysis"]](report).savefig(png, dpi=120)
+                try:
+                    figure = PLOTS[report["analysis"]](report)
+                except (KeyError, TypeError, IndexError) as err:  # a report cut short or edited by hand
+                    raise DataError(
+                        f"report {args.report!r} is not a complete {report['analysis']} report "
+                        f"({type(err).__name__}: {one_line(err)})"
+                    ) from None
+                figure.savefig(png, dpi=120)
                 print(f"-> {png}")
                 return 0
             # The name and the outputs are checked before the analysis, which can take hours.

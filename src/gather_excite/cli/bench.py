@@ -10,6 +10,7 @@ import torch
 from ..bench import CLOCKS, NET_MODELS, OP_VARIANTS, STAGES, bench_net, bench_op, check_device, environment
 from ..layers import ContextSpec
 from ..models import split_model_name
+from ._args import int_at_least
 
 __all__ = ["build_parser", "main"]
 
@@ -43,11 +44,9 @@ def _print_net(row: dict) -> None:
     )
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text}")
-    return value
+# Training steps: BatchNorm in training mode needs more than one value per channel, and a global
+# gather's BatchNorm sees one value per sample.
+_BATCH_HELP = "images per training step (>= 2: a global gather's BatchNorm sees one value per image)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,22 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="what", required=True)
     op = sub.add_parser("op", help="operators at ResNet-50's four stage shapes: ours vs plain vs timm")
     op.add_argument("--variants", nargs="+", default=list(OP_VARIANTS), help="context spec strings")
-    op.add_argument("--batch", type=_positive, default=8)
-    op.add_argument("--repeats", type=_positive, default=7)
-    op.add_argument("--stages", type=_positive, nargs="+", default=None,
+    op.add_argument("--batch", type=int_at_least(2), default=8, help=_BATCH_HELP)
+    op.add_argument("--repeats", type=int_at_least(1), default=7)
+    op.add_argument("--stages", type=int_at_least(1), nargs="+", default=None,
                     help="stage indices 1..4 (conv2_x..conv5_x) to run; default all")  # fmt: skip
     op.add_argument("--channels-last", action="store_true")
     net = sub.add_parser("net", help="ResNet-50 training step: baseline vs GE/SE variants, plain vs ours")
     net.add_argument("--models", nargs="+", default=list(NET_MODELS), help="model names; the first is the baseline")
-    net.add_argument("--batch", type=_positive, default=16)
-    net.add_argument("--image-size", type=_positive, default=224)
-    net.add_argument("--repeats", type=_positive, default=3)
+    net.add_argument("--batch", type=int_at_least(2), default=16, help=_BATCH_HELP)
+    net.add_argument("--image-size", type=int_at_least(1), default=224)
+    net.add_argument("--repeats", type=int_at_least(1), default=3)
     net.add_argument("--channels-last", action="store_true")
     net.add_argument("--compile", action="store_true", help="torch.compile each model (plain path only)")
     net.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1 (use --clock wall off the CPU)")
     net.add_argument("--bf16", action="store_true", help="forward and loss under torch.autocast(bfloat16)")
     for p in (op, net):
-        p.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
+        p.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads (default: torch's choice)")
         p.add_argument("--json", action="store_true", help="print the figures as JSON")
         p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                        help="wall-clock time, or the process's CPU time (steadier on a shared machine)")  # fmt: skip

@@ -57,13 +57,18 @@ def _resolve_recipes(argv: list[str]) -> list[str]:
     return resolved
 
 
+def _ap(value: float | None) -> str:
+    """An AP for the summary line; ``None`` where COCOeval has nothing to average (no ground truth boxes)."""
+    return "n/a (no ground-truth boxes)" if value is None else f"{value:.3f}"
+
+
 def _train(argv: list[str]) -> int:
     """Parse the recipe and overrides, train, then evaluate the final weights into OUT/eval.json."""
     from lightning.pytorch.cli import LightningArgumentParser
 
     from ..detection import CocoDetectionData, DetectionModule, evaluate_detector
-    from ..engine import LAST_CHECKPOINT, TrainSpeed, write_eval_json
-    from .train import GexCLI, _parse, _resume_path
+    from ..engine import TrainSpeed, write_eval_json
+    from .train import GexCLI, _parse, _resume_path, saved_last
 
     class DetectCLI(GexCLI):
         # Detection recipes validate every few epochs: last.ckpt still follows every epoch.
@@ -93,8 +98,7 @@ def _train(argv: list[str]) -> int:
         cpu_seconds = time.process_time() - cpu_start
         if cli.config["eval_after"] and not cli.trainer.interrupted:
             # Every process evaluates its share; the predictions are gathered, rank 0 writes the file.
-            last = str(out / "checkpoints" / LAST_CHECKPOINT)
-            result = evaluate_detector(cli.model, cli.datamodule, trainer=cli.trainer, checkpoint=last)
+            result = evaluate_detector(cli.model, cli.datamodule, trainer=cli.trainer, checkpoint=saved_last(out))
             speed = next((c for c in cli.trainer.callbacks if isinstance(c, TrainSpeed)), None)
             if cli.trainer.is_global_zero:
                 result["train"] = {
@@ -106,7 +110,7 @@ def _train(argv: list[str]) -> int:
                     "cpu_s": cpu_seconds,
                 }
                 path = write_eval_json(result, out / "eval.json")
-                print(f"AP {result['AP']:.3f}  AP50 {result['AP50']:.3f}  -> {path}")
+                print(f"AP {_ap(result['AP'])}  AP50 {_ap(result['AP50'])}  -> {path}")
     except SystemExit as exit_:
         return int(exit_.code or 0)
     except _ERRORS as err:
@@ -126,6 +130,10 @@ def _eval_parser() -> argparse.ArgumentParser:
         batch_size_help="evaluation batch size",
         subset_help="evaluate on the first N validation images",
     )
+    parser.add_argument(
+        "--invalid-boxes", choices=("refuse", "drop"), default=None,
+        help="a degenerate or out-of-image ground-truth box: refuse the data (default) or drop the box",
+    )  # fmt: skip
     return parser
 
 
@@ -174,14 +182,17 @@ def _eval(argv: list[str]) -> int:
     args = _eval_parser().parse_args(argv)
     try:
         out = checked_output_path(args)  # as gex eval: before the evaluation, not after it
-        module, datamodule = load_detector(args.checkpoint, data_overrides(args))
+        data = data_overrides(args)
+        if args.invalid_boxes is not None:
+            data["invalid_boxes"] = args.invalid_boxes
+        module, datamodule = load_detector(args.checkpoint, data)
         trainer = evaluation_trainer(args.accelerator)
         result = evaluate_detector(module, datamodule, trainer=trainer, checkpoint=str(args.checkpoint))
     except _ERRORS as err:
         return _fail("eval", err)
     write_eval_json(result, out)
     print(
-        f"{result['model']} ({result['layout']}): AP {result['AP']:.3f}  AP50 {result['AP50']:.3f}  "
+        f"{result['model']} ({result['layout']}): AP {_ap(result['AP'])}  AP50 {_ap(result['AP50'])}  "
         f"params {result['params'] / 1e6:.3f} M  MACs {result['macs'] / 1e9:.2f} G at {result['eval_size']}  "
         f"({result['num_images']} images) -> {out}"
     )

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, GexError, one_line
 from ..serialization import load_json_file
+from ._args import int_at_least
 from ._outputs import add_overwrite_argument, check_output_file, check_output_folder
 
 if TYPE_CHECKING:
@@ -180,16 +181,6 @@ def _export_onnx(args: argparse.Namespace) -> str:
     return _report(args, onnx_max_difference(args.out, model, **_checks(model, args)))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
-    return value
-
-
 def _image_size(text: str) -> tuple[int, int]:
     parts = text.lower().split("x")
     try:
@@ -237,7 +228,9 @@ def _parser() -> argparse.ArgumentParser:
         "--dynamic", action="store_true",
         help="symbolic batch, height and width (default: fixed to --batch-size and the model's input size)",
     )  # fmt: skip
-    graph.add_argument("--batch-size", type=_positive_int, default=None, help="the batch of a static graph (default 1)")
+    graph.add_argument(
+        "--batch-size", type=int_at_least(1), default=None, help="the batch of a static graph (default 1)"
+    )
     graph.add_argument("--num-classes", type=int, default=None, help="classes of a model name (default 1000)")
     graph.add_argument(
         "--image-size", type=_image_size, default=None,

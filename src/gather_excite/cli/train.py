@@ -201,6 +201,13 @@ def _run_files(out: Path) -> list[Path]:
     return files + [path for path in candidates if path.is_file()]
 
 
+def saved_last(out: Path) -> str | None:
+    """The run's ``last.ckpt`` that the final evaluation describes, or ``None`` where none was written
+    (``--trainer.max_epochs 0``: the evaluation is then of the initial weights, and says so)."""
+    last = out / "checkpoints" / LAST_CHECKPOINT
+    return str(last) if last.is_file() else None
+
+
 def _resume_path(resume: str | None, out: Path) -> str | None:
     """The checkpoint to continue from, after checking that no other run's files would be overwritten."""
     if out.exists() and not out.is_dir():
@@ -299,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
         if cli.config["eval_after"] and not cli.trainer.interrupted:
             # Every process takes part (torchmetrics syncs the counts); rank 0 writes the file.
-            last = str(out / "checkpoints" / LAST_CHECKPOINT)
-            result = evaluate(cli.model, cli.datamodule, trainer=cli.trainer, checkpoint=last)
+            result = evaluate(cli.model, cli.datamodule, trainer=cli.trainer, checkpoint=saved_last(out))
             if cli.trainer.is_global_zero:
                 path = write_eval_json(result, out / "eval.json")
                 print(f"top-1 error {result['top1_err']:.2f}%  top-5 error {result['top5_err']:.2f}%  -> {path}")

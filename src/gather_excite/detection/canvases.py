@@ -16,6 +16,7 @@ Layout written under ``out``::
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,10 @@ class CanvasSpec:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         if self.max_items < self.min_items:
             raise ConfigError(f"max_items must be >= min_items ({self.min_items}), got {self.max_items}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be an int >= 0 (numpy's generators take no negative seed), got {self.seed!r}")
+        if not all(math.isfinite(scale) for scale in (self.min_scale, self.max_scale)):
+            raise ConfigError(f"scales must be finite, got {self.min_scale}, {self.max_scale}")
         if not 0 < self.min_scale <= self.max_scale:
             raise ConfigError(f"scales must satisfy 0 < min_scale <= max_scale, got {self.min_scale}, {self.max_scale}")
         if round(28 * self.max_scale) > self.canvas_size:

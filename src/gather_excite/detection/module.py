@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,9 +12,10 @@ import torch.distributed as dist
 
 from ..complexity import complexity
 from ..engine.module import SGDModule
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, GexError
 from ..models import split_model_name
 from ..models._pretrained import read_weights
+from ..serialization import load_torch_file
 from .coco_eval import coco_evaluate
 from .evaluation import evaluation_size
 from .model import fasterrcnn_ge_resnet
@@ -46,31 +47,53 @@ def is_detector_checkpoint(checkpoint: dict[str, Any]) -> bool:
     return all(key in hparams for key in DETECTOR_KEYS)
 
 
-def load_backbone_state(source: str | Path, backbone: str) -> dict[str, torch.Tensor]:
+def load_backbone_state(
+    source: str | Path, backbone: str, backbone_kwargs: dict[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
     """The backbone weights that ``source`` names, through :func:`gather_excite.models._pretrained.read_weights`.
 
     Any source that ``create_model(pretrained=...)`` takes: a ``gex train`` checkpoint of
     ``backbone``, a state dict file (e.g. ``torch.save(torchvision.models.resnet50(weights=...)
     .state_dict(), path)``: the names match), a ``gex export`` folder, a URL, ``hf-hub:...`` or
     ``torchvision``. Files are read with ``weights_only=True``; a detector checkpoint is refused.
+    The ResNet layout (``stride_in_1x1``, v1 or torchvision's v1.5) cannot be read from a state
+    dict's shapes: weights that record theirs must match ``backbone_kwargs``'; a bare state dict
+    loaded into the v1 layout gets a warning, as torchvision's ResNets are v1.5.
     """
     path = Path(source).expanduser()
     if path.is_file() and path.suffix != ".safetensors":
         try:
-            peek = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):
+            peek = load_torch_file(path, f"backbone_init {str(path)!r}", mmap=True)
+        except GexError:
             peek = None  # read_weights below reports what is wrong with the file
         if isinstance(peek, dict) and is_detector_checkpoint(peek):
             raise CheckpointError(
                 f"backbone_init {str(path)!r} is a detector checkpoint (gex detect train); it expects a "
                 "classifier checkpoint (gex train) or a torchvision ResNet state dict"
             )
-    weights = read_weights(source, backbone=split_model_name(backbone)[0])
+    base = split_model_name(backbone)[0]
+    weights = read_weights(source, backbone=base)
     arch = weights.config.get("architecture")
     if arch is not None and arch != backbone:
         raise CheckpointError(
             f"backbone_init {str(source)!r} was trained as {arch!r}, but the backbone is {backbone!r}"
         )
+    if base in ("resnet50", "resnet101", "resnet152"):
+        ours = bool(dict(backbone_kwargs or {}).get("stride_in_1x1", True))
+        theirs = (weights.config.get("model_args") or {}).get("stride_in_1x1")
+        if theirs is not None and bool(theirs) != ours:
+            raise CheckpointError(
+                f"backbone_init {str(source)!r} was trained with stride_in_1x1={bool(theirs)}, the backbone is built "
+                f"with stride_in_1x1={ours}: set backbone_kwargs: {{stride_in_1x1: {str(bool(theirs)).lower()}}}"
+            )
+        if theirs is None and arch is None and ours:
+            warnings.warn(
+                f"backbone_init {str(source)!r} is a bare state dict loaded into the v1 layout (stride on the first "
+                "1x1 conv); torchvision's ResNets are v1.5: for their weights set backbone_kwargs: "
+                "{stride_in_1x1: false}",
+                UserWarning,
+                stacklevel=2,
+            )
     return dict(weights.state_dict)
 
 
@@ -139,10 +162,21 @@ class DetectionModule(SGDModule):
             raise ConfigError(f"schedule must be multistep, cosine or constant, got {schedule!r}")
         if not lr > 0:
             raise ConfigError(f"lr must be > 0, got {lr!r}")
+        split_model_name(backbone)  # an unknown name, with the close ones, before anything is built
+        sizes = {"fpn_channels": fpn_channels, "representation_size": representation_size}
+        for name, value in {**sizes, "warmup_steps": warmup_steps}.items():
+            minimum = 0 if name == "warmup_steps" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
+        for name, value in (("warmup_factor", warmup_factor), ("gamma", gamma)):
+            if not 0 < value <= 1:
+                raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
+        if not (momentum >= 0 and weight_decay >= 0):
+            raise ConfigError(f"momentum and weight_decay must be >= 0, got {momentum!r} and {weight_decay!r}")
         if categories is None or not categories:
             raise ConfigError("categories must list the data's categories ([{'id': ..., 'name': ...}]), got none")
         self.save_hyperparameters()
-        weights = load_backbone_state(backbone_init, backbone) if backbone_init else None
+        weights = load_backbone_state(backbone_init, backbone, backbone_kwargs) if backbone_init else None
         self.model = fasterrcnn_ge_resnet(
             backbone,
             num_classes=len(categories) + 1,

@@ -14,6 +14,8 @@ from typing import TypedDict
 
 from torch import nn
 
+from ..errors import ConfigError
+
 __all__ = ["FeatureInfo", "feature", "residual_units"]
 
 
@@ -51,7 +53,7 @@ def residual_units(model: nn.Module, stage: str | None = None) -> Iterator[tuple
         try:
             model.get_submodule(stage)
         except AttributeError:
-            raise ValueError(
+            raise ConfigError(
                 f"stage must be one of the model's stages {sorted(stage_names or ())} or a module path, got {stage!r}"
             ) from None
         paths = [stage]

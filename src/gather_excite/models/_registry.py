@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..errors import ConfigError
 from ..layers import context_specs
 from .cifar_resnet import cifar_resnet20, cifar_resnet56, cifar_resnet110
 from .preact_resnet import cifar_resnet164
@@ -62,7 +63,7 @@ def split_model_name(name: str) -> tuple[str, str | None]:
     except KeyError:
         close = difflib.get_close_matches(name, MODELS, n=5, cutoff=0.5)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown model name {name!r}.{hint} See gather_excite.list_models().") from None
+        raise ConfigError(f"unknown model name {name!r}.{hint} See gather_excite.list_models().") from None
 
 
 def create_model(
