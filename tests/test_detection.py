@@ -1,14 +1,27 @@
-"""Faster R-CNN on a GE backbone: it builds from torchvision parts, trains and detects."""
+"""Faster R-CNN on a GE backbone: it builds from torchvision parts, trains and detects; COCO folders are checked."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from torchvision.ops import FrozenBatchNorm2d
 
 from gather_excite import GatherExcite, create_model
-from gather_excite.detection import fasterrcnn_ge_resnet
+from gather_excite.detection import CocoDetectionData, check_coco_instances, fasterrcnn_ge_resnet
+from gather_excite.errors import DataError
 from gather_excite.models import BACKBONES
+from test_detect_cli import LAYOUTS, write_coco  # the tiny COCO folder of coloured rectangles
 
 
 def _targets(n: int) -> list[dict[str, torch.Tensor]]:
@@ -105,3 +118,255 @@ def test_backbone_starts_from_a_torchvision_resnet_state_dict(tmp_path, one_thre
     # c4: the trunk ends with layer3, the RoI head starts with layer4; both hold torchvision's tensors
     torch.testing.assert_close(model.backbone.layer3[5].conv2.weight, reference.layer3[5].conv2.weight)
     torch.testing.assert_close(model.roi_heads.box_head[0][2].conv3.weight, reference.layer4[2].conv3.weight)
+
+
+# --- check_coco_instances: each fault of an instances JSON or its image folder is one line, found on opening
+
+
+def _small_coco(tmp_path: Path) -> Path:
+    """``write_coco``'s folder with two 128x128 images: image 10 ('img0.png') holds annotations 100
+    (category 3, bbox [8, 10, 40, 30]) and 101 (category 42, [70, 64, 44, 52]); image 11 ('img1.png')
+    holds 102 (category 7, [20, 20, 100, 100]). It passes the check as written."""
+    root = write_coco(tmp_path / "coco", LAYOUTS[:2])
+    coco, dropped = check_coco_instances(root / "instances.json", root / "images")
+    assert [a["id"] for a in coco["annotations"]] == [100, 101, 102] and dropped == []
+    return root
+
+
+def _edit(change: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any], Path], None]:
+    def edit(coco: dict[str, Any], root: Path) -> None:
+        change(coco)
+
+    return edit
+
+
+def _image_file(write: Callable[[Path], Any]) -> Callable[[dict[str, Any], Path], None]:
+    def edit(coco: dict[str, Any], root: Path) -> None:
+        write(root / "images" / "img1.png")
+
+    return edit
+
+
+def _set(group: str, index: int, key: str, value: Any) -> Callable[[dict[str, Any], Path], None]:
+    return _edit(lambda coco: coco[group][index].__setitem__(key, value))
+
+
+def _drop(group: str, index: int, key: str) -> Callable[[dict[str, Any], Path], None]:
+    return _edit(lambda coco: coco[group][index].pop(key))
+
+
+IDS_UNIQUE = "ids must be unique"
+BOX_EXPECTED = "is not a list of 4 finite numbers [x, y, width, height]"
+# (edit of the small folder, the message expected; {json} and {images} stand for the quoted paths)
+BAD_COCO = {
+    # pycocotools' COCO index keeps the last entry of an id: annotation 102 would stand in for
+    # image 10's box 100 (see the test below); repeated image/category ids lose images/categories.
+    "repeated-annotation-id": (
+        _set("annotations", 2, "id", 100),
+        f"annotation id 100 is repeated in {{json}} (image_id 10 and 11); pycocotools indexes annotations by id, "
+        f"so {IDS_UNIQUE}",
+    ),
+    # was "annotation id 102 names image_id 11, not listed": true of the index, not of the file
+    "repeated-image-id": (
+        _set("images", 1, "id", 10),
+        f"image id 10 is repeated in {{json}} (file_name 'img0.png' and 'img1.png'); pycocotools indexes images "
+        f"by id, so {IDS_UNIQUE}",
+    ),
+    "repeated-category-id": (
+        _set("categories", 1, "id", 3),
+        f"category id 3 is repeated in {{json}} (name 'red' and 'green'); pycocotools indexes categories by id, "
+        f"so {IDS_UNIQUE}",
+    ),
+    # COCOeval reads area (KeyError after a whole epoch), torchvision's v2 wrapper iscrowd
+    "no-area": (
+        _drop("annotations", 0, "area"),
+        "instances JSON {json} is not COCO: an entry of 'annotations' misses keys ['area'] ({'id': 100, ",
+    ),
+    "no-iscrowd": (
+        _drop("annotations", 0, "iscrowd"),
+        "instances JSON {json} is not COCO: an entry of 'annotations' misses keys ['iscrowd'] ({'id': 100, ",
+    ),
+    # malformed values: each was a traceback (ValueError/TypeError) or passed silently
+    "bbox-3-numbers": (
+        _set("annotations", 1, "bbox", [1, 2, 3]),
+        f"annotation id 101 in {{json}}: bbox [1, 2, 3] {BOX_EXPECTED}",
+    ),
+    "bbox-string": (
+        _set("annotations", 1, "bbox", "1,2,3,4"),
+        f"annotation id 101 in {{json}}: bbox '1,2,3,4' {BOX_EXPECTED}",
+    ),
+    "bbox-null": (_set("annotations", 1, "bbox", None), f"annotation id 101 in {{json}}: bbox None {BOX_EXPECTED}"),
+    # JSON's NaN passed every comparison of the old box check
+    "bbox-nan": (
+        _set("annotations", 1, "bbox", [1, 2, float("nan"), 4]),
+        f"annotation id 101 in {{json}}: bbox [1, 2, nan, 4] {BOX_EXPECTED}",
+    ),
+    "bbox-bool": (
+        _set("annotations", 1, "bbox", [1, 2, True, 4]),
+        f"annotation id 101 in {{json}}: bbox [1, 2, True, 4] {BOX_EXPECTED}",
+    ),
+    "width-null": (_set("images", 0, "width", None), "image id 10 in {json}: width None is not a positive number"),
+    "height-string": (
+        _set("images", 0, "height", "128"),
+        "image id 10 in {json}: height '128' is not a positive number",
+    ),
+    "width-zero": (_set("images", 1, "width", 0), "image id 11 in {json}: width 0 is not a positive number"),
+    "height-negative": (
+        _set("images", 1, "height", -128),
+        "image id 11 in {json}: height -128 is not a positive number",
+    ),
+    "file-name-int": (_set("images", 0, "file_name", 0), "image id 10 in {json}: file_name 0 is not a file name"),
+    "image-id-string": (
+        _set("images", 0, "id", "10"),
+        "an entry of 'images' ({'id': '10', 'file_name': 'img0.png', 'width': 128, 'height': 128}) in {json}: "
+        "id '10' is not an int",
+    ),
+    "annotation-id-float": (_set("annotations", 0, "id", 100.0), "in {json}: id 100.0 is not an int"),
+    "annotation-id-bool": (_set("annotations", 0, "id", True), "in {json}: id True is not an int"),
+    "category-id-string": (
+        _set("categories", 0, "id", "3"),
+        "an entry of 'categories' ({'id': '3', 'name': 'red'}) in {json}: id '3' is not an int",
+    ),
+    "image-id-of-annotation-string": (
+        _set("annotations", 0, "image_id", "10"),
+        "annotation id 100 in {json}: image_id '10' is not an int",
+    ),
+    "area-string": (
+        _set("annotations", 0, "area", "1200"),
+        "annotation id 100 in {json}: area '1200' is not a finite number",
+    ),
+    "iscrowd-2": (_set("annotations", 0, "iscrowd", 2), "annotation id 100 in {json}: iscrowd 2 is not 0 or 1"),
+    "unlisted-image": (
+        _set("annotations", 0, "image_id", 99),
+        "annotation id 100 in {json} names image_id 99, not listed",
+    ),
+    # the image folder of another JSON: boxes were clamped silently
+    "image-size-differs": (
+        _image_file(lambda path: Image.new("RGB", (64, 96)).save(path)),
+        "image 'img1.png' (id 11) in {images} is 64x96 pixels but {json} gives 128x128 (width x height): "
+        "the image folder does not match the JSON",
+    ),
+    "image-corrupt": (
+        _image_file(lambda path: path.write_bytes(b"not a png")),
+        "image 'img1.png' (id 11) in {images}, listed in {json}, is not a readable image: cannot identify image file",
+    ),
+    # the hint names both ways to drop such boxes: the training recipe's and gex detect eval's
+    "degenerate-box-hint": (
+        _set("annotations", 1, "bbox", [10, 10, 0, 20]),
+        "annotation id 101 in {json}: box [10, 10, 0, 20] is degenerate "
+        "(data.invalid_boxes: drop, or gex detect eval --invalid-boxes drop, skips such boxes)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("edit", "expected"), BAD_COCO.values(), ids=BAD_COCO.keys())
+def test_bad_coco_instances_give_one_line_naming_file_and_entry(
+    tmp_path: Path, edit: Callable[[dict[str, Any], Path], None], expected: str
+) -> None:
+    """Each fault of a valid folder is refused as one ``DataError`` line naming the file and the entry.
+
+    Expected: exactly the message (or its start) in ``BAD_COCO``, with the JSON's (and the image
+    folder's) quoted path, and no newline (``gex detect`` prints it as one line and exits 2).
+    Before, these passed silently, gave a traceback (``ValueError``, ``TypeError``, ``KeyError``
+    later in training or COCOeval) or a message about another fault.
+    """
+    root = _small_coco(tmp_path)
+    coco = json.loads((root / "instances.json").read_text())
+    edit(coco, root)
+    (root / "instances.json").write_text(json.dumps(coco))
+    expected = expected.replace("{json}", repr(str(root / "instances.json")))
+    expected = expected.replace("{images}", repr(str(root / "images")))
+    with pytest.raises(DataError, match=re.escape(expected)) as err:
+        check_coco_instances(root / "instances.json", root / "images")
+    assert "\n" not in str(err.value)
+
+
+def test_coco_types_accept_what_the_format_allows(tmp_path: Path) -> None:
+    """Float sizes and boxes, and a bool ``iscrowd``, are valid COCO: expected to pass with nothing dropped.
+
+    The type checks refuse strings, nulls, bools as numbers and non-int ids, not the floats
+    that COCO's own files hold (its boxes are floats) nor JSON's ``true`` for a crowd flag.
+    """
+    root = _small_coco(tmp_path)
+    coco = json.loads((root / "instances.json").read_text())
+    coco["images"][0].update(width=128.0, height=128.0)  # the real size, as floats
+    coco["annotations"][0].update(bbox=[8.5, 10.25, 40.0, 29.75], area=1190.0, iscrowd=True)
+    coco["annotations"][1]["iscrowd"] = False
+    (root / "instances.json").write_text(json.dumps(coco))
+    checked, dropped = check_coco_instances(root / "instances.json", root / "images")
+    assert dropped == [] and checked["annotations"][0]["iscrowd"] is True
+
+
+def test_repeated_annotation_ids_are_refused_because_pycocotools_indexes_by_id(tmp_path: Path) -> None:
+    """Annotation ids must be unique because pycocotools' ``COCO`` keeps one annotation per id.
+
+    With annotation 102 (image 11, category 7) renamed 100, ``COCO.loadAnns`` of image 10 returns
+    image 11's box [20, 20, 100, 100] in place of image 10's own [8, 10, 40, 30]: training would
+    see the wrong box, and COCOeval scores the ground truth against itself at AP
+    (1 + 51/101) / 2 = 0.7525 instead of 1.0 (category 3 loses its only box, category 7's box
+    counts twice, so its one detection recalls half: 51 of COCO's 101 recall points). So the
+    check refuses the file, naming the id, and the data module refuses it before any training.
+    """
+    root = _small_coco(tmp_path)
+    path = root / "instances.json"
+    coco = json.loads(path.read_text())
+
+    def index_and_ap() -> tuple[list[list[int]], float]:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            truth = COCO(str(path))
+            found = truth.loadRes([{**a, "score": 1.0} for a in json.loads(path.read_text())["annotations"]])
+            evaluation = COCOeval(truth, found, "bbox")
+            evaluation.evaluate()
+            evaluation.accumulate()
+            evaluation.summarize()
+        return [a["bbox"] for a in truth.loadAnns(truth.getAnnIds(imgIds=[10]))], float(evaluation.stats[0])
+
+    boxes, ap = index_and_ap()
+    assert boxes == [[8, 10, 40, 30], [70, 64, 44, 52]] and ap == pytest.approx(1.0)  # unique ids: exact
+    coco["annotations"][2]["id"] = 100
+    path.write_text(json.dumps(coco))
+    boxes, ap = index_and_ap()
+    assert boxes == [[20, 20, 100, 100], [70, 64, 44, 52]]  # image 11's box under image 10
+    assert ap == pytest.approx((1 + 51 / 101) / 2)
+    message = f"annotation id 100 is repeated in {str(path)!r} (image_id 10 and 11); pycocotools indexes annotations"
+    with pytest.raises(DataError, match=re.escape(message)):
+        check_coco_instances(path, root / "images", invalid_boxes="drop")
+    data = CocoDetectionData(
+        str(root),
+        train_images="images",
+        train_annotations="instances.json",
+        val_images="images",
+        val_annotations="instances.json",
+        num_workers=0,
+    )
+    with pytest.raises(DataError, match=re.escape(message)):
+        data.setup("fit")
+
+
+def test_data_module_checks_each_json_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``categories``, the training and the validation split share one JSON here: expected 1 check, not 3.
+
+    The check reads every listed image's header (COCO 2014 train: ~83k files), so the data
+    module keeps its small results (categories, drop list) per JSON and image folder.
+    """
+    from gather_excite.detection import data as data_module
+
+    root = _small_coco(tmp_path)
+    calls = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return check_coco_instances(*args, **kwargs)
+
+    monkeypatch.setattr(data_module, "check_coco_instances", counted)
+    data = CocoDetectionData(
+        str(root),
+        train_images="images",
+        train_annotations="instances.json",
+        val_images="images",
+        val_annotations="instances.json",
+        num_workers=0,
+    )
+    data.setup("fit")
+    assert len(calls) == 1
+    assert [c["id"] for c in data.categories] == [3, 7, 42] and len(data.train_set) == len(data.val_set) == 2

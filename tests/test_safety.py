@@ -314,9 +314,13 @@ def test_a_checkpoint_never_names_code_to_import(tmp_path: Path) -> None:
     assert torch.equal(loaded.net.fc.weight, module.net.fc.weight)
 
 
-def _with_trainer(config: Path, trainer: dict[str, object], path: Path) -> Path:
+def _with_trainer(config: Path, trainer: dict[str, object] | str, path: Path) -> Path:
+    """``config`` with ``trainer`` settings added, or its trainer group given as a file to read."""
     recipe = yaml.safe_load(config.read_text())
-    recipe["trainer"].update(trainer)
+    if isinstance(trainer, str):
+        recipe["trainer"] = trainer
+    else:
+        recipe["trainer"].update(trainer)
     path.write_text(yaml.safe_dump(recipe))
     return path
 
@@ -338,14 +342,39 @@ def test_a_config_names_only_allowlisted_classes_and_no_function(
         "class outside lightning, torch, gather_excite; refused before importing it (a config a user was handed "
         "must not run code: build such a Trainer in Python)"
     )
-    # A function by its import path (an allowlisted class's callable argument): refused before the hook runs.
-    (tmp_path / "handed_hooks.py").write_text(f"def touch(*args):\n    open({str(marker)!r}, 'w').close()\n")
+    # A function by its import path (an allowlisted class's callable argument): refused before its module
+    # is imported (importing it runs its top level) and before the hook runs.
+    (tmp_path / "handed_hooks.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\ndef touch(*args):\n    open({str(marker)!r}, 'w').close()\n"
+    )
     lambda_callback = "lightning.pytorch.callbacks.LambdaCallback"
     hook = [{"class_path": lambda_callback, "init_args": {"on_fit_start": "handed_hooks.touch"}}]
     config = _with_trainer(tiny_config, {"callbacks": hook}, tmp_path / "hook.yaml")
     assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 2
     line = _error_line(capsys, "gex train")
-    assert "trainer.callbacks[0].init_args.on_fit_start = handed_hooks.touch is a function or class" in line
+    assert "trainer.callbacks[0].init_args.on_fit_start = 'handed_hooks.touch' names an import path outside" in line
+    # An allowlisted package's function is no class either: refused in the parsed config, never called.
+    hook = [{"class_path": lambda_callback, "init_args": {"on_fit_start": "torch.save"}}]
+    config = _with_trainer(tiny_config, {"callbacks": hook}, tmp_path / "torch_hook.yaml")
+    assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "trainer.callbacks[0].init_args.on_fit_start = torch.serialization.save is a function" in _error_line(
+        capsys, "gex train"
+    )
+    # Every other way a YAML text reaches jsonargparse was imported before the check (a review found them):
+    # a bare class path (no class_path key), a file the config names for a group, --trainer FILE, and a
+    # command-line value.
+    nested = tmp_path / "handed_trainer.yaml"
+    nested.write_text(yaml.safe_dump({"callbacks": outside}))
+    bare = _with_trainer(tiny_config, {"callbacks": ["handed_callbacks.Cb"]}, tmp_path / "bare.yaml")
+    names_a_file = _with_trainer(tiny_config, str(nested), tmp_path / "names_a_file.yaml")
+    for argv in (
+        ["--config", str(bare)],
+        ["--config", str(names_a_file)],
+        ["--config", str(tiny_config), "--trainer", str(nested)],
+        ["--config", str(tiny_config), "--trainer.logger", "handed_callbacks.Cb"],
+    ):
+        assert train_cli.main([*argv, "--out", str(tmp_path / "run")]) == 2, argv
+        assert "handed_callbacks.Cb' names a" in _error_line(capsys, "gex train"), argv
     assert not marker.exists() and not (tmp_path / "run").exists()
     # Lightning's classes, by full or short name, are built as before.
     # (They reach the Trainer beside the run's own callbacks and checkpoint plugin.)

@@ -1,23 +1,30 @@
 """What a ``gex train``/``gex detect train`` config may name: classes of the allowlisted packages, and
-no function. LightningCLI builds ``trainer.callbacks``/``logger``/``plugins``/``strategy`` from a
-``class_path`` (importing its module while parsing) and imports a dotted path given for a callable
-argument (``LambdaCallback(on_fit_start=...)``). A config file is checked before it is parsed (its
-``class_path`` values), the parsed config before anything in it is built or called."""
+no function. LightningCLI builds ``trainer.callbacks``/``logger``/``plugins``/``strategy`` from a class
+path (importing its module while parsing: ``class_path: pkg.Cls``, or the bare string ``pkg.Cls``) and
+imports a dotted path given for a callable argument (``LambdaCallback(on_fit_start=...)``).
+
+Every YAML text jsonargparse reads goes through one loader (:func:`install_loader`): the ``--config``
+file, a file it names for a group (``trainer: other.yaml``), a file given as ``--trainer FILE`` and each
+command-line value. The loader refuses a class path outside :data:`ALLOWED_PACKAGES` before
+jsonargparse can import it; the parsed config is checked again before anything in it is built or
+called (:func:`check_parsed_config`)."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import Namespace, get_loader, set_loader
 
 from ..errors import ConfigError
 
-__all__ = ["ALLOWED_PACKAGES", "check_config_file", "check_parsed_config"]
+__all__ = ["ALLOWED_PACKAGES", "check_config_file", "check_loaded", "check_parsed_config", "install_loader"]
 
 # Top-level packages whose classes a config may name (Lightning's callbacks, loggers, strategies,
 # plugins and profilers; PyTorch's; this project's). A short name (``class_path: ModelCheckpoint``)
@@ -47,15 +54,58 @@ def _refuse_class_path(where: str, value: str, source: str) -> None:
         )
 
 
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+def _names_outside_module(value: str) -> bool:
+    """Whether a bare string is an import path of a module outside the allowlist: dotted identifiers whose
+    first one is an installed top-level module (``find_spec`` locates it without importing it), so that
+    file names (``imagenet.yaml``) and numbers pass."""
+    if not _DOTTED.fullmatch(value) or value.split(".", 1)[0] in ALLOWED_PACKAGES:
+        return False
+    try:
+        return importlib.util.find_spec(value.split(".", 1)[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_loaded(data: Any, source: str) -> Any:
+    """Refuse ``data`` (a loaded YAML value) if it names a class or function outside the allowlist; returns it."""
+    entries = [("", None, data), *_items(data)]
+    for where, key, value in entries:
+        if not isinstance(value, str):
+            continue
+        if key == "class_path":
+            _refuse_class_path(where, value, source)
+        elif _names_outside_module(value):
+            raise ConfigError(
+                f"{source}: {where or 'a value'} = {value!r} names an import path outside "
+                f"{', '.join(ALLOWED_PACKAGES)}; refused before importing it (a config a user was handed must "
+                "not run code: build such a Trainer in Python)"
+            )
+    return data
+
+
 def check_config_file(path: str | Path) -> None:
-    """Refuse a YAML config whose ``class_path`` names a module outside :data:`ALLOWED_PACKAGES`."""
+    """:func:`check_loaded` of a YAML file, naming it (the loader checks it again, as "the config")."""
     try:
         data = yaml.safe_load(Path(path).expanduser().read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return  # jsonargparse reads the file next and reports what is wrong with it
-    for where, key, value in _items(data):
-        if key == "class_path" and isinstance(value, str):
-            _refuse_class_path(where, value, f"--config {path}")
+    check_loaded(data, f"--config {path}")
+
+
+def install_loader() -> None:
+    """Make jsonargparse's YAML loader refuse, while loading, any text that names an outside class."""
+    base = get_loader("yaml")
+    if getattr(base, "guarded", False):
+        return
+
+    def guarded(text: str) -> Any:
+        return check_loaded(base(text), "the config")
+
+    guarded.guarded = True  # type: ignore[attr-defined]
+    set_loader("yaml", guarded, exceptions=(yaml.YAMLError,))
 
 
 def check_parsed_config(config: Any) -> None:

@@ -30,7 +30,7 @@ from ..engine import (
     write_eval_json,
 )
 from ..errors import CheckpointError, ConfigError, DataNotFoundError, GexError, RunExistsError, one_line
-from ._config_guard import check_config_file, check_parsed_config
+from ._config_guard import check_config_file, check_parsed_config, install_loader
 
 __all__ = ["GexCLI", "main"]
 
@@ -45,7 +45,7 @@ class RecipeConfigFile(ActionConfigFile):
     def __call__(self, parser: Any, cfg: Any, values: Any, option_string: str | None = None) -> None:
         value = str(values)
         if Path(value).expanduser().is_file():
-            check_config_file(value)  # before jsonargparse imports what it names
+            check_config_file(value)  # names the file; every YAML text is checked again by the loader
             return super().__call__(parser, cfg, values, option_string)
         recipe = RECIPES.get(value.removesuffix(".yaml"))
         base = base_path(recipe.base if recipe is not None else value)
@@ -261,6 +261,7 @@ def _parse(
     prog: str = "gex train",
 ) -> GexCLI:
     """The parsed config with the model, data and trainer built (nothing run yet)."""
+    install_loader()  # every YAML text read below is checked for class paths before anything is imported
     saved_argv, sys.argv = sys.argv, [prog]  # LightningCLI warns when sys.argv and args differ
     # "Seed set to N" would precede a one-line error about the arguments; the seed is in the config.
     seed_log = logging.getLogger("lightning.fabric.utilities.seed")

@@ -1,7 +1,15 @@
 """COCO-format detection folders through ``torchvision.datasets.CocoDetection`` and ``transforms.v2``.
 
-An instances JSON is checked once when a split is opened: the COCO keys exist, every listed
-image file exists, and every box lies inside its image with a positive width and height.
+An instances JSON is checked once when a split is opened (``check_coco_instances``), before any
+training, and every fault is one line naming the file and the entry: the COCO keys exist
+(annotations need ``area`` and ``iscrowd``, which COCOeval and torchvision's wrapper read), the
+values have COCO's types (int ids, positive ``width``/``height``, a ``bbox`` of 4 finite numbers,
+a numeric ``area``, ``iscrowd`` 0/1), no image, annotation or category id is repeated
+(pycocotools indexes them by id, so a repeated annotation id would swap one image's boxes for
+another's), every annotation names a listed image and category, every box lies inside its image
+with a positive width and height, and every listed image file exists, opens, and has the JSON's
+size (read from its header, no pixels decoded; a mismatch means the folder belongs to another
+JSON, whose boxes would be clamped silently).
 A bad box is refused naming its annotation id (``invalid_boxes="refuse"``, the default) or
 dropped with one printed count (``invalid_boxes="drop"``, as torchvision's references do on
 COCO, whose 2014 release has a few zero-size boxes). Crowd annotations are kept for the
@@ -15,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import sys
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +31,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
@@ -35,69 +45,141 @@ InvalidBoxes = Literal["refuse", "drop"]
 _REQUIRED = {
     "": ("images", "annotations", "categories"),
     "images": ("id", "file_name", "width", "height"),
-    "annotations": ("id", "image_id", "bbox", "category_id"),
+    "annotations": ("id", "image_id", "bbox", "category_id", "area", "iscrowd"),
     "categories": ("id", "name"),
 }
+_SINGULAR = {"images": "image", "annotations": "annotation", "categories": "category"}
 # COCO boxes are floats and a few end a fraction of a pixel past the border; that is rounding,
 # not an out-of-image box (the transforms clamp it).
 _BORDER_TOLERANCE = 1.0
+_DROP_HINT = "(data.invalid_boxes: drop, or gex detect eval --invalid-boxes drop, skips such boxes)"
 
 
 def _missing(entry: Any, keys: tuple[str, ...]) -> list[str]:
     return [key for key in keys if not isinstance(entry, dict) or key not in entry]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float that is finite (JSON's ``NaN``/``Infinity`` and ints beyond a float's range are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _entry(group: str, entry: dict[str, Any]) -> str:
+    """How a message names an entry: by its id once that is known to be an int, else by its start."""
+    if _is_int(entry["id"]):
+        return f"{_SINGULAR[group]} id {entry['id']}"
+    return f"an entry of {group!r} ({str(entry)[:80]})"
+
+
 def check_coco_instances(
     annotations: str | Path, images: str | Path, *, invalid_boxes: InvalidBoxes = "refuse"
 ) -> tuple[dict[str, Any], list[int]]:
-    """The parsed instances JSON and the ids of the annotations to drop; raises ``ValueError`` on bad input.
+    """The parsed instances JSON and the ids of the annotations to drop; raises a one-line ``DataError`` on bad input.
 
-    Checks the top-level keys and those of every image, annotation and category (naming the
-    missing ones), that every image file exists under ``images``, and every box (COCO
-    ``[x, y, width, height]``) is non-degenerate and inside its image.
+    Every message names the JSON (or the image file) and the entry at fault. Checked, in order:
+
+    - the top-level keys and those of every image, annotation and category (naming the missing
+      ones; annotations need ``area`` and ``iscrowd`` too, which COCOeval and torchvision's
+      wrapper read);
+    - the values: ids (and an annotation's ``image_id`` and ``category_id``) are ints, not
+      bools; ``file_name`` a string; ``width``/``height`` positive numbers; ``bbox`` a list of 4
+      finite numbers; ``area`` a finite number; ``iscrowd`` 0 or 1 (or a bool);
+    - that no image, annotation or category id is repeated (pycocotools indexes each by id: a
+      repeated annotation id makes one image's boxes stand in for another's, in training and in
+      COCOeval's ground truth);
+    - that every annotation names a listed image and category;
+    - that every box (COCO ``[x, y, width, height]``) is non-degenerate and inside its image
+      (within ``_BORDER_TOLERANCE`` px): refused naming its annotation id, or returned in the
+      drop list with ``invalid_boxes="drop"``;
+    - that every image file exists under ``images``, can be opened, and has the JSON's
+      ``width`` x ``height`` (read from the file's header: no pixels are decoded).
     """
     annotations, images = Path(annotations), Path(images)
     if not annotations.is_file():
         raise DataNotFoundError(f"instances JSON {str(annotations)!r} does not exist")
     if not images.is_dir():
         raise DataNotFoundError(f"image folder {str(images)!r} does not exist")
+    name = repr(str(annotations))
     try:
         coco = json.loads(annotations.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"instances JSON {str(annotations)!r} is not JSON: {err}") from None
+        raise DataError(f"instances JSON {name} is not JSON: {err}") from None
     missing = _missing(coco, _REQUIRED[""])
     if missing:
-        raise DataError(f"instances JSON {str(annotations)!r} is not COCO: missing keys {missing}")
+        raise DataError(f"instances JSON {name} is not COCO: missing keys {missing}")
     for group in ("images", "annotations", "categories"):
         if not isinstance(coco[group], list):
-            raise DataError(f"instances JSON {str(annotations)!r} is not COCO: {group!r} must be a list")
+            raise DataError(f"instances JSON {name} is not COCO: {group!r} must be a list")
+        seen: dict[int, dict[str, Any]] = {}
         for entry in coco[group]:
             missing = _missing(entry, _REQUIRED[group])
             if missing:
                 raise DataError(
-                    f"instances JSON {str(annotations)!r} is not COCO: an entry of {group!r} misses keys {missing} "
+                    f"instances JSON {name} is not COCO: an entry of {group!r} misses keys {missing} "
                     f"({str(entry)[:80]})"
                 )
+            if not _is_int(entry["id"]):
+                raise DataError(f"{_entry(group, entry)} in {name}: id {_short(entry['id'])} is not an int")
+            first = seen.setdefault(entry["id"], entry)
+            if first is not entry:
+                # pycocotools keeps the last entry of an id: the others vanish from its index
+                what = {"images": "file_name", "annotations": "image_id", "categories": "name"}[group]
+                both = f" ({what} {_short(first[what])} and {_short(entry[what])})"
+                raise DataError(
+                    f"{_SINGULAR[group]} id {entry['id']} is repeated in {name}{both}; "
+                    f"pycocotools indexes {group} by id, so ids must be unique"
+                )
     if not coco["categories"]:
-        raise DataError(f"instances JSON {str(annotations)!r} lists no categories")
+        raise DataError(f"instances JSON {name} lists no categories")
+
+    def bad(group: str, entry: dict[str, Any], key: str, expected: str) -> DataError:
+        return DataError(f"{_entry(group, entry)} in {name}: {key} {_short(entry[key])} is not {expected}")
+
     sizes = {}
     for image in coco["images"]:
-        if not (images / image["file_name"]).is_file():
-            raise DataNotFoundError(
-                f"image {image['file_name']!r} (id {image['id']}) listed in {str(annotations)!r} "
-                f"is missing from {str(images)!r}"
-            )
-        sizes[image["id"]] = (float(image["width"]), float(image["height"]))
+        if not isinstance(image["file_name"], str) or not image["file_name"]:
+            raise bad("images", image, "file_name", "a file name")
+        for key in ("width", "height"):
+            if not _is_number(image[key]) or image[key] <= 0:
+                raise bad("images", image, key, "a positive number")
+        sizes[image["id"]] = (image["width"], image["height"])
     category_ids = {category["id"] for category in coco["categories"]}
     dropped = []
     for annotation in coco["annotations"]:
+        for key in ("image_id", "category_id"):
+            if not _is_int(annotation[key]):
+                raise bad("annotations", annotation, key, "an int")
+        box = annotation["bbox"]
+        if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+            raise bad("annotations", annotation, "bbox", "a list of 4 finite numbers [x, y, width, height]")
+        if not _is_number(annotation["area"]):
+            raise bad("annotations", annotation, "area", "a finite number")
+        if not isinstance(annotation["iscrowd"], int) or annotation["iscrowd"] not in (0, 1):  # a bool is an int
+            raise bad("annotations", annotation, "iscrowd", "0 or 1")
         if annotation["image_id"] not in sizes:
-            raise DataError(f"annotation id {annotation['id']} names image_id {annotation['image_id']}, not listed")
+            raise DataError(
+                f"annotation id {annotation['id']} in {name} names image_id {annotation['image_id']}, not listed"
+            )
         if annotation["category_id"] not in category_ids:
             raise DataError(
-                f"annotation id {annotation['id']} names category_id {annotation['category_id']}, not in categories"
+                f"annotation id {annotation['id']} in {name} names category_id {annotation['category_id']}, "
+                "not in categories"
             )
-        x, y, w, h = (float(v) for v in annotation["bbox"])
+        x, y, w, h = box
         width, height = sizes[annotation["image_id"]]
         degenerate = w <= 0 or h <= 0
         outside = x < -_BORDER_TOLERANCE or y < -_BORDER_TOLERANCE
@@ -105,11 +187,27 @@ def check_coco_instances(
         if degenerate or outside:
             if invalid_boxes == "refuse":
                 what = "is degenerate" if degenerate else f"lies outside its {width:g}x{height:g} image"
-                raise DataError(
-                    f"annotation id {annotation['id']} in {str(annotations)!r}: box {annotation['bbox']} {what} "
-                    f"(set data.invalid_boxes: drop to skip such boxes)"
-                )
-            dropped.append(int(annotation["id"]))
+                raise DataError(f"annotation id {annotation['id']} in {name}: box {_short(box)} {what} {_DROP_HINT}")
+            dropped.append(annotation["id"])
+    for image in coco["images"]:
+        path = images / image["file_name"]
+        listed = f"image {image['file_name']!r} (id {image['id']})"
+        if not path.is_file():
+            raise DataNotFoundError(f"{listed} listed in {name} is missing from {str(images)!r}")
+        try:
+            with Image.open(path) as opened:  # reads the header only
+                real = opened.size
+        except (OSError, Image.DecompressionBombError) as err:
+            reason = " ".join(str(err).split())
+            raise DataError(
+                f"{listed} in {str(images)!r}, listed in {name}, is not a readable image: {reason}"
+            ) from None
+        width, height = sizes[image["id"]]
+        if real != (width, height):
+            raise DataError(
+                f"{listed} in {str(images)!r} is {real[0]}x{real[1]} pixels but {name} gives {width:g}x{height:g} "
+                "(width x height): the image folder does not match the JSON"
+            )
     return coco, dropped
 
 
@@ -227,25 +325,42 @@ class CocoDetectionData(L.LightningDataModule):
         self.root = Path(root)
         self.train_set: Dataset[Any] | None = None
         self.val_set: Dataset[Any] | None = None
+        self._checked: dict[tuple[Path, Path], tuple[list[dict[str, Any]], list[int]]] = {}
 
     def _paths(self, split: str) -> tuple[Path, Path]:
         hp = self.hparams
         return self.root / hp[f"{split}_images"], self.root / hp[f"{split}_annotations"]
 
+    def _check(self, split: str, invalid_boxes: InvalidBoxes) -> tuple[list[dict[str, Any]], list[int]]:
+        """``check_coco_instances`` of a split, run once per JSON and image folder: its categories and drop list.
+
+        The check reads every image's header; ``categories`` (at instantiation) and the training
+        split (in ``setup``) would otherwise both run it on the training JSON. Only the small
+        results are kept, not the parsed JSON.
+        """
+        images, annotations = self._paths(split)
+        key = (annotations.resolve(), images.resolve())
+        if key not in self._checked:
+            coco, dropped = check_coco_instances(annotations, images, invalid_boxes="drop")
+            self._checked[key] = (coco["categories"], dropped)
+        categories, dropped = self._checked[key]
+        if dropped and invalid_boxes == "refuse":
+            check_coco_instances(annotations, images, invalid_boxes="refuse")  # raises, naming the first bad box
+        return categories, dropped
+
     @cached_property
     def categories(self) -> list[dict[str, Any]]:
         """The training JSON's categories as ``[{"id": ..., "name": ...}]``: label i+1 is entry i."""
-        images, annotations = self._paths("train")
-        coco, _ = check_coco_instances(annotations, images, invalid_boxes="drop")
-        return [{"id": int(c["id"]), "name": str(c["name"])} for c in coco["categories"]]
+        categories, _ = self._check("train", "drop")
+        return [{"id": int(c["id"]), "name": str(c["name"])} for c in categories]
 
     def _dataset(self, split: str, categories: list[dict[str, Any]]) -> Dataset[Any]:
         images, annotations = self._paths(split)
-        coco, dropped = check_coco_instances(annotations, images, invalid_boxes=self.hparams["invalid_boxes"])
+        json_categories, dropped = self._check(split, self.hparams["invalid_boxes"])
         if dropped:
             print(f"{annotations}: dropped {len(dropped)} degenerate or out-of-image boxes", file=sys.stderr)
         label_of = {category["id"]: index + 1 for index, category in enumerate(categories)}
-        unknown = sorted({int(c["id"]) for c in coco["categories"]} - set(label_of))
+        unknown = sorted({int(c["id"]) for c in json_categories} - set(label_of))
         if unknown:
             raise DataError(f"{annotations}: category ids {unknown} are not among the model's {sorted(label_of)}")
         train = split == "train"
