@@ -41,6 +41,7 @@ def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         (["detect", "eval", "x.ckpt", "--batch-size", "0"], "argument --batch-size: expected an int >= 1, got '0'"),
         (["eval", "x.ckpt", "--num-workers", "-1"], "argument --num-workers: expected an int >= 0, got '-1'"),
         (["detect", "eval", "x.ckpt", "--accelerator", "foo"], "argument --accelerator: invalid choice: 'foo'"),
+        (["eval", "CKPT", "--precision", "bogus"], "precision='bogus': Precision 'bogus' is invalid"),
         # a training step of one image: "Expected more than 1 value per channel when training"
         (["bench", "op", "--variants", "ge_theta", "--batch", "1"], "argument --batch: expected an int >= 2, got '1'"),
         (["bench", "net", "--models", "cifar_resnet20", "--batch", "1"], "expected an int >= 2, got '1'"),
@@ -52,6 +53,11 @@ def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 def test_a_bad_value_is_one_line(
     argv: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    if "CKPT" in argv:  # a checkpoint that loads, so that the evaluation's Trainer is built
+        from test_safety import _hand_made_checkpoint
+
+        checkpoint = _hand_made_checkpoint(tmp_path / "model.ckpt", tmp_path / "data")
+        argv = [str(checkpoint) if arg == "CKPT" else arg for arg in argv]
     argv = [str(tmp_path / "out") if arg == "OUT" else arg for arg in argv]
     assert expected in _refused(argv, capsys)
     assert not (tmp_path / "out").exists()

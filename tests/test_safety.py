@@ -98,6 +98,14 @@ BAD_ARGUMENTS = [
     (["--trainer.max_epochs", "-2"], "max_epochs` must be a non-negative integer or -1. You passed in -2"),
     (["--data.dataset", "cifar1O"], 'Parser key "data.dataset": Expected a typing.Literal'),
     (["--data.batch_size", "many"], "Parser key \"data.batch_size\": Expected a <class 'int'>. Got value: many"),
+    # These were tracebacks (a review found them): a typo in arch_kwargs reached the backbone's constructor,
+    # SGD and the loss checked their settings during the first step, and Lightning's name checks raise ValueError.
+    (["--model.arch_kwargs", '{"widht": 4}'], "unexpected keyword argument 'widht'"),
+    (["--model.arch_kwargs", '{"width": 0}'], "arch_kwargs {'width': 0} for cifar_resnet20: width must be an int >= 1"),
+    (["--model.momentum", "-1"], "momentum and weight_decay must be >= 0, got -1.0 and 0.0"),
+    (["--model.label_smoothing", "2"], "label_smoothing must be in [0, 1], got 2.0"),
+    (["--trainer.accelerator", "tpuu"], "trainer: You selected an invalid accelerator name: `accelerator='tpuu'`"),
+    (["--trainer.strategy", "bogus"], "trainer: You selected an invalid strategy name: `strategy='bogus'`"),
 ]
 if not torch.cuda.is_available():
     BAD_ARGUMENTS.append((["--trainer.accelerator", "gpu"], "No supported gpu backend found"))
@@ -121,6 +129,22 @@ def test_a_yaml_config_with_python_tags_is_refused_unrun(tmp_path: Path, capsys:
     line = _error_line(capsys, "gex train")
     assert f"--config {config}: not a plain YAML file" in line and "python/object/apply:os.system" in line
     assert not marker.exists()
+
+
+def test_a_failed_download_is_one_line(tmp_path: Path, tiny_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With no network torchvision raises a RuntimeError naming the URL it tried: it was a traceback."""
+    from torchvision.datasets import FashionMNIST
+
+    def offline(self: object, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: <urlopen error [Errno -2] Name unknown>")
+
+    empty = tmp_path / "empty"
+    argv = ["--config", str(tiny_config), "--data.root", str(empty), "--data.download", "true"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FashionMNIST, "download", offline)
+        assert train_cli.main([*argv, "--out", str(tmp_path / "run")]) == 2
+    line = _error_line(capsys, "gex train")
+    assert f"data path {str(empty)!r}: downloading Fashion-MNIST failed (Error downloading train-images" in line
 
 
 def test_data_errors_suggest_the_commands_own_flags(
@@ -193,7 +217,7 @@ def test_checkpoint_errors_say_what_the_file_is(tmp_path: Path, capsys: pytest.C
         f"{str(bare)!r} is not a checkpoint of this project: it holds a bare state dict of {len(weights)} tensors"
         in line
     )
-    assert "load_state_dict" in line
+    assert "load such weights with gather_excite.create_model(NAME, pretrained=path)" in line
 
     marker = tmp_path / "pwned"
     unsafe = tmp_path / "unsafe.ckpt"
@@ -447,7 +471,25 @@ def test_a_resume_only_continues_its_own_run_and_a_failed_one_changes_nothing(
     truncated.write_bytes((run_a / "checkpoints" / "last.ckpt").read_bytes()[:1000])
     assert train_cli.main(["--config", str(tiny_config), "--out", str(tmp_path / "c"), "--resume", str(truncated)]) == 2
     assert f"checkpoint {str(truncated)!r} is incomplete or corrupt" in _error_line(capsys, "gex train")
+    # Weights without optimizer and loop state (what gex compare writes): Lightning raised a KeyError
+    # traceback after the new folder's logs were written.
+    weights_only = tmp_path / "weights_only.ckpt"
+    saved = torch.load(run_a / "checkpoints" / "last.ckpt", weights_only=True)
+    torch.save({key: value for key, value in saved.items() if key not in ("optimizer_states", "loops")}, weights_only)
+    resumed = ["--config", str(tiny_config), "--out", str(tmp_path / "c"), "--resume", str(weights_only)]
+    assert train_cli.main(resumed) == 2
+    assert "it holds weights only, no optimizer or loop state" in _error_line(capsys, "gex train")
     assert _snapshot(run_b) == before_b and not (tmp_path / "c").exists()
+    # A run stopped before its first checkpoint leaves logs only: both ways in said something else was wrong
+    # ("already holds a run; pass --resume last", then "no checkpoint to continue from").
+    stopped = tmp_path / "stopped"
+    (stopped / "tensorboard").mkdir(parents=True)
+    (stopped / "tensorboard" / "config.yaml").write_text("seed_everything: 0\n")
+    for resume in ([], ["--resume", "last"]):
+        assert train_cli.main(["--config", str(tiny_config), "--out", str(stopped), *resume]) == 2
+        line = _error_line(capsys, "gex train")
+        assert "holds the logs of a run that stopped before its first checkpoint" in line, line
+        assert f"choose another --out, or remove {stopped} to start again there" in line
 
     # Another run's checkpoint into a new folder continues it there, leaving the original alone.
     _train(tiny_config, tmp_path / "d", "--resume", foreign, "--trainer.max_epochs", "2")

@@ -171,6 +171,9 @@ def test_resume_continues_and_a_fresh_run_never_overwrites(tmp_path: Path, capsy
     assert final["epoch"] == 1 and final["global_step"] == 8
     # The first run's CSV rows survive the restart: one metrics.csv with both epochs.
     assert len(epoch_losses(out)) == 2
+    # The saved config starts the run again elsewhere: it held "resume: last", which a new --out refused.
+    saved = yaml.safe_load((out / "tensorboard" / "config.yaml").read_text())
+    assert saved["resume"] is None and saved["trainer"]["max_epochs"] == 2
 
 
 def test_unknown_config_key_names_it_and_the_valid_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -184,6 +187,8 @@ def test_unknown_config_key_names_it_and_the_valid_ones(tmp_path: Path, capsys: 
     assert (
         "unknown config key 'data.batchsize' in the command line (did you mean 'batch_size'" in capsys.readouterr().err
     )
+    assert train_cli.main(["--modle.lr", "0.1"]) == 2  # an unknown group: "valid keys of 'modle':" and nothing
+    assert "unknown config key 'modle' in the command line (did you mean 'model'?)" in capsys.readouterr().err
 
 
 def test_print_config_and_packaged_recipes(capsys: pytest.CaptureFixture[str]) -> None:

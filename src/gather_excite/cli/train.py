@@ -94,6 +94,8 @@ def _explain(error: Exception, parser: Any, argv: list[str]) -> str:
         return text
     defaults = parser.get_defaults()
     scope = defaults.get(group) if group else defaults
+    if group and scope is None:  # the group itself is unknown (--modle.lr): suggest among the top level
+        group, key, scope = "", group.split(".")[0], defaults
     valid = [name for name in vars(scope) if not name.startswith("_")] if scope is not None else []
     if where == "the config":
         configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("-c", "--config")]
@@ -116,6 +118,11 @@ class _SaveConfigAfterRestore(SaveConfigCallback):
         pass
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # The saved config starts the run again (gex train --config OUT/tensorboard/config.yaml --out NEW),
+        # so it does not say where this invocation resumed from.
+        if self.config.get("resume") is not None:
+            self.config = self.config.clone()
+            self.config["resume"] = None
         super().setup(trainer, pl_module, "fit")
 
 
@@ -187,7 +194,10 @@ class GexCLI(LightningCLI):
             ]
         plugins = _as_list(kwargs.pop("plugins", None) or configured.get("plugins"))
         plugins.append(AtomicCheckpointIO())
-        return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
+        try:
+            return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
+        except ValueError as err:  # Lightning's word for an unknown accelerator, strategy or precision name
+            raise ConfigError(f"trainer: {one_line(err)}") from None
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -214,15 +224,27 @@ def _resume_path(resume: str | None, out: Path) -> str | None:
         raise ConfigError(f"--out {out}: is a file; expected a run folder (new, or the one to resume)")
     existing = _run_files(out)
     own = out / "checkpoints" / LAST_CHECKPOINT
+    # A run stopped before its first checkpoint leaves only logs: there is nothing to continue, and
+    # starting again there would write over them, so say which folder to choose or remove.
+    unfinished = (
+        f"--out {out} holds the logs of a run that stopped before its first checkpoint ({existing[0]}), so there "
+        f"is nothing to continue: choose another --out, or remove {out} to start again there (nothing was "
+        "overwritten)"
+        if existing and not any(path.suffix == ".ckpt" for path in existing)
+        else None
+    )
     if resume is None:
         if existing:
             raise RunExistsError(
-                f"--out {out} already holds a run ({existing[0]}); pass --resume last to continue it, "
+                unfinished
+                or f"--out {out} already holds a run ({existing[0]}); pass --resume last to continue it, "
                 f"or choose another --out (nothing was overwritten)"
             )
         return None
     path = own if resume in ("last", "auto", "true") else Path(resume)
     if not path.is_file():
+        if unfinished and path == own:
+            raise CheckpointError(f"--resume {resume}: {unfinished}")
         raise CheckpointError(f"--resume {resume}: no checkpoint at {str(path)!r} to continue from")
     if path.resolve().parent != (out / "checkpoints").resolve() and existing:
         raise RunExistsError(
@@ -234,11 +256,19 @@ def _resume_path(resume: str | None, out: Path) -> str | None:
 
 
 def _check_resumable(path: str, model: ClassificationModule) -> None:
-    """Read the checkpoint now (weights-only) so that an unreadable one or another model's fails before any work."""
+    """Read the checkpoint now (weights-only) so that an unreadable one, another model's, or one without the
+    optimizer and loop state that continuing needs (a ``gex compare`` run's) fails before any work."""
     try:
-        model.check_checkpoint(read_checkpoint(path))
+        saved = read_checkpoint(path)
+        model.check_checkpoint(saved)
     except CheckpointError as err:
         raise CheckpointError(f"--resume {path}: {err}") from None
+    if not all(key in saved for key in ("optimizer_states", "loops")):
+        raise CheckpointError(
+            f"--resume {path}: it holds weights only, no optimizer or loop state (a gex compare run's, or one "
+            f"saved with save_weights_only), so no run can continue from it; start a new run from its weights "
+            f"with --model.pretrained {path}"
+        )
 
 
 def _check_model_matches_data(model: ClassificationModule, data: ImageClassificationData) -> None:

@@ -20,6 +20,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.vision import VisionDataset
 
 from ..errors import DataError, DataNotFoundError, UnsafeFileError
+from ._download import download_errors
 
 __all__ = ["CIFAR10Files", "CIFAR100Files", "cifar_dataset", "read_cifar_pickle"]
 
@@ -173,4 +174,7 @@ def cifar_dataset(
             f"(the python version of the dataset, as torchvision downloads it); let torchvision fetch it "
             f"(download=True)"
         )
-    return cls(str(root), train=train, transform=transform, download=download)
+    if not download:
+        return cls(str(root), train=train, transform=transform, download=False)
+    with download_errors(root, f"CIFAR-{num_classes}"):
+        return cls(str(root), train=train, transform=transform, download=True)

@@ -17,6 +17,7 @@ from torchvision.datasets import FashionMNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from ..errors import DataError, DataNotFoundError
+from ._download import download_errors
 from .transforms import DATASET_STATS
 
 __all__ = ["DEFAULT_FASHION_MNIST_ROOT", "FASHION_MNIST_CLASSES", "IDXImageDataset", "fashion_mnist_dataset"]
@@ -123,7 +124,8 @@ def fashion_mnist_dataset(
     image_name, label_name = _FILES[train]
     paths = [_find(root, image_name), _find(root, label_name)]
     if None in paths and download:
-        FashionMNIST(str(root), train=train, download=True)
+        with download_errors(root, "Fashion-MNIST"):
+            FashionMNIST(str(root), train=train, download=True)
         paths = [_find(root, image_name), _find(root, label_name)]
     if paths[0] is None or paths[1] is None:
         where = "does not exist" if not root.exists() else "holds no Fashion-MNIST IDX files"

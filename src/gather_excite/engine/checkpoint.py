@@ -70,8 +70,8 @@ def read_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
         if checkpoint and tensors:
             what = f"a bare state dict of {len(checkpoint)} tensors (first key {next(iter(checkpoint))!r})"
             todo = (
-                "load such weights with create_model(...).load_state_dict(torch.load(path, weights_only=True)); "
-                "gex needs a .ckpt written by gex train or gex compare"
+                "load such weights with gather_excite.create_model(NAME, pretrained=path) (a .pth or .safetensors "
+                "file); gex needs a .ckpt written by gex train or gex compare"
             )
         else:
             keys = ", ".join(map(repr, list(checkpoint)[:5])) if isinstance(checkpoint, dict) else ""

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 
+from ..errors import ConfigError, one_line
 from .module import SGDModule
 
 __all__ = ["evaluate", "evaluation_trainer", "write_eval_json"]
@@ -17,14 +18,17 @@ __all__ = ["evaluate", "evaluation_trainer", "write_eval_json"]
 
 def evaluation_trainer(accelerator: str = "auto", *, precision: str | None = None) -> L.Trainer:
     """The Trainer that evaluations run on: one device, no loggers, no checkpoints, no model summary."""
-    return L.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    try:
+        return L.Trainer(
+            accelerator=accelerator,
+            devices=1,
+            precision=precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+        )
+    except ValueError as err:  # Lightning's word for an unknown accelerator or precision name
+        raise ConfigError(f"accelerator={accelerator!r}, precision={precision!r}: {one_line(err)}") from None
 
 
 def evaluate(

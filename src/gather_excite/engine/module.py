@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..complexity import complexity
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, GexError, one_line
 from ..layers._validate import check_int, pair
 from ..models import create_model, list_models
 
@@ -191,18 +191,27 @@ class ClassificationModule(SGDModule):
             raise ConfigError(f"lr must be > 0, got {lr!r}")
         if not 0 < gamma <= 1:
             raise ConfigError(f"gamma must be in (0, 1], got {gamma!r}")
+        if not (momentum >= 0 and weight_decay >= 0):  # torch.optim.SGD's own check, before any work
+            raise ConfigError(f"momentum and weight_decay must be >= 0, got {momentum!r} and {weight_decay!r}")
+        if not 0 <= label_smoothing <= 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
         if isinstance(input_size, list):
             input_size = tuple(input_size)  # type: ignore[assignment]
         self.save_hyperparameters()
-        self.net: nn.Module = create_model(
-            arch,
-            num_classes=num_classes,
-            in_chans=in_chans,
-            input_size=input_size,
-            pretrained=pretrained,
-            context_init=context_init,
-            **dict(arch_kwargs or {}),
-        )
+        try:
+            self.net: nn.Module = create_model(
+                arch,
+                num_classes=num_classes,
+                in_chans=in_chans,
+                input_size=input_size,
+                pretrained=pretrained,
+                context_init=context_init,
+                **dict(arch_kwargs or {}),
+            )
+        except (TypeError, ValueError) as err:  # the other arguments are checked above: arch_kwargs is at fault
+            if isinstance(err, GexError):
+                raise
+            raise ConfigError(f"arch_kwargs {dict(arch_kwargs or {})} for {arch}: {one_line(err)}") from None
         top_k = min(5, num_classes)
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_top1", MulticlassAccuracy(num_classes, top_k=1, average="micro"))
