@@ -234,7 +234,11 @@ def test_list_recipes_prints_every_row_with_its_command(capsys: pytest.CaptureFi
         "GE-θ (global) ResNet-50" in printed and "gex train --config imagenet --model.arch ge_theta_resnet50" in printed
     )
     assert "gex train --config imagenet_shufflenet --model.arch ge_theta_e8_shufflenet_g3" in printed
-    assert sum("gex train --config " in line for line in printed.splitlines()) == 54
+    rows = [line.split() for line in printed.splitlines() if "gex train --config " in line]
+    assert len(rows) == 54
+    # Each row names itself (the error for an unknown --config points here): the name is the same command.
+    names = [next(cell for cell in row if cell in RECIPES) for row in rows]
+    assert sorted(names) == sorted(RECIPES) and "imagenet_ge_theta_e8_shufflenet_g3" in names
 
 
 def test_link_target_and_unknown_recipe_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:

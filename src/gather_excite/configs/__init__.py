@@ -105,9 +105,8 @@ def base_path(name: str) -> Path:
 
 def format_recipes() -> str:
     """The table of paper rows and their commands, as ``gex train --list-recipes`` prints it."""
-    rows = [(recipe.paper, recipe.model_label, recipe.command) for recipe in RECIPES.values()]
-    widths = [max(len(row[column]) for row in rows) for column in range(2)]
-    lines = [f"{'paper':<{widths[0]}}  {'model':<{widths[1]}}  command"]
-    lines += [f"{paper:<{widths[0]}}  {model:<{widths[1]}}  {command}" for paper, model, command in rows]
-    lines.append("(each row's name, e.g. imagenet_ge_theta_resnet50, also works as --config NAME)")
-    return "\n".join(lines)
+    header = ("paper", "model", "name (--config NAME)", "command")
+    rows = [header, *((recipe.paper, recipe.model_label, name, recipe.command) for name, recipe in RECIPES.items())]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    return "\n".join("  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths, strict=False)) + f"  {row[3]}"
+                     for row in rows)  # fmt: skip
