@@ -351,7 +351,7 @@ def test_context_input_is_the_last_batchnorm_output() -> None:
         (lambda: create_model("resnet50", stages="conv2_x"), ValueError, "stages"),
         (lambda: create_model("resnet50", input_size=0), ValueError, "input_size"),
         (lambda: conv_out_size((2, 2), kernel=7), ValueError, "input_size is too small"),
-        (lambda: create_model("resnet50", num_classes=0), ValueError, "num_classes"),
+        (lambda: create_model("resnet50", num_classes=-1), ValueError, "num_classes"),  # 0: features only (timm)
         (lambda: create_model("resnet50", in_chans=2.0), TypeError, "in_chans"),
         (lambda: CifarResNet(21), ValueError, "6n\\+2"),
         (lambda: PreActResNet(111), ValueError, "9n\\+2"),

@@ -460,3 +460,34 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_timm_classifier_conventions(tmp_path: Path) -> None:
+    """timm's API for fine-tuning and probing: ``num_classes=0`` gives the pooled features,
+    ``reset_classifier``/``get_classifier`` swap the head, and every model carries a ``pretrained_cfg``
+    (its recipe's, without weights) from which timm builds our evaluation transform."""
+    timm_data = pytest.importorskip("timm.data")
+    x = torch.randn(2, 1, 28, 28)
+    model = create_model("ge_theta_cifar_resnet20", **TINY).eval()
+    features = create_model("ge_theta_cifar_resnet20", **{**TINY, "num_classes": 0}).eval()
+    features.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")})
+    with torch.no_grad():
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert torch.equal(features(x), pooled) and pooled.shape == (2, model.num_features)
+        model.reset_classifier(3)
+        assert model.get_classifier() is model.fc and model(x).shape == (2, 3) and model.num_classes == 3
+        model.reset_classifier(0)
+        assert torch.equal(model(x), pooled)
+    # Weights with a classifier load into a features-only model (timm drops the head).
+    with_head = create_model("ge_theta_cifar_resnet20", **TINY).eval()
+    torch.save(with_head.state_dict(), tmp_path / "weights.pth")
+    loaded = create_model("ge_theta_cifar_resnet20", **{**TINY, "num_classes": 0}, pretrained=tmp_path / "weights.pth")
+    with torch.no_grad():
+        expected = with_head.forward_head(with_head.forward_features(x), pre_logits=True)
+        assert torch.equal(loaded.eval()(x), expected)
+    # No weights: the recipe's configuration (CIFAR-style net with 1 channel: Fashion-MNIST, no resize;
+    # ImageNet net: resize 256, crop 224), in timm's words.
+    assert tuple(timm_data.resolve_data_config(model=features)["input_size"]) == (1, 28, 28)
+    imagenet = timm_data.resolve_data_config(model=create_model("resnet50", num_classes=0))
+    assert imagenet["crop_pct"] == 224 / 256 and tuple(imagenet["input_size"]) == (3, 224, 224)
+    assert create_model("resnet50", num_classes=0).default_cfg["resize_size"] == 256

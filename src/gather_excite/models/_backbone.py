@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -103,7 +103,8 @@ class Backbone(nn.Module):
             ):
                 # The error Python raises for an explicit keyword-only signature.
                 raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument {name!r}")
-        self.num_classes = check_int(options.get("num_classes", self.default_num_classes), "num_classes")
+        # 0: no classifier, the pooled features are the output (timm's convention for feature extraction)
+        self.num_classes = check_int(options.get("num_classes", self.default_num_classes), "num_classes", minimum=0)
         self.in_chans = check_int(options.get("in_chans", 3), "in_chans")
         self.input_size = pair(options.get("input_size", self.default_input_size), "input_size")
         self.feature_info: list[FeatureInfo] = []
@@ -137,10 +138,31 @@ class Backbone(nn.Module):
         return in_chs
 
     def add_head(self, num_features: int) -> None:
-        """Global average pooling and a linear classifier over ``num_features`` channels."""
+        """Global average pooling and a linear classifier over ``num_features`` channels (none for 0 classes)."""
         self.num_features = num_features
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(num_features, self.num_classes)
+        self.fc = nn.Linear(num_features, self.num_classes) if self.num_classes else nn.Identity()
+
+    # timm's classifier API (``get_classifier``/``reset_classifier``, ``default_cfg``), so that code written
+    # for timm models fine-tunes, probes and transforms these the same way.
+    pretrained_cfg: Any = None  # a dict: the weights' data configuration, or the recipe's (see create_model)
+
+    @property
+    def default_cfg(self) -> dict[str, Any] | None:
+        """timm's older name of :attr:`pretrained_cfg`."""
+        return self.pretrained_cfg
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier (``fc``; an ``nn.Identity`` with 0 classes)."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new, freshly initialised classifier for ``num_classes`` (0: the pooled features are the output)."""
+        self.num_classes = check_int(num_classes, "num_classes", minimum=0)
+        old = self.fc if isinstance(self.fc, nn.Linear) else None
+        factory = {"device": old.weight.device, "dtype": old.weight.dtype} if old is not None else {}
+        # PyTorch's default Linear init, as add_head gives (init_backbone initialises convs and norms only)
+        self.fc = nn.Linear(self.num_features, num_classes, **factory) if num_classes else nn.Identity()
 
     def finish(self, options: BackboneOptions) -> None:
         """Initialise the weights (see :func:`init_backbone`), then place the network as ``options`` ask."""

@@ -326,6 +326,8 @@ def load_weights_into(model: nn.Module, weights: Weights, *, model_name: str) ->
     state_dict = dict(weights.state_dict)
     own = model.state_dict()
     head = f"{CLASSIFIER}.weight"
+    if head not in own and getattr(model, "num_classes", None) == 0:  # features only, as timm's num_classes=0
+        state_dict = {key: value for key, value in state_dict.items() if key.split(".")[0] != CLASSIFIER}
     if head in state_dict and head in own and state_dict[head].shape[0] != own[head].shape[0]:
         warnings.warn(
             f"pretrained {weights.source}: the weights classify {state_dict[head].shape[0]} classes, the model "

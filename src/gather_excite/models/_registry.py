@@ -118,4 +118,9 @@ def create_model(
         from ._retrofit import init_context
 
         init_context(model, context_init)
+    # As timm's models carry their pretrained_cfg: the recipe's input size, mean/std and crop (weights,
+    # when loaded, bring their own), so that timm.data.resolve_data_config(model=model) agrees with ours.
+    from ..data_config import resolve_data_config
+
+    model.pretrained_cfg = resolve_data_config(model).to_dict()
     return model
