@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jsonschema
@@ -319,3 +324,213 @@ def test_bench_sweep_reports_paired_ratios(tmp_path: Path) -> None:
     ) / 2
     assert row["fast / plain 1t: images_per_s"] == pytest.approx(expected)
     assert "fast, 2 processes x 1 thread" in format_bench(rows)
+
+
+# ---------------------------------------------------------------- stopping, progress, wall clock
+
+# A `gex compare` whose runs only sleep, so that a signal finds two runs in flight and more queued;
+# with GEX_TEST_TRAIN_SEED0 set, the runs of seed 0 train for real (tiny) first. Spawned workers
+# import this file as __mp_main__, so the patch at the top level reaches them too. Each run leaves
+# a mark named by its worker's pid.
+_SLOW_SWEEP_SCRIPT = """
+import os, signal, sys, time
+from pathlib import Path
+from gather_excite.compare import sweep
+
+real_execute_run = sweep.execute_run
+
+def execute_run(config, spec, out, threads, on_epoch=None):
+    (Path(os.environ["GEX_TEST_MARKS"]) / f"{spec.model}.{spec.seed}.{os.getpid()}").touch()
+    if spec.seed == 0 and os.environ.get("GEX_TEST_TRAIN_SEED0"):
+        extra = {} if on_epoch is None else {"on_epoch": on_epoch}
+        return real_execute_run(config, spec, out, threads, **extra)
+    time.sleep(120)
+    raise RuntimeError("a sleeping run was not stopped")
+
+sweep.execute_run = execute_run
+
+if __name__ == "__main__":
+    # As in a terminal, whatever started this test: Ctrl-C raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    from gather_excite.cli import compare
+    sys.exit(compare.main(sys.argv[1:]))
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead and waiting for its parent, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
+def test_a_stopped_sweep_leaves_no_worker_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Issues 1 and 2: the workers stop with the main process, within seconds; finished runs are kept.
+
+    Failed before: ``ctrl-c`` (SIGINT to the process group, as a terminal sends it): each worker took
+    its KeyboardInterrupt as a run's result, went on to the queued run (seed 2) and the command waited
+    for it (no exit within the 15 s here), then died with a traceback. ``sigterm`` to the main process
+    only: it died at once and its two workers went on training as orphans (``_alive``). ``sigkill``:
+    the same orphans; now each worker watches its parent and exits when it is gone.
+    """
+    root = write_fashion_idx(tmp_path / "data", train=32, test=10)
+    script, marks, out = tmp_path / "slow_sweep.py", tmp_path / "marks", tmp_path / "out"
+    script.write_text(_SLOW_SWEEP_SCRIPT)
+    marks.mkdir()
+    argv = ["--data-root", str(root), "--out", str(out), "--variants", "baseline,SE", "--seeds", "3"]
+    argv += ["--epochs", "1", "--train-size", "0", "--curve-size", "10", "--width", "4", "--batch-size", "16"]
+    argv += ["--jobs", "2", "--threads", "1"]
+    env = {**os.environ, "GEX_TEST_MARKS": str(marks), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # Runs that finish before the signal (their workers import Lightning to save a checkpoint: slower)
+    # only where --resume is tried after it.
+    train_first = how == "ctrl-c"
+    env.pop("GEX_TEST_TRAIN_SEED0", None)
+    if train_first:
+        env["GEX_TEST_TRAIN_SEED0"] = "1"
+    stderr = tmp_path / "stderr.txt"
+    # Its own process group: the Ctrl-C goes to the command and its workers, not to pytest.
+    with stderr.open("w") as err:
+        process = subprocess.Popen(
+            [sys.executable, str(script), *argv], env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
+
+    def started(seed: int) -> dict[str, int]:
+        return {p.name.split(".")[0]: int(p.name.split(".")[-1]) for p in marks.glob(f"*.{seed}.*")}
+
+    workers: set[int] = set()
+    try:
+        in_flight = 1 if train_first else 0
+        assert _wait_until(lambda: len(started(in_flight)) == 2, timeout=120), stderr.read_text()
+        workers = set(started(0).values()) | set(started(in_flight).values())
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+        signalled = time.monotonic()
+        if how == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            os.kill(process.pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        code = process.wait(timeout=15)
+        assert _wait_until(lambda: not any(_alive(pid) for pid in workers), timeout=5), "workers left running"
+        stopped = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        for pid in workers:  # orphans of the code before the fix: this test's own processes
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert stopped < 10
+    printed = stderr.read_text()
+    assert started(in_flight + 1) == {}  # the queued runs never started
+    finished = sorted(p.parent.parent.name for p in out.glob("runs/*/seed*/run.json"))
+    assert finished == (["cifar_resnet20", "se_cifar_resnet20"] if train_first else [])
+    assert not list(out.glob("runs/*/seed[12]/run.json"))
+    invocations = json.loads((out / "sweep.json").read_text()).get("invocations", [])
+    if how == "sigkill":
+        assert code == -signal.SIGKILL and invocations == []  # nothing can record a kill -9
+        return
+    expected = "interrupted; finished" if how == "ctrl-c" else "interrupted (SIGTERM); finished"
+    assert code == (130 if how == "ctrl-c" else 143)
+    assert f"gex compare: {expected} runs are kept in {out}" in printed and "Traceback" not in printed, printed
+    assert [(i["outcome"], i["runs_trained"]) for i in invocations] == [("interrupted", len(finished))]
+    if how == "ctrl-c":
+        # --resume redoes only the unfinished runs; the finished ones stay as they were.
+        config = compare_cli._config(compare_cli._parser().parse_args(argv))
+        kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("runs/*/seed0/*")}
+        trained: list[tuple[str, int]] = []
+        real = sweep_module.train_run
+        monkeypatch.setattr(
+            sweep_module,
+            "train_run",
+            lambda spec, *a, **k: (trained.append((spec.model, spec.seed)), real(spec, *a, **k))[1],
+        )
+        records = run_sweep(config, out, jobs=1, resume=True)
+        assert sorted(trained) == [(m, s) for m in ("cifar_resnet20", "se_cifar_resnet20") for s in (1, 2)]
+        assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in kept} == kept and len(records) == 6
+
+
+def test_sweep_reports_every_epoch_while_runs_train(tmp_path: Path) -> None:
+    """Issue 4: progress within runs. ``on_epoch`` follows every epoch of every run, from the workers too.
+
+    Failed before: nothing reported before a whole run had finished (``run_sweep`` had no ``on_epoch``;
+    the bar of ``gex compare`` counted finished runs).
+    """
+    root = write_fashion_idx(tmp_path / "data", train=32, test=10)
+    config = SweepConfig(
+        variants=(("baseline", "cifar_resnet20"), ("SE", "se_cifar_resnet20")), seeds=(0,), data_root=str(root),
+        **{**_TINY, "epochs": 3},
+    )  # fmt: skip
+    seen: list[tuple] = []
+    for jobs in (2, 1):
+        seen.clear()
+        run_sweep(
+            config,
+            tmp_path / f"jobs{jobs}",
+            jobs=jobs,
+            on_epoch=lambda event, done, total: seen.append((event["model"], event["epoch"], done, total)),
+            on_done=lambda record, done, total: seen.append((record["model"], "done", done, total)),
+        )
+        for model in ("cifar_resnet20", "se_cifar_resnet20"):
+            # Each epoch once, in order, before its run's record.
+            assert [row[1] for row in seen if row[0] == model] == [1, 2, 3, "done"]
+        epochs = [row for row in seen if row[1] != "done"]
+        assert [row[2] for row in epochs] == [1, 2, 3, 4, 5, 6] and {row[3] for row in epochs} == {6}
+    # A resumed sweep counts the epochs of its finished runs: nothing to train, nothing reported.
+    seen.clear()
+    run_sweep(config, tmp_path / "jobs1", jobs=1, resume=True, on_epoch=lambda *a: seen.append(a))
+    assert seen == []
+
+
+def test_wall_clock_sums_over_invocations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Issue 3: ``results.json``'s ``wall_seconds`` is the sum over every invocation into the folder.
+
+    Failed before: it was the last invocation's time alone, so a --resume of a finished sweep
+    overwrote the sweep's time with its own tenth of a second (``sweep.json`` kept no invocation);
+    and the interrupted first invocation ended in a KeyboardInterrupt rather than exit status 130.
+    """
+    root = write_fashion_idx(tmp_path / "data", train=32, test=10)
+    out = tmp_path / "out"
+    argv = ["--data-root", str(root), "--out", str(out), "--variants", "baseline,SE", "--seeds", "1", "--epochs", "1"]
+    argv += ["--train-size", "0", "--curve-size", "10", "--width", "4", "--batch-size", "16", "--jobs", "1"]
+    real = sweep_module.train_run
+
+    def interrupted_second_run(spec, *args, **kwargs):
+        if spec.model == "se_cifar_resnet20":
+            time.sleep(0.3)  # some wall time that only the interrupted invocation spent
+            raise KeyboardInterrupt
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "train_run", interrupted_second_run)
+    try:
+        assert compare_cli.main(argv) == 130
+    except KeyboardInterrupt:  # not as an interrupt of pytest itself
+        pytest.fail("gex compare let the KeyboardInterrupt through")
+    assert "gex compare: interrupted; finished runs are kept" in capsys.readouterr().err
+    monkeypatch.setattr(sweep_module, "train_run", real)
+    assert compare_cli.main([*argv, "--resume"]) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert compare_cli.main([*argv, "--resume"]) == 0  # nothing left to train
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    validate_results(results)
+    walls = [entry["wall_seconds"] for entry in results["invocations"]]
+    assert [(e["outcome"], e["runs_trained"]) for e in results["invocations"]] == [
+        ("interrupted", 1),
+        ("finished", 1),
+        ("finished", 0),
+    ]
+    assert walls[0] >= 0.3 and results["wall_seconds"] == pytest.approx(sum(walls))
+    assert results["wall_seconds"] >= first["wall_seconds"] == pytest.approx(walls[0] + walls[1])
+    assert f"{sum(walls) / 60:.1f} min wall clock over 3 invocations (this one " in printed

@@ -5,11 +5,17 @@ each variant's test error ± standard error and its difference to the baseline p
 marking differences larger than twice their standard error. Each finished run is kept under
 OUT/runs/<model>/seed<k>/ (last.ckpt for gex eval and gex analyze, run.json). The defaults
 (3 seeds, 6000 training images, 3 epochs) take about 10 minutes on 2 idle CPU cores.
+
+The progress bar counts epochs over all runs. Ctrl-C or `kill` (SIGTERM) stops the command and its
+worker processes within seconds (exit status 130 or 143); finished runs are kept and the same
+command with --resume trains only the others. The wall-clock time printed and kept in results.json
+is summed over every invocation into the folder (sweep.json lists them).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -26,7 +32,7 @@ from ..compare import (
     run_compare,
     summarize_finished,
 )
-from ..compare.sweep import calibrate, estimate_cpu_hours
+from ..compare.sweep import SweepInterrupted, calibrate, estimate_cpu_hours, finished_records
 from ..data import DEFAULT_FASHION_MNIST_ROOT
 from ..errors import ConfigError, GexError, one_line
 
@@ -154,25 +160,59 @@ def main(argv: list[str] | None = None) -> int:
             if not on_gpu and not args.yes:
                 print("gex compare: error: --preset paper starts only with --yes (estimate above)", file=sys.stderr)
                 return 2
-        with tqdm(total=runs, desc="gex compare", unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
+        # The bar counts epochs over all runs (a run's epochs are reported while it trains); a resumed
+        # sweep starts at the epochs of its finished runs. A broken folder is reported by the sweep itself.
+        try:
+            finished = len(finished_records(out, config.runs())) if args.resume and out.is_dir() else 0
+        except GexError:
+            finished = 0
+        with tqdm(
+            total=runs * config.epochs,
+            initial=finished * config.epochs,
+            desc="gex compare",
+            unit="epoch",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        ) as bar:
+
+            def on_epoch(event: dict, done: int, total: int) -> None:
+                bar.set_postfix_str(
+                    f"{event['label']} seed {event['seed']} epoch {event['epoch']}/{event['epochs']}", refresh=False
+                )
+                bar.update(done - bar.n)
 
             def on_done(record: dict, done: int, total: int) -> None:
-                bar.n = done
-                bar.refresh()
                 bar.write(
-                    f"{record['label']:>9} seed {record['seed']}: test top-1 error {record['test_top1_err']:.2f}%  "
-                    f"{record['train_images_per_s']:.0f} train images/s  ({record['wall_seconds']:.0f} s)"
+                    f"[{done}/{total}] {record['label']:>9} seed {record['seed']}: test top-1 error "
+                    f"{record['test_top1_err']:.2f}%  {record['train_images_per_s']:.0f} train images/s  "
+                    f"({record['wall_seconds']:.0f} s)"
                 )
 
-            results = run_compare(config, out, jobs=jobs, threads=threads, resume=args.resume, on_done=on_done)
+            results = run_compare(
+                config, out, jobs=jobs, threads=threads, resume=args.resume, on_done=on_done, on_epoch=on_epoch
+            )
+    except KeyboardInterrupt as err:
+        # Ctrl-C, or SIGTERM/SIGHUP (SweepInterrupted): the workers are gone; exit as the signal's 128 + n.
+        signum = err.signum if isinstance(err, SweepInterrupted) else signal.SIGINT
+        how = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+        print(
+            f"gex compare: interrupted{how}; finished runs are kept in {args.out}, "
+            "the same command with --resume continues",
+            file=sys.stderr,
+        )
+        return 128 + int(signum)
     except GexError as err:
         print(f"gex compare: error: {one_line(err)}", file=sys.stderr)
         return 2
     print()
     print(format_table(results))
     cpu_minutes = results["cpu_seconds"] / 60
+    invocations = results.get("invocations", [])
+    wall = f"{results['wall_seconds'] / 60:.1f} min wall clock"
+    if len(invocations) > 1:
+        wall += f" over {len(invocations)} invocations (this one {invocations[-1]['wall_seconds'] / 60:.1f} min)"
     print(
-        f"\n{results['wall_seconds'] / 60:.1f} min wall clock, {cpu_minutes:.1f} CPU-minutes in the runs, "
+        f"\n{wall}, {cpu_minutes:.1f} CPU-minutes in the runs, "
         f"{jobs} process(es) x {threads} thread(s); wrote {out / 'results.json'} and {out / 'curves.png'}"
     )
     return 0

@@ -8,7 +8,6 @@ measures its training speed against a plain eager PyTorch loop.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from .sweep import (
     PAPER_PRESET,
     VARIANTS,
     SweepConfig,
+    SweepInterrupted,
     available_cores,
     calibrate,
     check_folder,
@@ -35,6 +35,8 @@ from .sweep import (
     finished_records,
     resolve_device,
     run_sweep,
+    sweep_invocations,
+    sweep_wall_seconds,
 )
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "VARIANTS",
     "RunSpec",
     "SweepConfig",
+    "SweepInterrupted",
     "available_cores",
     "build_results",
     "calibrate",
@@ -57,6 +60,8 @@ __all__ = [
     "run_compare",
     "run_sweep",
     "summarize_finished",
+    "sweep_invocations",
+    "sweep_wall_seconds",
     "train_run",
     "validate_results",
 ]
@@ -104,11 +109,17 @@ def run_compare(
     threads: int,
     resume: bool = False,
     on_done: Callable[[dict[str, Any], int, int], None] | None = None,
+    on_epoch: Callable[[dict[str, Any], int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the sweep into ``out`` (see :func:`run_sweep`); write ``results.json`` (returned) and ``curves.png``."""
-    started = time.perf_counter()
-    records = run_sweep(config, out, jobs=jobs, threads=threads, resume=resume, on_done=on_done)
-    results = _aggregate(config, records, jobs=jobs, threads=threads, wall_seconds=time.perf_counter() - started)
+    """Run the sweep into ``out`` (see :func:`run_sweep`); write ``results.json`` (returned) and ``curves.png``.
+
+    ``wall_seconds`` is the sweep's wall-clock time summed over every invocation into ``out``, this
+    one included (interrupted ones too; :func:`sweep_wall_seconds`); ``invocations`` lists them.
+    """
+    records = run_sweep(config, out, jobs=jobs, threads=threads, resume=resume, on_done=on_done, on_epoch=on_epoch)
+    invocations = sweep_invocations(out)
+    results = _aggregate(config, records, jobs=jobs, threads=threads, wall_seconds=sweep_wall_seconds(out))
+    results["invocations"] = invocations
     write_eval_json(results, out / "results.json")
     report = epoch_curves_report([out / "results.json"], title=curves_title(results))
     plot_curves(report).savefig(out / "curves.png", dpi=120)

@@ -82,6 +82,11 @@ _VARIANT_PROPERTIES: dict[str, Any] = {
     "curves": {"type": "array", "items": {"type": "array", "items": _CURVE_ROW}},
     "train_images_per_s": {"type": "array", "items": _NUMBER},
 }
+_INVOCATION = {
+    "type": "object",
+    "required": ["wall_seconds", "outcome"],
+    "properties": {"wall_seconds": _NUMBER, "outcome": {"enum": ["finished", "interrupted", "failed"]}},
+}
 _VARIANT = {"type": "object", "required": list(_VARIANT_PROPERTIES), "properties": _VARIANT_PROPERTIES}
 RESULTS_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -95,8 +100,10 @@ RESULTS_SCHEMA: dict[str, Any] = {
         "baseline": {"type": ["string", "null"]},
         "variants": {"type": "array", "minItems": 1, "items": _VARIANT},
         "runs": {"type": "array", "minItems": 1, "items": RUN_SCHEMA},
-        "wall_seconds": _NUMBER,
+        "wall_seconds": _NUMBER,  # summed over the invocations into the sweep's folder
         "cpu_seconds": _NUMBER,
+        # One per invocation of the sweep (gex compare, --resume): its wall time and how it ended.
+        "invocations": {"type": "array", "items": _INVOCATION},
     },
 }
 

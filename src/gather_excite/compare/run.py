@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -101,12 +102,20 @@ def _compiled(net: nn.Module, spec: RunSpec) -> tuple[nn.Module, str | None]:
         return net, f"{type(err).__name__}: {err}"
 
 
-def train_run(spec: RunSpec, train: TensorSplit, test: TensorSplit, *, curve_size: int | None) -> RunOutcome:
+def train_run(
+    spec: RunSpec,
+    train: TensorSplit,
+    test: TensorSplit,
+    *,
+    curve_size: int | None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> RunOutcome:
     """Train ``spec`` on ``train``; score the curve subset after every epoch and all of ``test`` after the last.
 
     The curve subset is the first ``curve_size`` test images; its point after the last epoch is taken
     from the full test pass (same weights, same images), so the last epoch costs one test pass.
-    Threads are the caller's (one per process in a parallel sweep).
+    ``on_epoch`` gets each epoch's row of the curve (``epoch``, ``lr``, losses, errors) as soon as it
+    is scored: a run's progress while it runs. Threads are the caller's (one per process in a parallel sweep).
     """
     device = train.device
     net = _build(spec, device)
@@ -168,6 +177,8 @@ def train_run(spec: RunSpec, train: TensorSplit, test: TensorSplit, *, curve_siz
                 curve_loss=float(final["loss"][head].double().mean()), curve_top1_err=_error(final["top1"][head])
             )
         history.append(row)
+        if on_epoch is not None:
+            on_epoch(dict(row))
     record = {
         "label": spec.label,
         "model": spec.model,

@@ -11,6 +11,16 @@ A run counts as finished only once its ``run.json`` exists; ``resume=True`` skip
 the others (a killed run leaves at most a checkpoint without ``run.json``). Independent runs go to
 ``jobs`` processes with ``threads`` torch threads each: on a few CPU cores, one single-threaded
 process per core trains a small network faster than one process using every core.
+
+Stopping: Ctrl-C (SIGINT, which a terminal sends to the worker processes too) and SIGTERM/SIGHUP to
+the main process stop the sweep within seconds: the workers ignore SIGINT, the main process
+terminates them and raises ``KeyboardInterrupt`` (:class:`SweepInterrupted` for SIGTERM/SIGHUP).
+A worker whose main process is gone (``kill -9``) exits by itself within a second. Runs in flight
+are lost; finished runs are kept and ``resume=True`` continues.
+
+``sweep.json`` also keeps every invocation's wall-clock time (``invocations``: from the start of
+:func:`run_sweep` to its end, finished or interrupted); the sweep's wall time is their sum
+(:func:`sweep_wall_seconds`).
 """
 
 from __future__ import annotations
@@ -18,10 +28,16 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import tempfile
-from collections.abc import Callable, Sequence
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +55,7 @@ __all__ = [
     "PAPER_PRESET",
     "VARIANTS",
     "SweepConfig",
+    "SweepInterrupted",
     "available_cores",
     "check_folder",
     "estimate_cpu_hours",
@@ -46,6 +63,8 @@ __all__ = [
     "prepare_folder",
     "resolve_device",
     "run_sweep",
+    "sweep_invocations",
+    "sweep_wall_seconds",
 ]
 
 # (label, model name) in the paper's order; every GE variant has global extent, as in Tables 2-5.
@@ -209,14 +228,23 @@ def _load_data(config: SweepConfig, device: torch.device) -> tuple[TensorSplit, 
     return _DATA[key], _DATA[key + "|test"]
 
 
-def execute_run(config: SweepConfig, spec: RunSpec, out: Path, threads: int) -> dict[str, Any]:
-    """Train one run and keep it: checkpoint first, then ``run.json`` (both atomic). Returns the record."""
+def execute_run(
+    config: SweepConfig,
+    spec: RunSpec,
+    out: Path,
+    threads: int,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Train one run and keep it: checkpoint first, then ``run.json`` (both atomic). Returns the record.
+
+    ``on_epoch`` gets each epoch's curve row while the run trains (see :func:`train_run`).
+    """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         device = torch.device(config.device)
         train, test = _load_data(config, device)
-        outcome = train_run(spec, train, test, curve_size=config.curve_size)
+        outcome = train_run(spec, train, test, curve_size=config.curve_size, on_epoch=on_epoch)
     finally:
         torch.set_num_threads(previous)
     folder = run_dir(out, spec)
@@ -226,12 +254,167 @@ def execute_run(config: SweepConfig, spec: RunSpec, out: Path, threads: int) -> 
     return outcome.record
 
 
-def _worker_init(threads: int) -> None:
+def _epoch_event(label: str, model: str, seed: int, epochs: int, row: dict[str, Any]) -> dict[str, Any]:
+    """What ``on_epoch`` of :func:`run_sweep` gets: the run (``label``, ``model``, ``seed``, ``epochs``) and its row."""
+    return {"label": label, "model": model, "seed": seed, "epochs": epochs, **row}
+
+
+# ----------------------------------------------------------------------------------- worker processes
+# Exit status of a worker that found its main process gone (128 + SIGHUP, as if the terminal had hung up).
+ORPHAN_EXIT_STATUS = 129
+PARENT_POLL_SECONDS = 0.5
+_PROGRESS: Any = None  # in a worker: the queue its runs report finished epochs to
+
+
+def _exit_with_parent(parent_pid: int, interval: float = PARENT_POLL_SECONDS) -> threading.Thread:
+    """Start a daemon thread that ends this process once ``parent_pid`` is no longer its parent.
+
+    A process whose parent dies is re-parented (to PID 1 or a subreaper), so ``os.getppid()``
+    changes; polling it works wherever Python runs, unlike Linux's ``PR_SET_PDEATHSIG``. The
+    training thread may be deep in a torch kernel, hence ``os._exit`` rather than an exception.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os._exit(ORPHAN_EXIT_STATUS)
+
+    thread = threading.Thread(target=watch, name="gex-compare-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _worker_init(threads: int, parent_pid: int | None = None, progress: Any = None) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the main process alone decides (it
+    # terminates the workers); a worker catching KeyboardInterrupt would go on to the next queued run.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
+    global _PROGRESS
+    _PROGRESS = progress
     torch.set_num_threads(threads)
     # One thread per process: inter-op pools would only compete with the other processes.
     torch.set_num_interop_threads(1)
 
 
+def _execute_in_worker(config: SweepConfig, spec: RunSpec, out: Path, threads: int) -> dict[str, Any]:
+    """:func:`execute_run` in a worker process, each finished epoch sent to the main process."""
+
+    def report(row: dict[str, float]) -> None:
+        if _PROGRESS is not None:
+            _PROGRESS.put(_epoch_event(spec.label, spec.model, spec.seed, spec.epochs, row))
+
+    return execute_run(config, spec, out, threads, on_epoch=report)
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """A stop signal other than Ctrl-C (SIGTERM, SIGHUP) during :func:`run_sweep`, raised as an interrupt."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupt(signum: int, _frame: Any) -> None:
+    raise SweepInterrupted(signum)
+
+
+@contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`SweepInterrupted` here, as SIGINT raises ``KeyboardInterrupt``.
+
+    Only in the main thread (where Python runs signal handlers), and only for a signal whose action is
+    still the default (a caller's own handler, or ``nohup``'s SIG_IGN, stays); restored afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    installed = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) == signal.SIG_DFL:
+            installed[signum] = signal.signal(signum, _raise_interrupt)
+    try:
+        yield
+    finally:
+        for signum, previous in installed.items():
+            signal.signal(signum, previous)
+
+
+@contextmanager
+def _signals_ignored(*names: str) -> Iterator[None]:
+    """Ignore these signals for a moment (main thread only); restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {}
+    for name in names:
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            previous = signal.getsignal(signum)
+            if previous is not None:  # None: a handler installed outside Python, which cannot be put back
+                saved[signum] = signal.signal(signum, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for signum, previous in saved.items():
+            signal.signal(signum, previous)
+
+
+def _stop_workers(pool: ProcessPoolExecutor, grace: float = 5.0) -> None:
+    """Drop the queued runs and end the worker processes now (SIGTERM, then SIGKILL after ``grace`` s).
+
+    ``cancel()`` cannot take back calls already handed to the workers and ``shutdown(wait=True)``
+    would wait for the runs in flight, so the processes themselves are terminated.
+    """
+    with _signals_ignored("SIGINT", "SIGTERM", "SIGHUP"):  # a second Ctrl-C must not leave workers behind
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + grace
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
+
+
+def _drain(progress: Any, handle: Callable[[dict[str, Any]], None]) -> None:
+    while not progress.empty():
+        handle(progress.get())
+
+
+# ----------------------------------------------------------------------------------- wall clock
+def _record_invocation(out: Path, entry: dict[str, Any]) -> None:
+    """Append ``entry`` to ``sweep.json``'s ``invocations`` (atomically; the identity stays as it is)."""
+    marker = out / "sweep.json"
+    saved = load_json_file(marker, f"--out {str(out)!r}: its sweep.json")
+    saved["invocations"] = [*saved.get("invocations", []), entry]
+    _write_json_atomic(saved, marker)
+
+
+def sweep_invocations(out: Path) -> list[dict[str, Any]]:
+    """``sweep.json``'s record of every :func:`run_sweep` into ``out``: ``started``, ``wall_seconds``,
+    ``outcome`` (finished, interrupted, failed), ``runs_trained``, ``jobs``, ``threads``."""
+    marker = out / "sweep.json"
+    if not marker.is_file():
+        return []
+    return list(load_json_file(marker, f"--out {str(out)!r}: its sweep.json").get("invocations", []))
+
+
+def sweep_wall_seconds(out: Path) -> float:
+    """The sweep's wall-clock time: the sum over every invocation into ``out`` of its time in :func:`run_sweep`.
+
+    An interrupted invocation counts with the time it ran; a ``--resume`` of a finished sweep adds
+    only its own (well under a second). Time between invocations does not count.
+    """
+    return float(sum(entry["wall_seconds"] for entry in sweep_invocations(out)))
+
+
+# ----------------------------------------------------------------------------------- the sweep
 def run_sweep(
     config: SweepConfig,
     out: Path,
@@ -240,47 +423,126 @@ def run_sweep(
     threads: int = 1,
     resume: bool = False,
     on_done: Callable[[dict[str, Any], int, int], None] | None = None,
+    on_epoch: Callable[[dict[str, Any], int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every unfinished run of ``config`` into ``out``; return all run records in :meth:`SweepConfig.runs` order.
 
     ``jobs`` > 1 trains that many runs at once in spawned processes (``threads`` torch threads each);
     ``jobs`` = 1 trains them here, one after the other. Each run's numbers depend on its spec only,
     not on ``jobs`` or on which runs were done before (tests check both).
+
+    ``on_done(record, runs_done, runs_total)`` follows each finished run; ``on_epoch(event,
+    epochs_done, epochs_total)`` each finished epoch of a run (``event``: the run's ``label``,
+    ``model``, ``seed``, ``epochs`` and that epoch's curve row), every epoch once and before its run's
+    ``on_done``; both count the runs finished before too. Ctrl-C or SIGTERM/SIGHUP (in the main
+    thread) stop the sweep within seconds and raise ``KeyboardInterrupt`` (see the module's notes);
+    each invocation's wall time is appended to ``sweep.json`` however it ends.
     """
     if jobs < 1 or threads < 1:
         raise ConfigError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
-    # Check the folder, then read the data, before writing anything: a wrong --data-root leaves nothing behind.
-    check_folder(out, config, resume=resume)
-    _load_data(config, torch.device(config.device))
-    prepare_folder(out, config, resume=resume)
-    runs = config.runs()
-    done = finished_records(out, runs)
+    started, started_at = time.perf_counter(), datetime.now(UTC)
+    with _stop_signals_interrupt():
+        # Check the folder, then read the data, before writing anything: a wrong --data-root leaves nothing behind.
+        check_folder(out, config, resume=resume)
+        _load_data(config, torch.device(config.device))
+        prepare_folder(out, config, resume=resume)
+        runs = config.runs()
+        done = finished_records(out, runs)
+        before = len(done)
+        outcome = "failed"
+        try:
+            _train_pending(config, out, runs, done, jobs=jobs, threads=threads, on_done=on_done, on_epoch=on_epoch)
+            outcome = "finished"
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+            raise
+        finally:
+            with _signals_ignored("SIGINT", "SIGTERM", "SIGHUP"):
+                entry = {
+                    "started": started_at.isoformat(timespec="seconds"),
+                    "wall_seconds": time.perf_counter() - started,
+                    "outcome": outcome,
+                    "runs_trained": len(done) - before,
+                    "jobs": jobs,
+                    "threads": threads,
+                }
+                try:
+                    _record_invocation(out, entry)
+                except (OSError, ValueError) as err:  # bookkeeping: never hides what ended the sweep
+                    warnings.warn(f"gex compare: could not record this invocation in sweep.json: {err}", stacklevel=2)
+    return [done[(spec.model, spec.seed)] for spec in runs]
+
+
+def _train_pending(
+    config: SweepConfig,
+    out: Path,
+    runs: list[RunSpec],
+    done: dict[tuple[str, int], dict[str, Any]],
+    *,
+    jobs: int,
+    threads: int,
+    on_done: Callable[[dict[str, Any], int, int], None] | None,
+    on_epoch: Callable[[dict[str, Any], int, int], None] | None,
+) -> None:
+    """Train the runs not in ``done`` (adding each record there as it finishes); see :func:`run_sweep`."""
     pending = [spec for spec in runs if (spec.model, spec.seed) not in done]
     total = len(runs)
+    epochs_total = sum(spec.epochs for spec in runs)
+    # Epochs finished per run: all of a finished run's, then what each running run has reported.
+    epochs_done = {(spec.model, spec.seed): spec.epochs for spec in runs if (spec.model, spec.seed) in done}
+
+    def epoch_done(event: dict[str, Any]) -> None:
+        key = (event["model"], event["seed"])
+        if event["epoch"] <= epochs_done.get(key, 0):
+            return  # already counted (a message that came after its run's record)
+        epochs_done[key] = event["epoch"]
+        if on_epoch is not None:
+            on_epoch(event, sum(epochs_done.values()), epochs_total)
+
+    def reporter(spec: RunSpec) -> Callable[[dict[str, float]], None]:
+        return lambda row: epoch_done(_epoch_event(spec.label, spec.model, spec.seed, spec.epochs, row))
 
     def finish(record: dict[str, Any]) -> None:
+        # Epochs whose messages have not come (yet) are taken from the record: each is reported once.
+        epochs = record["spec"]["epochs"]
+        for row in record["curve"]:
+            epoch_done(_epoch_event(record["label"], record["model"], record["seed"], epochs, row))
         done[(record["model"], record["seed"])] = record
         if on_done is not None:
             on_done(record, len(done), total)
 
     if jobs == 1 or len(pending) <= 1 or config.device != "cpu":
         for spec in pending:
-            finish(execute_run(config, spec, out, threads))
-    else:
-        context = multiprocessing.get_context("spawn")
-        workers = min(jobs, len(pending))
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
-            futures = {pool.submit(execute_run, config, spec, out, threads) for spec in pending}
-            try:
-                while futures:
-                    finished, futures = wait(futures, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        finish(future.result())
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
-    return [done[(spec.model, spec.seed)] for spec in runs]
+            finish(execute_run(config, spec, out, threads, on_epoch=reporter(spec)))
+        return
+    context = multiprocessing.get_context("spawn")
+    progress = context.SimpleQueue()
+    workers = min(jobs, len(pending))
+    # The workers start with SIGINT ignored (an ignored signal stays so across exec, and Python keeps
+    # it): a Ctrl-C while they import torch does not print their tracebacks. The pool starts them in submit().
+    pool = ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_worker_init, initargs=(threads, os.getpid(), progress)
+    )
+    try:
+        try:
+            with _signals_ignored("SIGINT"):
+                futures = {pool.submit(_execute_in_worker, config, spec, out, threads) for spec in pending}
+            while futures:
+                finished, futures = wait(futures, timeout=0.25, return_when=FIRST_COMPLETED)
+                _drain(progress, epoch_done)  # a run's epochs before its record (sent before its result)
+                for future in finished:
+                    finish(future.result())
+        except Exception:
+            # A run failed (as before): the runs not yet handed to the workers are dropped; those in
+            # flight and the few already in the pool's call queue finish and are kept. Ctrl-C stops them.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    except BaseException:
+        # Ctrl-C, SIGTERM (also during the wait above): end the workers now.
+        _stop_workers(pool)
+        raise
+    pool.shutdown(wait=True)
+    progress.close()
 
 
 def estimate_cpu_hours(config: SweepConfig, images_per_cpu_second: dict[str, float]) -> float:
