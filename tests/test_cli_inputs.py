@@ -42,9 +42,6 @@ def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         (["eval", "x.ckpt", "--num-workers", "-1"], "argument --num-workers: expected an int >= 0, got '-1'"),
         (["detect", "eval", "x.ckpt", "--accelerator", "foo"], "argument --accelerator: invalid choice: 'foo'"),
         (["eval", "CKPT", "--precision", "bogus"], "precision='bogus': Precision 'bogus' is invalid"),
-        # a training step of one image: "Expected more than 1 value per channel when training"
-        (["bench", "op", "--variants", "ge_theta", "--batch", "1"], "argument --batch: expected an int >= 2, got '1'"),
-        (["bench", "net", "--models", "cifar_resnet20", "--batch", "1"], "expected an int >= 2, got '1'"),
         # numpy's "expected non-negative integer"; an OverflowError converting infinity to pixels
         (["detect", "data", "--out", "OUT", "--seed", "-1"], "seed must be an int >= 0"),
         (["detect", "data", "--out", "OUT", "--max-scale", "inf"], "scales must be finite, got 0.75, inf"),
@@ -61,6 +58,13 @@ def test_a_bad_value_is_one_line(
     argv = [str(tmp_path / "out") if arg == "OUT" else arg for arg in argv]
     assert expected in _refused(argv, capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_with_one_image_names_the_batch_norm_that_needs_two() -> None:
+    """A global GE-θ gather's BatchNorm sees one value per image: a training step of one image was
+    PyTorch's "Expected more than 1 value per channel when training" traceback (GE-θ− runs at batch 1)."""
+    with pytest.raises(SystemExit, match=r"^gex bench op: --batch 1: a BatchNorm sees one value per channel"):
+        gex_main(["bench", "op", "--variants", "ge_theta", "--batch", "1", "--repeats", "1", "--stages", "4", "--json"])
 
 
 @pytest.mark.parametrize(

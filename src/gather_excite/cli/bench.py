@@ -45,8 +45,9 @@ def _print_net(row: dict) -> None:
 
 
 # Training steps: BatchNorm in training mode needs more than one value per channel, and a global
-# gather's BatchNorm sees one value per sample.
-_BATCH_HELP = "images per training step (>= 2: a global gather's BatchNorm sees one value per image)"
+# gather's BatchNorm (GE-θ, GE-θ+) sees one value per image.
+_BATCH_HELP = "images per training step (GE-θ/GE-θ+ at global extent need 2 or more)"
+_ONE_VALUE = "Expected more than 1 value per channel when training"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,14 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="what", required=True)
     op = sub.add_parser("op", help="operators at ResNet-50's four stage shapes: ours vs plain vs timm")
     op.add_argument("--variants", nargs="+", default=list(OP_VARIANTS), help="context spec strings")
-    op.add_argument("--batch", type=int_at_least(2), default=8, help=_BATCH_HELP)
+    op.add_argument("--batch", type=int_at_least(1), default=8, help=_BATCH_HELP)
     op.add_argument("--repeats", type=int_at_least(1), default=7)
     op.add_argument("--stages", type=int_at_least(1), nargs="+", default=None,
                     help="stage indices 1..4 (conv2_x..conv5_x) to run; default all")  # fmt: skip
     op.add_argument("--channels-last", action="store_true")
     net = sub.add_parser("net", help="ResNet-50 training step: baseline vs GE/SE variants, plain vs ours")
     net.add_argument("--models", nargs="+", default=list(NET_MODELS), help="model names; the first is the baseline")
-    net.add_argument("--batch", type=int_at_least(2), default=16, help=_BATCH_HELP)
+    net.add_argument("--batch", type=int_at_least(1), default=16, help=_BATCH_HELP)
     net.add_argument("--image-size", type=int_at_least(1), default=224)
     net.add_argument("--repeats", type=int_at_least(1), default=3)
     net.add_argument("--channels-last", action="store_true")
@@ -98,22 +99,30 @@ def main(argv: list[str]) -> int:
             except ValueError as err:
                 raise SystemExit(f"gex bench {args.what}: {option}: {err}") from None
     env = environment(device)
-    progress = None
     if not args.json:
         print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    try:
+        rows = _run(args, progress=None if args.json else (_print_op if args.what == "op" else _print_net))
+    except ValueError as err:
+        if _ONE_VALUE not in str(err):
+            raise
+        raise SystemExit(
+            f"gex bench {args.what}: --batch {args.batch}: a BatchNorm sees one value per channel in a training "
+            "step (a global GE-θ/GE-θ+ gather's, one per image); use --batch 2 or more"
+        ) from None
+    if args.json:
+        print(json.dumps({"environment": env, "command": ["gex", "bench", *argv], "rows": rows}, indent=1))
+    return 0
+
+
+def _run(args: argparse.Namespace, progress) -> list[dict]:
     if args.what == "op":
         if args.stages and any(i > len(STAGES) for i in args.stages):
             raise SystemExit(f"gex bench op: --stages must be in 1..{len(STAGES)}, got {args.stages}")
         stages = tuple(STAGES[i - 1] for i in args.stages) if args.stages else STAGES
-        progress = None if args.json else _print_op
-        rows = bench_op(variants=tuple(args.variants), stages=stages, batch=args.batch, repeats=args.repeats,
+        return bench_op(variants=tuple(args.variants), stages=stages, batch=args.batch, repeats=args.repeats,
                         channels_last=args.channels_last, clock=args.clock, progress=progress)  # fmt: skip
-    else:
-        progress = None if args.json else _print_net
-        rows = bench_net(models=tuple(args.models), batch=args.batch, image_size=args.image_size,
-                         repeats=args.repeats, channels_last=args.channels_last, compile=args.compile,
-                         clock=args.clock, device=args.device, autocast=torch.bfloat16 if args.bf16 else None,
-                         progress=progress)  # fmt: skip
-    if args.json:
-        print(json.dumps({"environment": env, "command": ["gex", "bench", *argv], "rows": rows}, indent=1))
-    return 0
+    return bench_net(models=tuple(args.models), batch=args.batch, image_size=args.image_size,
+                     repeats=args.repeats, channels_last=args.channels_last, compile=args.compile,
+                     clock=args.clock, device=args.device, autocast=torch.bfloat16 if args.bf16 else None,
+                     progress=progress)  # fmt: skip
