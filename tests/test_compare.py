@@ -35,6 +35,7 @@ from gather_excite.compare import run as run_module
 from gather_excite.compare import sweep as sweep_module
 from gather_excite.compare.data import MEAN, STD, augment_batch
 from gather_excite.engine import load_model
+from gather_excite.errors import RunExistsError
 from test_data import write_fashion_idx
 
 pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
@@ -534,3 +535,21 @@ def test_wall_clock_sums_over_invocations(tmp_path: Path, monkeypatch: pytest.Mo
     assert walls[0] >= 0.3 and results["wall_seconds"] == pytest.approx(sum(walls))
     assert results["wall_seconds"] >= first["wall_seconds"] == pytest.approx(walls[0] + walls[1])
     assert f"{sum(walls) / 60:.1f} min wall clock over 3 invocations (this one " in printed
+
+
+def test_a_second_invocation_into_a_running_sweep_is_refused(tmp_path: Path) -> None:
+    """Two gex compare into one folder (a --resume while the first still runs) trained the same runs at
+    the same time, both writing them. run_sweep locks the folder while it runs (the kernel's flock on the
+    folder, which goes with the process; no file is written) and releases it when it ends: the resume
+    tests above call run_sweep several times in one process."""
+    from gather_excite.compare.sweep import _lock_folder
+
+    out = tmp_path / "sweep"
+    first = _lock_folder(out)  # what a running invocation holds
+    try:
+        with pytest.raises(RunExistsError, match="another gex compare is training into this folder now"):
+            _lock_folder(out)
+    finally:
+        os.close(first)
+    os.close(_lock_folder(out))  # free again once the first one's handle is closed
+    assert not any(out.iterdir())

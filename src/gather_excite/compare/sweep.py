@@ -361,6 +361,28 @@ def _signals_ignored(*names: str) -> Iterator[None]:
             signal.signal(signum, previous)
 
 
+def _lock_folder(out: Path) -> Any:
+    """Hold an exclusive lock on the folder ``out`` (created if needed) while this process lives, so that
+    a second invocation into it (a ``--resume`` while the first still runs) is refused instead of
+    training the same runs at the same time. The lock is the kernel's (``flock`` on the folder itself,
+    no file is written) and goes with the process, however it ends. Without ``fcntl`` (Windows): none."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    handle = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(handle)
+        raise RunExistsError(
+            f"--out {out}: another gex compare is training into this folder now; wait for it, or stop it (its "
+            "finished runs are kept) and continue with --resume"
+        ) from None
+    return handle
+
+
 def _stop_workers(pool: ProcessPoolExecutor, grace: float = 5.0) -> None:
     """Drop the queued runs and end the worker processes now (SIGTERM, then SIGKILL after ``grace`` s).
 
@@ -445,9 +467,15 @@ def run_sweep(
         # Check the folder, then read the data, before writing anything: a wrong --data-root leaves nothing behind.
         check_folder(out, config, resume=resume)
         _load_data(config, torch.device(config.device))
-        prepare_folder(out, config, resume=resume)
-        runs = config.runs()
-        done = finished_records(out, runs)
+        lock = _lock_folder(out)
+        try:
+            prepare_folder(out, config, resume=resume)
+            runs = config.runs()
+            done = finished_records(out, runs)
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
+            raise
         before = len(done)
         outcome = "failed"
         try:
@@ -470,6 +498,8 @@ def run_sweep(
                     _record_invocation(out, entry)
                 except (OSError, ValueError) as err:  # bookkeeping: never hides what ended the sweep
                     warnings.warn(f"gex compare: could not record this invocation in sweep.json: {err}", stacklevel=2)
+                if lock is not None:
+                    os.close(lock)  # releases the folder for the next invocation
     return [done[(spec.model, spec.seed)] for spec in runs]
 
 
