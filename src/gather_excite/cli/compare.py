@@ -63,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--yes", action="store_true", help="start a --preset paper sweep (after its CPU-hour estimate)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 3)")
-    parser.add_argument("--seeds", type=int, default=None, help="runs per variant, seeds 0..N-1 (default 3; 1 gives no error bars)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="runs per variant, seeds 0..N-1 (default 3; 1 gives no error bars)"
+    )
     parser.add_argument("--train-size", type=int, default=None, help="training images (default 6000; 0: all 60000)")
     parser.add_argument(
         "--curve-size", type=int, default=None, help="test images scored after every epoch (default 2000; 0: all)"
