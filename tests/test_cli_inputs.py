@@ -42,6 +42,11 @@ def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         (["eval", "x.ckpt", "--num-workers", "-1"], "argument --num-workers: expected an int >= 0, got '-1'"),
         (["detect", "eval", "x.ckpt", "--accelerator", "foo"], "argument --accelerator: invalid choice: 'foo'"),
         (["eval", "CKPT", "--precision", "bogus"], "precision='bogus': Precision 'bogus' is invalid"),
+        pytest.param(
+            ["eval", "CKPT", "--accelerator", "gpu"],
+            "accelerator='gpu', precision=None: No supported gpu backend",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="names the flag where no GPU is"),
+        ),
         # numpy's "expected non-negative integer"; an OverflowError converting infinity to pixels
         (["detect", "data", "--out", "OUT", "--seed", "-1"], "seed must be an int >= 0"),
         (["detect", "data", "--out", "OUT", "--max-scale", "inf"], "scales must be finite, got 0.75, inf"),

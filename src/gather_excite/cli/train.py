@@ -196,7 +196,9 @@ class GexCLI(LightningCLI):
         plugins.append(AtomicCheckpointIO())
         try:
             return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
-        except ValueError as err:  # Lightning's word for an unknown accelerator, strategy or precision name
+        # Lightning's words for an unknown accelerator, strategy or precision name (ValueError) and for one
+        # this machine cannot honour (MisconfigurationException, e.g. accelerator gpu without one)
+        except (ValueError, MisconfigurationException) as err:
             raise ConfigError(f"trainer: {one_line(err)}") from None
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from ..errors import ConfigError, one_line
 from .module import SGDModule
@@ -27,7 +28,8 @@ def evaluation_trainer(accelerator: str = "auto", *, precision: str | None = Non
             enable_checkpointing=False,
             enable_model_summary=False,
         )
-    except ValueError as err:  # Lightning's word for an unknown accelerator or precision name
+    # Lightning's words for an unknown accelerator or precision name, or one this machine cannot honour
+    except (ValueError, MisconfigurationException) as err:
         raise ConfigError(f"accelerator={accelerator!r}, precision={precision!r}: {one_line(err)}") from None
 
 
