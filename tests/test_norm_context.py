@@ -609,3 +609,38 @@ def test_gather_split_recomposes_the_gather(spec, size):
         torch.testing.assert_close(gathered, reference)
     gate = F.interpolate(context.gate_from(gathered), size=size, mode="nearest")
     torch.testing.assert_close(x * gate, context(x))
+
+
+@pytest.mark.parametrize("spec", list_context_specs())
+def test_a_gate_hook_returning_a_constant_equals_plain(spec):
+    """A hook that switches the gating off (a constant gate) made the lean backward fail: it asked for
+    the gradient of a recording that no longer depended on anything. The gate then carries no gradient,
+    as in the plain composition: outputs, input, BN and context gradients and buffers agree."""
+    bn, context = _unit(spec, 8, 12)
+    context.gate.register_forward_hook(lambda module, inputs, gate: torch.full_like(gate, 0.5))
+    z = torch.randn(3, 8, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    plain = _run(copy.deepcopy(bn), copy.deepcopy(context), z, lean=False)
+    lean = _run(bn, context, z, lean=True)
+    assert _lean_ran(lean[0])
+    for got, expected in zip(lean[:2], plain[:2], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    for group in (2, 3):
+        assert lean[group].keys() == plain[group].keys()
+        for name, value in plain[group].items():
+            if value is None:  # the context's parameters: no path to the output in either
+                assert lean[group][name] is None, name
+            else:
+                torch.testing.assert_close(lean[group][name], value, atol=1e-10, rtol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("spec", ["se", "ge_theta_e2"])
+def test_a_gate_hook_using_an_outside_parameter_is_refused_not_silently_wrong(spec):
+    """The lean function takes the context's parameters only: a gate that a hook scales by a parameter
+    of its own lost that parameter's gradient without a word (None, where the plain path gives one)."""
+    bn, context = _unit(spec, 8, 12)
+    alpha = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+    context.gate.register_forward_hook(lambda module, inputs, gate: gate * alpha)
+    z = torch.randn(3, 8, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    _run(copy.deepcopy(bn), copy.deepcopy(context), z, lean=False)  # the plain path: alpha gets its gradient
+    with pytest.raises(RuntimeError, match=r"depends on a tensor outside the context module .*set_lean\(False\)"):
+        _run(bn, context, z, lean=True)

@@ -58,11 +58,38 @@ class _Unit:
 
     def gate_backward(self, recorded: torch.Tensor, grad_gate: torch.Tensor):
         """Gradient of the recording's entry, and of the context's parameters on the gate's path."""
-        entry, *grads = torch.autograd.grad(recorded, [self.entry, *self.params], grad_gate.to(recorded.dtype),
-                                            retain_graph=True, allow_unused=True)  # fmt: skip
-        for buffer, value in zip(self.buffers, self.kept, strict=True):
-            buffer.copy_(value)
-        return entry, dict(zip(self.params, grads, strict=True))
+        try:
+            if recorded.grad_fn is None:  # a hook on the probe replaced the gate by a constant
+                return None, {}
+            _check_gate_inputs(recorded, {id(self.entry), *map(id, self.params)})
+            entry, *grads = torch.autograd.grad(recorded, [self.entry, *self.params], grad_gate.to(recorded.dtype),
+                                                retain_graph=True, allow_unused=True)  # fmt: skip
+            return entry, dict(zip(self.params, grads, strict=True))
+        finally:
+            for buffer, value in zip(self.buffers, self.kept, strict=True):
+                buffer.copy_(value)
+
+
+def _check_gate_inputs(recorded: torch.Tensor, own: set[int]) -> None:
+    """Refuse a gate that a hook on the probe made depend on a tensor the lean function does not take
+    (a parameter outside the context module): its gradient would be lost. Walks the recording back to
+    the sigmoid that every gate ends with, so without hooks this looks at one node."""
+    stack, seen = [recorded.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.name() == "SigmoidBackward0":  # the context's own gate: its inputs are the recording's
+            continue
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf tensor
+        if variable is not None and id(variable) not in own:
+            raise RuntimeError(
+                "a hook on the context's gate (module.gate) returns a gate that depends on a tensor outside the "
+                f"context module (shape {tuple(variable.shape)}); the memory-lean path cannot pass its gradient: "
+                "build the model after gather_excite.layers.set_lean(False), or with NormContext(lean=False)"
+            )
+        stack.extend(next_node for next_node, _ in node.next_functions)
 
 
 def _rebuild(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -97,6 +124,7 @@ class LeanGlobal(torch.autograd.Function):
         grad_sum, grad_dot = grad_out.sum((2, 3), dtype=acc), map_dot(grad_out, z, acc)  # (N, C) each
         # sum_hw(grad_out * BN(z)) = scale * sum_hw(grad_out * z) + shift * sum_hw(grad_out)
         ds, grads = unit.gate_backward(recorded, (scale * grad_dot + shift * grad_sum).view(n, c, 1, 1))
+        kernel_used = ds is not None  # None: a hook replaced the gate by a constant; K then gets no gradient
         ds = torch.zeros_like(z_dot) if ds is None else ds.view(n, c).to(acc)
         # The gradient of BN(z) is g * grad_out + ds * K: its per-channel sum and its sum against z - mean.
         sum_dy = (g * grad_sum + ds * kernel_sum).sum(0)
@@ -114,7 +142,8 @@ class LeanGlobal(torch.autograd.Function):
             if kernel is not None:  # in the map's layout: an NCHW kernel in a channels-last sum is a strided read
                 grad_z.addcmul_(torch.empty_like(z[0], dtype=acc).copy_(kernel).unsqueeze(0), (a * ds).view(n, c, 1, 1))
             grad_z = grad_z.to(z.dtype)
-        if kernel is not None and ctx.needs_input_grad[4]:  # sum_n ds * BN(z) = scale * sum_n ds * z + shift * sum_n ds
+        # sum_n ds * BN(z) = scale * sum_n ds * z + shift * sum_n ds
+        if kernel is not None and ctx.needs_input_grad[4] and kernel_used:
             grad_kernel = map_weighted_sum(ds, z, acc) * a.view(c, 1, 1) + (shift.to(acc) * ds.sum(0)).view(c, 1, 1)
             grad_kernel = grad_kernel.to(kernel.dtype)
         grad_weight, grad_bias = (sum_dy_centred * invstd).to(scale.dtype), sum_dy.to(scale.dtype)
