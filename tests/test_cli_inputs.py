@@ -169,3 +169,11 @@ def test_backbone_init_checks_the_resnet_layout(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_backbone_state(bare, "resnet50", {"stride_in_1x1": False})
+
+
+def test_resolve_data_config_of_a_layer_says_what_it_takes() -> None:
+    """A module with no Conv2d (one of our layers) gave a bare, empty StopIteration."""
+    from gather_excite import GatherExcite, resolve_data_config
+
+    with pytest.raises(TypeError, match="model GatherExcite has no pretrained_cfg and no Conv2d"):
+        resolve_data_config(GatherExcite(8))

@@ -391,6 +391,12 @@ def test_timm_builds_our_evaluation_transform_from_the_pretrained_cfg(
         assert resized.size == resize
         # torchvision's tensor resize and PIL's differ by at most one grey level (in normalised units).
         torch.testing.assert_close(theirs(image), ours.eval_transform()(image), rtol=0, atol=1.01 / 255 / min(ours.std))
+    # An image of another size than a 28-px model's: both resize and crop it to 28x28 (ours returned it as it was).
+    other = photo.convert("L").resize((40, 30))
+    ours = resolve_data_config(fashion).eval_transform()(other)
+    theirs = timm_data.create_transform(**timm_data.resolve_data_config(model=fashion))(other)
+    assert ours.shape == theirs.shape == (1, 28, 28)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1.01 / 255 / min(resolve_data_config(fashion).std))
 
 
 def test_torchvision_needs_the_v15_layout(torchvision_resnet50: tuple[nn.Module, Path]) -> None:
@@ -478,6 +484,10 @@ def test_timm_classifier_conventions(tmp_path: Path) -> None:
         assert model.get_classifier() is model.fc and model(x).shape == (2, 3) and model.num_classes == 3
         model.reset_classifier(0)
         assert torch.equal(model(x), pooled)
+        # A head added to a float64 network without one is float64 too (it was float32: a dtype error).
+        double = create_model("ge_theta_cifar_resnet20", **{**TINY, "num_classes": 0}, dtype=torch.float64)
+        double.reset_classifier(4)
+        assert double.eval()(x.double()).dtype == torch.float64
     # Weights with a classifier load into a features-only model (timm drops the head).
     with_head = create_model("ge_theta_cifar_resnet20", **TINY).eval()
     torch.save(with_head.state_dict(), tmp_path / "weights.pth")

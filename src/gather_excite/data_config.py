@@ -33,7 +33,8 @@ class DataConfig:
         input_size: ``(channels, height, width)`` of a network input.
         mean, std: per-channel normalisation of pixel values in [0, 1].
         resize_size: the shorter side is resized to this before the centre crop to
-            ``input_size`` (ImageNet: 256 for 224); ``None``: images already have the input size.
+            ``input_size`` (ImageNet: 256 for 224); ``None``: to the crop's shorter side (a no-op on
+            images of the input size, as CIFAR's and Fashion-MNIST's are).
         interpolation: of that resize (torchvision's ``InterpolationMode`` value).
         dataset: what the weights were trained on, where known.
         label_names: class names in output order, where known.
@@ -60,12 +61,14 @@ class DataConfig:
         import torch
         from torchvision.transforms import InterpolationMode, v2
 
-        steps: list[Any] = [v2.ToImage()]
-        if self.resize_size is not None:
-            steps += [
-                v2.Resize(self.resize_size, interpolation=InterpolationMode(self.interpolation), antialias=True),
-                v2.CenterCrop(list(self.input_size[1:])),
-            ]
+        # Without a resize_size the shorter side goes to the crop's (timm's crop_pct 1.0): a no-op on
+        # images of the input size, and an image of another size still becomes one the network expects.
+        resize = self.resize_size if self.resize_size is not None else min(self.input_size[1:])
+        steps: list[Any] = [
+            v2.ToImage(),
+            v2.Resize(resize, interpolation=InterpolationMode(self.interpolation), antialias=True),
+            v2.CenterCrop(list(self.input_size[1:])),
+        ]
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))]
         return v2.Compose(steps)
 
@@ -157,7 +160,12 @@ def data_config_from_datamodule(arguments: dict[str, Any]) -> DataConfig:
 def _default_config(model: nn.Module) -> DataConfig:
     from .data import DATASET_STATS
 
-    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is None:
+        raise TypeError(
+            f"model {type(model).__name__} has no pretrained_cfg and no Conv2d to read its input from: "
+            "resolve_data_config takes a network (gather_excite.create_model), not a layer"
+        )
     channels = first_conv.in_channels
     height, width = getattr(model, "input_size", (224, 224))
     if type(model).__name__ in _IMAGENET_BACKBONES:

@@ -159,8 +159,8 @@ class Backbone(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """A new, freshly initialised classifier for ``num_classes`` (0: the pooled features are the output)."""
         self.num_classes = check_int(num_classes, "num_classes", minimum=0)
-        old = self.fc if isinstance(self.fc, nn.Linear) else None
-        factory = {"device": old.weight.device, "dtype": old.weight.dtype} if old is not None else {}
+        placed = next(self.parameters())  # where and in which dtype the network lives (also with no classifier)
+        factory = {"device": placed.device, "dtype": placed.dtype}
         # PyTorch's default Linear init, as add_head gives (init_backbone initialises convs and norms only)
         self.fc = nn.Linear(self.num_features, num_classes, **factory) if num_classes else nn.Identity()
 
