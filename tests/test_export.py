@@ -22,6 +22,7 @@ from gather_excite.export import (
     export_onnx,
     export_program,
     max_difference,
+    min_input_size,
     onnx_max_difference,
 )
 from gather_excite.layers import create_context
@@ -360,3 +361,17 @@ def test_compiled_global_excite_mlp_is_two_matrix_products_with_eager_weight_gra
         expected = module.get_parameter(f"mlp.{name}").grad
         got = compiled_module.get_parameter(f"mlp.{name}").grad
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_ge_theta_plus_extents_export_over_their_whole_declared_range():
+    """The MLP excite of a windowed GE-θ+ is two 1x1 convs on the gathered map; traced, a conv decides its
+    output layout by whether that map is 1x1, and the exported program guarded on "more than one cell":
+    it refused 2x2-3x3 maps (the context alone) and 5-8 px images (ResNet-20), inside its own range."""
+    context = create_context("ge_theta_plus_e4", 8).eval()
+    program = export_program(context, example=torch.randn(2, 8, 16, 16))
+    differences = max_difference(program.module(), context, [(2, 2), (3, 3), (2, 9), (16, 16)])
+    assert all(value < TOLERANCE for value in differences.values()), differences
+    model = create_model("ge_theta_plus_e8_cifar_resnet20", width=4).eval()
+    assert min_input_size(model) == 5
+    differences = max_difference(export_program(model).module(), model, [(5, 5), (8, 8), (32, 32)])
+    assert all(value < TOLERANCE for value in differences.values()), differences

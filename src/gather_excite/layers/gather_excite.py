@@ -61,7 +61,20 @@ class ExciteMLP(nn.Module):
         if self.global_input and torch.compiler.is_compiling():
             hidden = F.relu(F.linear(x.flatten(1), self.fc1.weight.flatten(1), self.fc1.bias))
             return F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias)[:, :, None, None]
+        if torch.compiler.is_exporting():
+            # A gathered map of any size in an exported graph: the 1x1 convs as broadcast products summed
+            # over the channels. A traced conv (or matmul) decides its output layout by whether the map
+            # is 1x1, which froze "more than one cell" into exported programs: they refused small inputs
+            # inside their own declared range. The gathered map is small (1/e of the input per side).
+            hidden = F.relu(_pointwise(x, self.fc1))
+            return _pointwise(hidden, self.fc2)
         return self.fc2(self.act(self.fc1(x)))
+
+
+def _pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A 1x1 ``conv`` of ``(N, C, H, W)`` without a convolution or a reshape of the spatial sizes."""
+    weight = conv.weight[None, :, :, 0, 0, None, None]  # (1, K, C, 1, 1)
+    return (x[:, None] * weight).sum(2) + conv.bias[None, :, None, None]
 
 
 def _check_floating(x: torch.Tensor) -> None:
