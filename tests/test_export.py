@@ -375,3 +375,11 @@ def test_ge_theta_plus_extents_export_over_their_whole_declared_range():
     assert min_input_size(model) == 5
     differences = max_difference(export_program(model).module(), model, [(5, 5), (8, 8), (32, 32)])
     assert all(value < TOLERANCE for value in differences.values()), differences
+
+
+def test_exporting_a_training_model_leaves_it_training():
+    """The export helpers switched the caller's model to eval mode and left it there."""
+    model = create_model("ge_theta_minus_e2_cifar_resnet20", width=4).train()
+    export_program(model, dynamic=False)
+    max_difference(model, model, [(32, 32)])
+    assert all(module.training for module in model.modules())

@@ -124,11 +124,23 @@ def _size_oblivious(dynamic: bool) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _in_eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block; every submodule's own mode is put back afterwards (an export
+    or a check of a model that is training leaves it training)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def export_program(model: nn.Module, *, example: torch.Tensor | None = None, dynamic: bool = True) -> ExportedProgram:
     """``torch.export.export`` of ``model`` in eval mode (batch, height, width symbolic when ``dynamic``)."""
-    model = model.eval()
     example = _default_example(model, dynamic) if example is None else example
-    with torch.no_grad(), _size_oblivious(dynamic):
+    with _in_eval_mode(model), torch.no_grad(), _size_oblivious(dynamic):
         return torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes(model, dynamic=dynamic))
 
 
@@ -140,14 +152,14 @@ def export_onnx(
     dynamic: bool = True,
     opset_version: int | None = None,
 ) -> None:
-    """Write ``model`` (eval mode) to an ONNX file through the dynamo exporter (``torch.onnx.export(dynamo=True)``).
+    """Write ``model`` (in eval mode; its own mode is kept) to an ONNX file through the dynamo exporter
+    (``torch.onnx.export(dynamo=True)``).
 
     The input is named ``image`` and the output ``logits``; with ``dynamic`` their batch, height
     and width are symbolic.
     """
-    model = model.eval()
     example = _default_example(model, dynamic) if example is None else example
-    with torch.no_grad(), _size_oblivious(dynamic):
+    with _in_eval_mode(model), torch.no_grad(), _size_oblivious(dynamic):
         program = torch.onnx.export(
             model,
             (example,),
@@ -165,11 +177,10 @@ def max_difference(
     run: object, model: nn.Module, sizes: Sequence[tuple[int, int]], *, batch: int = 2
 ) -> dict[str, float]:
     """Largest absolute difference between ``run(x)`` and eager ``model(x)``, per input size ``"HxW"``."""
-    model = model.eval()
     result: dict[str, float] = {}
     for index, size in enumerate(sizes):
         x = example_input(model, batch=batch, size=tuple(size), seed=index + 1)
-        with torch.no_grad():
+        with _in_eval_mode(model), torch.no_grad():
             expected = model(x)
             got = torch.as_tensor(run(x)).to(expected.device, expected.dtype)
         result[f"{size[0]}x{size[1]}"] = (got - expected).abs().max().item()
