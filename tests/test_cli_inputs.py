@@ -40,6 +40,9 @@ def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         (["detect", "eval", "x.ckpt", "--subset", "-3"], "argument --subset: expected an int >= 1, got '-3'"),
         (["detect", "eval", "x.ckpt", "--batch-size", "0"], "argument --batch-size: expected an int >= 1, got '0'"),
         (["eval", "x.ckpt", "--num-workers", "-1"], "argument --num-workers: expected an int >= 0, got '-1'"),
+        # gex analyze named the datamodule's arguments (val_subset, eval_batch_size), not its flags
+        (["analyze", "selectivity", "x.ckpt", "--subset", "0"], "argument --subset: expected an int >= 1, got '0'"),
+        (["analyze", "prune", "x.ckpt", "--batch-size", "0"], "argument --batch-size: expected an int >= 1"),
         (["detect", "eval", "x.ckpt", "--accelerator", "foo"], "argument --accelerator: invalid choice: 'foo'"),
         (["eval", "CKPT", "--precision", "bogus"], "precision='bogus': Precision 'bogus' is invalid"),
         pytest.param(

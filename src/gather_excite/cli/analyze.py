@@ -23,6 +23,8 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from ..errors import ConfigError, DataError, DataNotFoundError, GexError, one_line
+from ._args import int_at_least
+from ._evaluation import data_overrides
 from ._outputs import add_overwrite_argument, check_output_file
 
 __all__ = ["main"]
@@ -33,9 +35,11 @@ SUBCOMMANDS = ("selectivity", "prune", "curves", "plot")
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data (as gex eval)")
     group.add_argument("--data-root", default=None, help="data folder (default: the one the model was trained on)")
-    group.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
-    group.add_argument("--num-workers", type=int, default=None, help="data loader processes")
-    group.add_argument("--subset", type=int, default=None, help="analyse a fixed random subset of this many images")
+    group.add_argument("--batch-size", type=int_at_least(1), default=None, help="evaluation batch size")
+    group.add_argument("--num-workers", type=int_at_least(0), default=None, help="data loader processes")
+    group.add_argument(
+        "--subset", type=int_at_least(1), default=None, help="analyse a fixed random subset of this many images"
+    )
     group.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"), help="device (default auto)")
 
 
@@ -104,16 +108,11 @@ def _device(accelerator: str) -> torch.device:
     return torch.device("cuda" if use_gpu else "cpu")
 
 
-def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = {"data_root": "root", "batch_size": "eval_batch_size", "num_workers": "num_workers", "subset": "val_subset"}
-    return {key: getattr(args, flag) for flag, key in names.items() if getattr(args, flag) is not None}
-
-
 def _load(checkpoint: str, args: argparse.Namespace):
     """The checkpoint's module and its datamodule's validation loader, as gex eval loads them."""
     from ..engine import load_for_evaluation
 
-    module, datamodule = load_for_evaluation(checkpoint, data=_data_overrides(args))
+    module, datamodule = load_for_evaluation(checkpoint, data=data_overrides(args))
     datamodule.setup("validate")
     data = {
         "dataset": datamodule.dataset,
