@@ -180,3 +180,20 @@ def test_resolve_data_config_of_a_layer_says_what_it_takes() -> None:
 
     with pytest.raises(TypeError, match="model GatherExcite has no pretrained_cfg and no Conv2d"):
         resolve_data_config(GatherExcite(8))
+
+
+def test_operator_arguments_are_checked_whatever_the_variant() -> None:
+    """``strict_size="yes"`` was accepted (and printed), ``reduction=-1`` and ``feature_size=-3`` were
+    accepted where the variant does not use them, and an empty map failed differently in every gather."""
+    from gather_excite import GatherExcite, SqueezeExcite
+
+    with pytest.raises(TypeError, match="strict_size must be a bool, got str"):
+        GatherExcite(8, gather="conv", feature_size=7, strict_size="yes")
+    with pytest.raises(ValueError, match="reduction must be an int >= 1, got -1"):
+        GatherExcite(8, reduction=-1)
+    with pytest.raises(ValueError, match="feature_size must be an int >= 1"):
+        GatherExcite(8, feature_size=-3)
+    empty = torch.randn(2, 8, 0, 3)
+    for module in (GatherExcite(8), GatherExcite(8, gather="max"), GatherExcite(8, 2, gather="conv"), SqueezeExcite(8)):
+        with pytest.raises(ValueError, match="input has an empty spatial size 0x3; expected at least 1x1"):
+            module(empty)

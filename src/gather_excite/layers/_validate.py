@@ -46,6 +46,8 @@ def check_input(x: object, channels: int) -> None:
         raise ValueError(f"input must be a 4D tensor (N, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] != channels:
         raise ValueError(f"input has {x.shape[1]} channels but the module was built with channels={channels}")
+    if x.shape[2] == 0 or x.shape[3] == 0:  # each gather failed its own way (or returned an empty gate)
+        raise ValueError(f"input has an empty spatial size {x.shape[2]}x{x.shape[3]}; expected at least 1x1")
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

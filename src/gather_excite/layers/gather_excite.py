@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import accumulate_dtype, check_extent, check_input, check_int
+from ._validate import accumulate_dtype, check_extent, check_input, check_int, pair
 from .gather import ConvGather, Device, GatherSplit, GlobalConvGather, PoolGather
 
 __all__ = ["ExciteMLP", "GateProbe", "GatherExcite", "SqueezeExcite"]
@@ -156,6 +156,12 @@ class GatherExcite(nn.Module):
             raise ValueError(f"gather must be one of {GATHERS}, got {gather!r}")
         if excite not in EXCITES:
             raise ValueError(f"excite must be one of {EXCITES}, got {excite!r}")
+        # Checked whatever the variant, so that a wrong value is not accepted silently where it is unused.
+        check_int(reduction, "reduction")
+        if not isinstance(strict_size, bool):
+            raise TypeError(f"strict_size must be a bool, got {type(strict_size).__name__} ({strict_size!r})")
+        if feature_size is not None:
+            pair(feature_size, "feature_size")
         self.gather_mode = gather
         self.excite_mode = excite
         if gather == "conv":
