@@ -197,3 +197,15 @@ def test_operator_arguments_are_checked_whatever_the_variant() -> None:
     for module in (GatherExcite(8), GatherExcite(8, gather="max"), GatherExcite(8, 2, gather="conv"), SqueezeExcite(8)):
         with pytest.raises(ValueError, match="input has an empty spatial size 0x3; expected at least 1x1"):
             module(empty)
+
+
+def test_a_model_name_is_built_at_its_own_input_size() -> None:
+    """``gex export``/``load_model`` of a CIFAR model name built it at 224 px (global GE-θ kernels of
+    56x56, 4.5 M parameters), where ``create_model`` builds it at 32 (420,760 parameters)."""
+    from gather_excite.engine import load_model
+
+    loaded = load_model("ge_theta_cifar_resnet20").net
+    built = create_model("ge_theta_cifar_resnet20")
+    assert loaded.input_size == built.input_size == (32, 32)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in built.parameters()) == 420760
+    assert load_model("resnet50").net.input_size == (224, 224)

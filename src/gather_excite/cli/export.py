@@ -234,7 +234,7 @@ def _parser() -> argparse.ArgumentParser:
     graph.add_argument("--num-classes", type=int, default=None, help="classes of a model name (default 1000)")
     graph.add_argument(
         "--image-size", type=_image_size, default=None,
-        help="input size of a model name, N or HxW (default 224; a checkpoint keeps its own)",
+        help="input size of a model name, N or HxW (default 224 ImageNet, 32 CIFAR; a checkpoint keeps its own)",
     )  # fmt: skip
     return parser
 

@@ -21,7 +21,7 @@ import yaml
 
 from ..data import ImageClassificationData
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
-from ..models import MODELS
+from ..models import MODELS, default_input_size
 from .checkpoint import read_checkpoint
 from .module import ClassificationModule
 
@@ -43,7 +43,8 @@ def load_model(
     ``weights_only=True`` and rebuilds the network from its saved hyperparameters; the keyword
     arguments, if given, must agree with them (a mismatch raises naming the differing keys).
     A model name (``gather_excite.list_models()``) gives freshly initialised weights built with
-    ``num_classes`` (default 1000), ``in_chans`` (3), ``input_size`` (224) and ``arch_kwargs``.
+    ``num_classes`` (default 1000), ``in_chans`` (3), ``input_size`` (the backbone's: 224 for the
+    ImageNet networks, 32 for the CIFAR ones, as ``create_model``) and ``arch_kwargs``.
     The plain network is ``.net``; ``.image_size`` is its ``(C, H, W)`` input.
     """
     requested = {
@@ -73,7 +74,8 @@ def load_model(
         looks_like_path = os.sep in name or name.endswith((".ckpt", ".pt", ".pth"))
         what = "checkpoint file does not exist" if looks_like_path else "is neither a checkpoint file nor a model name"
         raise CheckpointNotFoundError(f"checkpoint_or_name={name!r}: {what} (model names: gather_excite.list_models())")
-    defaults: dict[str, Any] = {"num_classes": 1000, "in_chans": 3, "input_size": 224}
+    # The backbone's own input size (224 ImageNet, 32 CIFAR), as create_model(name) builds it.
+    defaults: dict[str, Any] = {"num_classes": 1000, "in_chans": 3, "input_size": default_input_size(name)}
     module = ClassificationModule(name, **{**defaults, **requested})
     return module.to(map_location).eval()
 

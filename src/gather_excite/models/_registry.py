@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
+import typing
 from collections.abc import Callable
 
 from torch import nn
@@ -64,6 +65,15 @@ def split_model_name(name: str) -> tuple[str, str | None]:
         close = difflib.get_close_matches(name, MODELS, n=5, cutoff=0.5)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ConfigError(f"unknown model name {name!r}.{hint} See gather_excite.list_models().") from None
+
+
+def default_input_size(name: str) -> tuple[int, int]:
+    """The input size a registered model is built for by default: 224 for the ImageNet networks, 32 for
+    the CIFAR ones (the backbone class's ``default_input_size``, read from its factory's return type)."""
+    backbone, _ = split_model_name(name)
+    backbone_class = typing.get_type_hints(BACKBONES[backbone])["return"]
+    size = backbone_class.default_input_size
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def create_model(
