@@ -299,18 +299,18 @@ def test_bad_data_gives_one_line_and_exit_2(
     assert message in err, err
 
 
+def one_json_data(root: Path, **kwargs: Any) -> CocoDetectionData:
+    """A data module whose training and validation splits are both ``root``'s images/instances.json."""
+    folders = {"train_images": "images", "train_annotations": "instances.json"}
+    folders.update(val_images="images", val_annotations="instances.json")
+    return CocoDetectionData(str(root), **folders, **kwargs)
+
+
 def test_invalid_boxes_drop_mode_counts_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = _bad_set(tmp_path, _set_box([10, 10, 0, 20]))
     _, dropped = check_coco_instances(root / "instances.json", root / "images", invalid_boxes="drop")
     assert dropped == [101]
-    data = CocoDetectionData(
-        str(root),
-        train_images="images",
-        train_annotations="instances.json",
-        val_images="images",
-        val_annotations="instances.json",
-        invalid_boxes="drop",
-    )
+    data = one_json_data(root, invalid_boxes="drop")
     data.setup("fit")
     assert "dropped 1 degenerate or out-of-image boxes" in capsys.readouterr().err
     # image 10 kept its other box (annotation 100); the dropped one is gone from the targets

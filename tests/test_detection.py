@@ -18,10 +18,10 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import FrozenBatchNorm2d
 
 from gather_excite import GatherExcite, create_model
-from gather_excite.detection import CocoDetectionData, check_coco_instances, fasterrcnn_ge_resnet
+from gather_excite.detection import check_coco_instances, fasterrcnn_ge_resnet
 from gather_excite.errors import DataError
 from gather_excite.models import BACKBONES
-from test_detect_cli import LAYOUTS, write_coco  # the tiny COCO folder of coloured rectangles
+from test_detect_cli import LAYOUTS, one_json_data, write_coco  # the tiny COCO folder of coloured rectangles
 
 
 def _targets(n: int) -> list[dict[str, torch.Tensor]]:
@@ -331,14 +331,7 @@ def test_repeated_annotation_ids_are_refused_because_pycocotools_indexes_by_id(t
     message = f"annotation id 100 is repeated in {str(path)!r} (image_id 10 and 11); pycocotools indexes annotations"
     with pytest.raises(DataError, match=re.escape(message)):
         check_coco_instances(path, root / "images", invalid_boxes="drop")
-    data = CocoDetectionData(
-        str(root),
-        train_images="images",
-        train_annotations="instances.json",
-        val_images="images",
-        val_annotations="instances.json",
-        num_workers=0,
-    )
+    data = one_json_data(root, num_workers=0)
     with pytest.raises(DataError, match=re.escape(message)):
         data.setup("fit")
 
@@ -359,14 +352,7 @@ def test_data_module_checks_each_json_once(tmp_path: Path, monkeypatch: pytest.M
         return check_coco_instances(*args, **kwargs)
 
     monkeypatch.setattr(data_module, "check_coco_instances", counted)
-    data = CocoDetectionData(
-        str(root),
-        train_images="images",
-        train_annotations="instances.json",
-        val_images="images",
-        val_annotations="instances.json",
-        num_workers=0,
-    )
+    data = one_json_data(root, num_workers=0)
     data.setup("fit")
     assert len(calls) == 1
     assert [c["id"] for c in data.categories] == [3, 7, 42] and len(data.train_set) == len(data.val_set) == 2
