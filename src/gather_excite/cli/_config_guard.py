@@ -81,7 +81,7 @@ def check_loaded(data: Any, source: str) -> Any:
             raise ConfigError(
                 f"{source}: {where or 'a value'} = {value!r} names an import path outside "
                 f"{', '.join(ALLOWED_PACKAGES)}; refused before importing it (a config a user was handed must "
-                "not run code: build such a Trainer in Python)"
+                f"not run code: build such a Trainer in Python; a file name? write it as ./{value})"
             )
     return data
 
