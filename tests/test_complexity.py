@@ -211,3 +211,14 @@ def test_cli_text(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Monkey
     assert "ge_theta_resnet50(stages=['conv2_x'])" in out
     assert "31.11 M (paper 31.2 M, -0.09)" in out
     assert len(out.strip().splitlines()) == 1 + 5
+
+
+def test_default_input_size_is_the_models_own() -> None:
+    with torch.device("meta"):
+        cifar = create_model("ge_theta_cifar_resnet20")
+        gray = create_model("ge_theta_cifar_resnet20", num_classes=10, in_chans=1, input_size=28)
+    # A CIFAR network is measured at 32x32 (it was 224x224, 49x the MACs of every conv).
+    assert complexity(cifar) == complexity(cifar, (3, 32, 32))
+    assert complexity(cifar)["macs"] * 40 < complexity(cifar, (3, 224, 224))["macs"]
+    # A 1-channel model at its own 28x28 (at (3, 224, 224) its stem refused the input).
+    assert complexity(gray) == complexity(gray, (1, 28, 28))

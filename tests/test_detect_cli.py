@@ -377,6 +377,35 @@ def test_fashion_canvases_are_valid_coco_and_deterministic(
     assert code == 2 and "max_scale 5.0 makes items of 140 px, larger than canvas_size 96" in err
 
 
+@pytest.mark.skipif(not (FASHION / "t10k-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist absent")
+def test_fashion_canvases_overwrite_leaves_only_the_new_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gather_excite.detection import canvases
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "set"
+    args = ["data", "--canvas-size", "64", "--out", str(out), "--overwrite"]
+    assert detect_cli.main([*args, "--train-count", "5", "--val-count", "3"]) == 0
+    assert detect_cli.main([*args, "--train-count", "2", "--val-count", "1", "--seed", "1"]) == 0
+    # The smaller set replaces the larger one: 2 + 1 canvases, each named by the new JSON.
+    for split, count in (("train", 2), ("val", 1)):
+        listed = [
+            image["file_name"]
+            for image in json.loads((out / f"annotations/instances_{split}.json").read_text())["images"]
+        ]
+        assert sorted(p.name for p in (out / split).iterdir()) == listed == [f"{i:06d}.png" for i in range(count)]
+
+    # A rewrite stopped after its first canvas: no JSON still names the earlier set's boxes.
+    def stop(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(canvases, "write_json", stop)
+    with pytest.raises(KeyboardInterrupt):
+        canvases.make_fashion_mnist_detection(
+            out, canvases.CanvasSpec(canvas_size=64, train_count=2, val_count=1, seed=7)
+        )
+    assert not (out / "annotations/instances_train.json").exists()
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import sys

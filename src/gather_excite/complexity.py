@@ -55,14 +55,25 @@ def _gated_modules(model: nn.Module) -> list[nn.Module]:
     return [module for key, module in found.items() if key not in inner]
 
 
-def complexity(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> dict[str, int]:
+def _model_input_size(model: nn.Module) -> Sequence[int]:
+    """The ``(channels, height, width)`` a model says it takes (timm's ``pretrained_cfg["input_size"]``,
+    which every registered model carries: 32 px for the CIFAR networks, ``in_chans`` channels), else
+    ImageNet's ``(3, 224, 224)``."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return tuple(size) if isinstance(size, (list, tuple)) else (3, 224, 224)
+
+
+def complexity(model: nn.Module, input_size: Sequence[int] | None = None) -> dict[str, int]:
     """``params``, ``macs`` (convs and linear layers) and ``gate_mults`` of one batch-1 forward pass.
 
-    See the module docstring for exactly what each count includes.
+    ``input_size`` is ``(channels, height, width)``; by default the model's own (its
+    ``pretrained_cfg["input_size"]``, as timm's ``resolve_data_config`` reads it), else
+    ``(3, 224, 224)``. See the module docstring for exactly what each count includes.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    channels, height, width = _check_input_size(input_size)
+    channels, height, width = _check_input_size(_model_input_size(model) if input_size is None else input_size)
     reference = next(model.parameters(), None)
     if reference is None:
         reference = next(model.buffers(), torch.empty(0))

@@ -25,11 +25,9 @@ are lost; finished runs are kept and ``resume=True`` continues.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -43,6 +41,7 @@ from typing import Any
 
 import torch
 
+from .._atomic import write_json
 from ..engine import atomic_torch_save
 from ..errors import ConfigError, RunExistsError
 from ..layers.context_spec import TABLE_VARIANTS, ContextSpec
@@ -149,16 +148,6 @@ def run_dir(out: Path, spec: RunSpec) -> Path:
     return out / "runs" / spec.model / f"seed{spec.seed}"
 
 
-def _write_json_atomic(data: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        json.dump(data, handle, indent=1, allow_nan=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(handle.name, 0o644)  # a temporary file is private (0600); the result is an ordinary file
-    os.replace(handle.name, path)
-
-
 def check_folder(out: Path, config: SweepConfig, *, resume: bool) -> bool:
     """Whether ``out`` already holds this very sweep (only with ``resume``); changes nothing.
 
@@ -197,7 +186,7 @@ def prepare_folder(out: Path, config: SweepConfig, *, resume: bool) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     marker = {"format": SWEEP_FORMAT, "identity": config.identity(), "data_root": config.data_root}
-    _write_json_atomic(marker, out / "sweep.json")
+    write_json(marker, out / "sweep.json", indent=1)
 
 
 def finished_records(out: Path, runs: Sequence[RunSpec]) -> dict[tuple[str, int], dict[str, Any]]:
@@ -250,7 +239,7 @@ def execute_run(
     folder = run_dir(out, spec)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(lightning_checkpoint(outcome.record, outcome.state_dict, config.data_root), folder / "last.ckpt")
-    _write_json_atomic(outcome.record, folder / "run.json")
+    write_json(outcome.record, folder / "run.json", indent=1)
     return outcome.record
 
 
@@ -415,7 +404,7 @@ def _record_invocation(out: Path, entry: dict[str, Any]) -> None:
     marker = out / "sweep.json"
     saved = load_json_file(marker, f"--out {str(out)!r}: its sweep.json")
     saved["invocations"] = [*saved.get("invocations", []), entry]
-    _write_json_atomic(saved, marker)
+    write_json(saved, marker, indent=1)
 
 
 def sweep_invocations(out: Path) -> list[dict[str, Any]]:

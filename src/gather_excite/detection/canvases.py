@@ -15,7 +15,6 @@ Layout written under ``out``::
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .._atomic import write_json
 from ..data.fashion_mnist import DEFAULT_FASHION_MNIST_ROOT, FASHION_MNIST_CLASSES, fashion_mnist_dataset
 from ..errors import ConfigError
 
@@ -125,6 +125,13 @@ def _split(
     return {"images": coco_images, "annotations": annotations}
 
 
+def _remove_stale_canvases(folder: Path, count: int) -> None:
+    """Remove the canvases ``NNNNNN.png`` numbered ``count`` and up that an earlier, larger set left."""
+    for path in folder.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):
+        if int(path.stem) >= count:
+            path.unlink()
+
+
 def make_fashion_mnist_detection(
     out: str | Path,
     spec: CanvasSpec = CanvasSpec(),
@@ -144,6 +151,10 @@ def make_fashion_mnist_detection(
     paths: dict[str, Path] = {}
     for split, train, count, stream in (("train", True, spec.train_count, 0), ("val", False, spec.val_count, 1)):
         data = fashion_mnist_dataset(root, train=train, download=download)
+        annotation_path = out / "annotations" / f"instances_{split}.json"
+        # Rewriting a set (``gex detect data --overwrite``): its JSON goes first, so that an interrupted
+        # run never leaves the earlier boxes naming new images; it is written whole once they are.
+        annotation_path.unlink(missing_ok=True)
         rng = np.random.default_rng([spec.seed, stream])
         content = _split(data.data.numpy(), data.targets.numpy(), count, spec, rng, out / split)
         coco = {
@@ -155,8 +166,7 @@ def make_fashion_mnist_detection(
             "annotations": content["annotations"],
             "categories": categories,
         }
-        annotation_path = out / "annotations" / f"instances_{split}.json"
-        annotation_path.parent.mkdir(parents=True, exist_ok=True)
-        annotation_path.write_text(json.dumps(coco, indent=1) + "\n")
+        write_json(coco, annotation_path, indent=1)
+        _remove_stale_canvases(out / split, count)
         paths[f"{split}_images"], paths[f"{split}_annotations"] = out / split, annotation_path
     return paths

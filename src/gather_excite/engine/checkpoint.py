@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from .._atomic import atomic_write
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..serialization import load_torch_file
 
@@ -20,30 +20,13 @@ LAST_CHECKPOINT = "last.ckpt"
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync it, then ``os.replace`` it onto ``path``.
+    """``torch.save`` to ``path`` atomically (:func:`gather_excite._atomic.atomic_write`).
 
     A crash at any moment leaves either the previous file or the complete new one at ``path``,
     never a truncated checkpoint (``os.replace`` is atomic within one file system).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):
-        # Persist the rename itself (the directory entry) before reporting success.
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    with atomic_write(path, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+from .._atomic import write_json
 from ..errors import ConfigError, one_line
 from .module import SGDModule
 
@@ -56,16 +55,4 @@ def evaluate(
 
 def write_eval_json(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``result`` as indented JSON to ``path`` (atomically: temp file + ``os.replace``); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(result, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        # e.g. ``path`` is a folder: the temporary file must not stay behind.
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json(result, path)
