@@ -49,17 +49,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_model(name: str, seed: int = 0) -> nn.Module:
-    """A width-4 CIFAR ResNet-20 on 1x8x8 inputs with random BN statistics, so gates and predictions vary."""
-    torch.manual_seed(seed)
-    model = models.create_model(name, num_classes=NUM_CLASSES, width=4, in_chans=1, input_size=8)
+def random_bn(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with random BN scales, shifts and statistics (not the identity of a fresh BN)."""
     for module in model.modules():
         if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             module.weight.data.uniform_(0.5, 1.5)
             module.bias.data.normal_(0, 0.3)
             module.running_mean.normal_(0, 0.2)
             module.running_var.uniform_(0.5, 1.5)
-    model.eval()
+    return model.eval()
+
+
+def tiny_model(name: str, seed: int = 0) -> nn.Module:
+    """A width-4 CIFAR ResNet-20 on 1x8x8 inputs with random BN statistics, so gates and predictions vary."""
+    torch.manual_seed(seed)
+    model = random_bn(models.create_model(name, num_classes=NUM_CLASSES, width=4, in_chans=1, input_size=8))
     # Centre the logits on typical inputs: post-ReLU pooled features share a large common mean,
     # which would otherwise make one class win for every image.
     nn.init.normal_(model.fc.weight, std=1.0)
@@ -162,6 +166,115 @@ def test_class_selectivity_on_model_streams_like_one_batch(ge_model, data):
         # Post-ReLU outputs are non-negative, so every index lies in [0, 1].
         index = streamed[label].compute()
         assert index.shape == (16,) and index.min() >= 0 and index.max() <= 1
+
+
+# One small random model per registered backbone family, on 1x8x8 (CIFAR) or 1x32x32 (ImageNet) inputs.
+FAMILIES = {
+    "cifar_resnet20": ({"width": 4}, 8),  # v1 basic units
+    "cifar_resnet164": ({"widths": (4, 8, 8)}, 8),  # pre-activation bottleneck units (18 a stage)
+    "wrn16_8": ({}, 8),  # pre-activation basic units (2 a stage); WRN-16-8's widths are fixed
+    "resnet50": ({}, 32),  # v1 bottleneck units
+    "shufflenet_g3": ({"width": 0.25}, 32),
+}
+
+
+def family_model(name: str, seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A random ``name`` with random BN, and 20 random images labelled 0..3 in turn."""
+    kwargs, size = FAMILIES[name]
+    torch.manual_seed(seed)
+    model = random_bn(models.create_model(name, num_classes=4, in_chans=1, input_size=size, **kwargs))
+    return model, (torch.randn(20, 1, size, size), torch.arange(20) % 4)
+
+
+def all_units(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    return {label: unit for stage in model.stage_names for label, unit in stage_units(model, stage).items()}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_class_selectivity_lies_in_unit_interval_for_every_backbone_family(name):
+    # A pre-activation unit's output is the bare residual sum, negative in places: read raw, its
+    # index left [0, 1] (cifar_resnet164 stage2: min -0.49, half the channels outside).
+    model, data = family_model(name)
+    units = {label: module for label, (_, module) in all_units(model).items()}
+    accumulators = class_selectivity(model, loader(data, 8), units=units, num_classes=4, progress=False)
+    assert list(accumulators) == list(units)
+    for label, accumulator in accumulators.items():
+        index = accumulator.compute()
+        assert index.min() >= 0 and index.max() <= 1, (label, float(index.min()), float(index.max()))
+
+
+@pytest.mark.parametrize(
+    ("unit", "next_norm"),
+    [("stage2.16", "stage2.17.bn1"), ("stage2.17", "stage3.0.bn1"), ("stage3.17", "norm")],
+    ids=["within-stage", "across-stages", "last-unit"],
+)
+def test_preact_selectivity_is_that_of_the_next_bn_relu_by_hand(unit, next_norm):
+    # ResNet-164 (pre-activation): the activity of a unit is the BN-ReLU the network applies to its
+    # output next: the next unit's bn1, or the final norm after the last unit. Computed here from a
+    # hook on the unit itself and that BN's parameters, then the index of one channel by the formula.
+    model, (images, _) = family_model("cifar_resnet164", seed=3)
+    images, labels = images[:9], torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    module, bn = model.get_submodule(unit), model.get_submodule(next_norm)
+    captured = []
+    handle = module.register_forward_hook(lambda m, args, out: captured.append(out.clone()))
+    with torch.inference_mode():
+        model(images)
+    handle.remove()
+    (raw,) = captured
+    channel = 5
+    assert raw[:, channel].min() < 0  # the unit's own output is not post-ReLU
+    with torch.no_grad():
+        # Statistics of the data, as a trained BN has: a random init's are tiny next to the sums of
+        # many random units, and the index, blind to scale, could not tell the BN-ReLU from a ReLU.
+        bn.running_mean.copy_(raw.mean(dim=(0, 2, 3)) + 0.3 * raw.std(dim=(0, 2, 3)))
+        bn.running_var.copy_(raw.var(dim=(0, 2, 3)))
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        activated = torch.clamp(
+            (raw - bn.running_mean[:, None, None]) * scale[:, None, None] + bn.bias[:, None, None], 0
+        )
+        activity = activated[:, channel].double().mean(dim=(1, 2))
+        class_means = [float(activity[labels == k].mean()) for k in range(3)]
+        mu_max = max(class_means)
+        mu_rest = (sum(class_means) - mu_max) / 2
+    expected = (mu_max - mu_rest) / (mu_max + mu_rest)
+
+    accumulators = class_selectivity(model, [(images, labels)], units={unit: module}, num_classes=3, progress=False)
+    index = accumulators[unit].compute()
+    assert index[channel].item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert index.min() >= 0 and index.max() <= 1
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "resnet50", "shufflenet_g3"])
+def test_post_relu_units_are_read_at_their_own_output(name):
+    # v1 ResNet and ShuffleNet units end with their ReLU: the index is that of the unit's output
+    # itself, bit for bit, as before pre-activation units were read at the next BN-ReLU.
+    model, data = family_model(name)
+    units = {label: module for label, (_, module) in all_units(model).items()}
+    expected = {label: SelectivityAccumulator(4) for label in units}
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_hook(lambda m, args, out, label=label: outputs.__setitem__(label, out.clone()))
+        for label, module in units.items()
+    ]
+    with torch.inference_mode():
+        for images, labels in loader(data, 8):
+            model(images)
+            for label, accumulator in expected.items():
+                # float32 spatial means, then float64 sums: what class_selectivity always did.
+                accumulator.update(outputs[label].float().mean(dim=(2, 3)), labels)
+    for handle in handles:
+        handle.remove()
+    accumulators = class_selectivity(model, loader(data, 8), units=units, num_classes=4, progress=False)
+    for label, accumulator in accumulators.items():
+        assert torch.equal(accumulator.sums, expected[label].sums), label
+        assert torch.equal(accumulator.compute(), expected[label].compute()), label
+
+
+def test_preact_unit_outside_the_model_is_refused():
+    model, data = family_model("cifar_resnet164")
+    stray = models.create_model("cifar_resnet164", num_classes=4, in_chans=1, input_size=8, widths=(4, 8, 8))
+    with pytest.raises(ValueError, match="pre-activation unit"):
+        class_selectivity(model, loader(data), units={"stray": stray.stage1[0]}, num_classes=4, progress=False)
 
 
 # --------------------------------------------------------------------------------------- units

@@ -390,3 +390,21 @@ def test_context_spec_timm_arguments():
     assert ContextSpec.parse("ge_theta_e4").timm_kwargs == {"extra_params": True, "use_mlp": False, "extent": 4}
     assert ContextSpec.parse("se").timm_kwargs == {"extra_params": False, "use_mlp": True, "extent": 0}
     assert ContextSpec.parse("ge_theta_minus_max").timm_kwargs is None  # timm has no max-pool gather
+
+
+def test_initialisation_is_the_authors_release() -> None:
+    """RN50-GEPP.prototxt: excite convs Gaussian std 0.01 with zero biases; gather convs Caffe's
+    ``msra`` filler, std sqrt(2 / fan_in) with fan_in the depthwise kernel's area (9 for 3x3, 56 * 56)."""
+    torch.manual_seed(0)
+    plus = GatherExcite(1024, 4, gather="conv", excite="mlp")
+    glob = GatherExcite(256, gather="conv", excite="mlp", feature_size=56)
+    for fc in (plus.mlp.fc1, plus.mlp.fc2, glob.mlp.fc1, glob.mlp.fc2, SqueezeExcite(1024).mlp.fc2):
+        assert abs(fc.weight.std().item() - 0.01) < 0.001 and not fc.bias.any()
+    conv = plus.gather.layers[0].weight  # 1024 x 1 x 3 x 3
+    assert abs(conv.std().item() - (2 / 9) ** 0.5) < 0.02 * (2 / 9) ** 0.5
+    assert abs(glob.gather.conv.weight.std().item() - (2 / 56**2) ** 0.5) < 0.01 * (2 / 56**2) ** 0.5
+    # Every gate then starts near 0.5 (sigmoid(0) plus what weights of std 0.01 add), also for a
+    # 1-unit hidden layer (16 channels / 16), whose bias PyTorch's default drew from U(-1, 1).
+    x = torch.randn(8, 16, 8, 8)
+    gate = torch.sigmoid(SqueezeExcite(16).eval().mlp(x.mean((2, 3), keepdim=True)))
+    assert (gate - 0.5).abs().max() < 0.01

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -201,8 +202,9 @@ def test_print_config_and_packaged_recipes(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_every_paper_row_is_one_command_that_the_parser_accepts(capsys: pytest.CaptureFixture[str]) -> None:
-    # ImageNet 2x5 + Figure 4 (2) + ShuffleNet 7 + CIFAR 2x3x5 + Fashion-MNIST 5.
-    assert len(RECIPES) == 54
+    # ImageNet: Figure 2 (6) + Table 1 (3) + 2x5 + ResNet-152; Figure 4 (2) + ShuffleNet 7 + CIFAR 2x3x5 +
+    # Fashion-MNIST 5.
+    assert len(RECIPES) == 64
     packaged = sorted(path.stem for path in base_path("imagenet").parent.glob("*.yaml"))
     assert packaged == sorted(BASES)  # one base recipe per dataset and schedule, nothing else
     for base in BASES:
@@ -210,10 +212,11 @@ def test_every_paper_row_is_one_command_that_the_parser_accepts(capsys: pytest.C
         assert "Section" in first_line or "counterpart" in first_line, base
     for recipe in RECIPES.values():
         # The documented command, parsed and validated by the real parser (as gex train runs it).
-        assert train_cli.main([*recipe.command.split()[2:], "--print_config"]) == 0, recipe.name
+        assert train_cli.main([*shlex.split(recipe.command)[2:], "--print_config"]) == 0, recipe.name
         printed = yaml.safe_load(capsys.readouterr().out)
         dataset = {"imagenet": "imagefolder", "cifar10": "cifar10", "cifar100": "cifar100", "fashion": "fashion_mnist"}
         assert printed["model"]["arch"] == recipe.arch
+        assert (printed["model"]["arch_kwargs"] or {}) == recipe.model_arch_kwargs(), recipe.name
         assert printed["data"]["dataset"] == dataset[recipe.name.split("_")[0]], recipe.name
     # Table 5's WRN schedule (Zagoruyko & Komodakis): lr x0.2 at 60/120/160, Nesterov, wd 5e-4, 200 epochs.
     assert train_cli.main(["--config", "cifar100_ge_theta_plus_wrn16_8", "--print_config"]) == 0
@@ -235,7 +238,7 @@ def test_list_recipes_prints_every_row_with_its_command(capsys: pytest.CaptureFi
     )
     assert "gex train --config imagenet_shufflenet --model.arch ge_theta_e8_shufflenet_g3" in printed
     rows = [line.split() for line in printed.splitlines() if "gex train --config " in line]
-    assert len(rows) == 54
+    assert len(rows) == 64
     # Each row names itself (the error for an unknown --config points here): the name is the same command.
     names = [next(cell for cell in row if cell in RECIPES) for row in rows]
     assert sorted(names) == sorted(RECIPES) and "imagenet_ge_theta_e8_shufflenet_g3" in names

@@ -7,7 +7,9 @@ these class-conditional means, ``mu_max``, with the mean of the others, ``mu_res
     selectivity = (mu_max - mu_rest) / (mu_max + mu_rest)
 
 For non-negative (post-ReLU) activity it lies in [0, 1]: 1 for a channel that fires for one
-class only, 0 for one that responds equally to every class.
+class only, 0 for one that responds equally to every class. A unit's activity is its output
+after the first ReLU the network applies to it (:func:`~._units.activity_tap`): the unit's own
+output for v1 ResNets and ShuffleNet, the next BN-ReLU's output for pre-activation networks.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._units import activity_tap
 from .plotting import new_figure
 
 __all__ = [
@@ -127,23 +130,28 @@ def class_selectivity(
 ) -> dict[str, SelectivityAccumulator]:
     """One streaming pass over ``loader``: an accumulator per unit of ``units`` (label -> module).
 
-    Each unit's output (post-ReLU for a v1 ResNet unit) is reduced to per-channel spatial
-    means inside a forward hook, so no feature map outlives its batch.
+    Each unit's post-ReLU activity (:func:`~._units.activity_tap`: the unit's output for a v1
+    ResNet or ShuffleNet unit, the BN-ReLU after it for a pre-activation unit) is reduced to
+    per-channel spatial means inside a forward hook, so no feature map outlives its batch.
     """
     if not units:
         raise ValueError("units must name at least one module")
+    taps = {label: activity_tap(model, module, name=f"unit {label!r}") for label, module in units.items()}
     device = torch.device(device)
     model.eval().to(device)
     accumulators = {label: SelectivityAccumulator(num_classes, device=device) for label in units}
     batch_activity: dict[str, torch.Tensor] = {}
 
     def make_hook(label: str):
+        read = taps[label].read
+
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-            batch_activity[label] = output.float().mean(dim=tuple(range(2, output.ndim)))
+            activity = read(output)
+            batch_activity[label] = activity.float().mean(dim=tuple(range(2, activity.ndim)))
 
         return hook
 
-    handles = [module.register_forward_hook(make_hook(label)) for label, module in units.items()]
+    handles = [tap.module.register_forward_hook(make_hook(label)) for label, tap in taps.items()]
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
             images, labels = _batch_inputs(batch)

@@ -39,7 +39,8 @@ class RecipeConfigFile(ActionConfigFile):
     """``--config``: a YAML file, a packaged base recipe (``imagenet``) or a paper row's name.
 
     A row's name (``imagenet_ge_theta_resnet50``, see ``--list-recipes``) applies its base recipe
-    and then sets ``model.arch``, exactly as ``--config imagenet --model.arch ge_theta_resnet50``.
+    and then sets ``model.arch``, exactly as ``--config imagenet --model.arch ge_theta_resnet50``,
+    and a row's backbone arguments (Table 1's ``stages``), as its command's ``--model.arch_kwargs``.
     """
 
     def __call__(self, parser: Any, cfg: Any, values: Any, option_string: str | None = None) -> None:
@@ -58,6 +59,8 @@ class RecipeConfigFile(ActionConfigFile):
         super().__call__(parser, cfg, str(base), option_string)
         if recipe is not None:
             cfg["model.arch"] = recipe.arch
+            if recipe.arch_kwargs:
+                cfg["model.arch_kwargs"] = recipe.model_arch_kwargs()
 
 
 class _ListRecipes(argparse.Action):

@@ -1,16 +1,27 @@
 """The paper's training recipes: one base recipe per dataset and schedule, plus the model.
 
 ``<base>.yaml`` in this folder holds a dataset's data, optimiser, schedule and trainer settings;
-the network is ``--model.arch``. Each row of the paper that ``gex train`` reproduces is one
-:class:`Recipe` in :data:`RECIPES`, whose command is ``gex train --config <base> --model.arch
-<arch>``; its name (``imagenet_ge_theta_resnet50``) is accepted by ``--config`` as the same thing.
+the network is ``--model.arch`` (and, for a row that trains a registered model with further
+backbone arguments, ``--model.arch_kwargs``). Each row of the paper that ``gex train`` reproduces
+is one :class:`Recipe` in :data:`RECIPES`, whose command is ``gex train --config <base>
+--model.arch <arch>`` (Table 1's rows add ``--model.arch_kwargs '{"stages": ["conv3_x"]}'``); its
+name (``imagenet_ge_theta_resnet50``) is accepted by ``--config`` as the same thing.
 ``gex train --list-recipes`` prints the table.
+
+A model that several of the paper's tables and figures report is one row, under the table that
+compares it: Table 1's baseline and "GE-θ (all)" and Figure 2's baseline and global-extent points
+are Table 2's ``imagenet_resnet50``, ``imagenet_ge_theta_resnet50`` and
+``imagenet_ge_theta_minus_resnet50``; Table 2's ResNet-101 is Table 3's ``imagenet_resnet101``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..layers.context_spec import TABLE_VARIANTS, ContextSpec
 from ..models import split_model_name
@@ -22,20 +33,38 @@ _CONTEXTS = ("", *(f"{variant}_" for variant in TABLE_VARIANTS))
 _BACKBONE_LABELS = {
     "resnet50": "ResNet-50",
     "resnet101": "ResNet-101",
+    "resnet152": "ResNet-152",
     "shufflenet_g3": "ShuffleNet 1x (g=3)",
     "cifar_resnet110": "ResNet-110",
     "cifar_resnet164": "ResNet-164",
     "wrn16_8": "WRN-16-8",
     "cifar_resnet20": "ResNet-20",
 }
+# Table 1's "stage2/3/4" are ResNet's conv2_x/conv3_x/conv4_x (the paper's parameter counts say so:
+# reference.md), the labels that the backbone's ``stages`` argument takes (as complexity.PAPER_ROWS).
+_PAPER_STAGES = {"conv2_x": "stage2", "conv3_x": "stage3", "conv4_x": "stage4"}
+
+# A row's model: a registered name, or (registered name, suffix of the row's name, backbone
+# arguments) for a row that trains a registered model with further arguments (Table 1).
+RowModel = str | tuple[str, str, Mapping[str, Any]]
+
+
+def _one_stage(label: str) -> RowModel:
+    """Table 1: GE-θ (global) in the units of one stage of ResNet-50 only."""
+    return ("ge_theta_resnet50", f"_{_PAPER_STAGES[label]}", {"stages": [label]})
+
 
 # base -> (prefix of its rows' names, [(paper reference, models)]), in the paper's order.
-BASES: dict[str, tuple[str, list[tuple[str, tuple[str, ...]]]]] = {
+BASES: dict[str, tuple[str, list[tuple[str, tuple[RowModel, ...]]]]] = {
     "imagenet": (
         "imagenet",
         [
+            # GE-θ− (left) and GE-θ (right) at extent 2, 4, 8 on ResNet-50, Section 3's schedule; the
+            # global-extent points and the baseline are Table 2's rows.
+            ("Figure 2", tuple(f"{v}_e{e}_resnet50" for v in ("ge_theta_minus", "ge_theta") for e in (2, 4, 8))),
+            ("Table 1", tuple(_one_stage(label) for label in ("conv2_x", "conv3_x", "conv4_x"))),
             ("Table 2", tuple(f"{c}resnet50" for c in _CONTEXTS)),
-            ("Table 3", tuple(f"{c}resnet101" for c in _CONTEXTS)),
+            ("Table 3", ("resnet152", *(f"{c}resnet101" for c in _CONTEXTS))),
         ],
     ),
     "imagenet_fig4": ("imagenet_fig4", [("Figure 4", ("resnet50", "ge_theta_resnet50"))]),
@@ -70,31 +99,51 @@ BASES: dict[str, tuple[str, list[tuple[str, tuple[str, ...]]]]] = {
 
 @dataclass(frozen=True)
 class Recipe:
-    """One paper row: the base recipe, the registered model and where the paper reports it."""
+    """One paper row: the base recipe, the registered model (with any further backbone arguments)
+    and where the paper reports it."""
 
     name: str
     base: str
     arch: str
     paper: str
+    arch_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def model_label(self) -> str:
         """``"GE-θ (global) ResNet-50"``, ``"ResNet-50"``: the paper's name of the model."""
         backbone, context = split_model_name(self.arch)
         label = _BACKBONE_LABELS.get(backbone, backbone)
-        return label if context is None else f"{ContextSpec.parse(context).paper_label} {label}"
+        label = label if context is None else f"{ContextSpec.parse(context).paper_label} {label}"
+        stages = self.arch_kwargs.get("stages")
+        if stages is not None:  # Table 1: "GE-θ (global) ResNet-50 in stage3 (conv3_x) only"
+            named = ", ".join(f"{_PAPER_STAGES[s]} ({s})" if s in _PAPER_STAGES else s for s in stages)
+            label = f"{label} in {named} only"
+        others = {key: value for key, value in self.arch_kwargs.items() if key != "stages"}
+        return f"{label} ({', '.join(f'{k}={v!r}' for k, v in others.items())})" if others else label
+
+    def model_arch_kwargs(self) -> dict[str, Any]:
+        """A copy of the backbone arguments as plain JSON data (what ``--model.arch_kwargs`` receives)."""
+        return json.loads(json.dumps(dict(self.arch_kwargs)))
 
     @property
     def command(self) -> str:
         """The ``gex train`` command that trains this row (add ``--data.root`` and ``--out``)."""
-        return f"gex train --config {self.base} --model.arch {self.arch}"
+        command = f"gex train --config {self.base} --model.arch {self.arch}"
+        if self.arch_kwargs:
+            command += f" --model.arch_kwargs {shlex.quote(json.dumps(self.model_arch_kwargs()))}"
+        return command
+
+
+def _recipe(base: str, prefix: str, paper: str, model: RowModel) -> Recipe:
+    arch, suffix, kwargs = (model, "", {}) if isinstance(model, str) else model
+    return Recipe(f"{prefix}_{arch}{suffix}", base, arch, paper, kwargs)
 
 
 RECIPES: dict[str, Recipe] = {
-    f"{prefix}_{arch}": Recipe(f"{prefix}_{arch}", base, arch, paper)
+    recipe.name: recipe
     for base, (prefix, rows) in BASES.items()
-    for paper, archs in rows
-    for arch in archs
+    for paper, models in rows
+    for recipe in (_recipe(base, prefix, paper, model) for model in models)
 }
 
 

@@ -16,7 +16,15 @@ from ..errors import CheckpointError, ConfigError, GexError, one_line
 from ..layers._validate import check_int, pair
 from ..models import create_model, list_models
 
-__all__ = ["MODEL_KEYS", "ClassificationModule", "SGDModule", "Schedule", "describe_model_mismatch"]
+__all__ = [
+    "MODEL_KEYS",
+    "NORM_LAYERS",
+    "ClassificationModule",
+    "SGDModule",
+    "Schedule",
+    "describe_model_mismatch",
+    "weight_decay_groups",
+]
 
 Schedule = Literal["plateau", "step", "multistep", "cosine", "constant"]
 
@@ -63,6 +71,40 @@ def _size_pair(size: Any) -> Any:
         return size
 
 
+# The normalisation layers whose scale and shift ``norm_weight_decay`` applies to (torchvision's
+# reference scripts split the same classes).
+NORM_LAYERS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
+)  # fmt: skip
+
+
+def weight_decay_groups(
+    model: nn.Module, params: Any, weight_decay: float, *, norm: float | None = None, bias: float | None = None
+) -> list[Any]:
+    """``params`` as optimiser parameter groups, as torchvision's ``--norm-weight-decay`` and
+    ``--bias-weight-decay`` split them: every bias (a parameter named ``bias``) gets ``bias``, the other
+    parameters of a normalisation layer ``norm``, the rest ``weight_decay``; ``None`` means
+    ``weight_decay``. The authors' Caffe models set both to 0 (``decay_mult: 0`` on every BatchNorm and
+    bias). Without a split the parameters stay one group, in their order, as before the option existed
+    (so checkpoints of either kind resume)."""
+    params = list(params)
+    if (norm is None or norm == weight_decay) and (bias is None or bias == weight_decay):
+        return params
+    kind: dict[int, str] = {}
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if name == "bias" and bias is not None:
+                kind.setdefault(id(parameter), "bias")
+            elif isinstance(module, NORM_LAYERS) and norm is not None:
+                kind.setdefault(id(parameter), "norm")
+    decay = {"other": weight_decay, "norm": norm, "bias": bias}
+    grouped: dict[str, list[nn.Parameter]] = {"other": [], "norm": [], "bias": []}
+    for parameter in params:
+        grouped[kind.get(id(parameter), "other")].append(parameter)
+    return [{"params": group, "weight_decay": decay[name]} for name, group in grouped.items() if group]
+
+
 class SGDModule(L.LightningModule):
     """What the classifier and the detector share: validation and test by stage name, SGD, the checkpoint check.
 
@@ -102,9 +144,13 @@ class SGDModule(L.LightningModule):
         self._evaluation_epoch_end("test")
 
     def _sgd(self, params: Any, **options: Any) -> torch.optim.SGD:
-        """SGD over ``params`` with the ``lr``, ``momentum`` and ``weight_decay`` hyperparameters."""
+        """SGD over ``params`` with the ``lr``, ``momentum`` and ``weight_decay`` hyperparameters, and
+        ``norm_weight_decay``/``bias_weight_decay`` where set (see :func:`weight_decay_groups`)."""
         hp = self.hparams
-        return torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"], **options)
+        groups = weight_decay_groups(
+            self, params, hp["weight_decay"], norm=hp.get("norm_weight_decay"), bias=hp.get("bias_weight_decay")
+        )
+        return torch.optim.SGD(groups, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"], **options)
 
     @property
     def _planned_epochs(self) -> int:
@@ -142,8 +188,12 @@ class ClassificationModule(SGDModule):
             ``gex export`` folder, a URL, ``hf-hub:ORG/REPO``, ``torchvision``) and initialise the
             context modules they lack (``"identity"``). Only read when the module is built for
             training: loading a checkpoint of this module passes ``pretrained=None``.
-        lr, momentum, weight_decay, nesterov: SGD (the paper: 0.1, 0.9, 1e-4). The learning rate
-            is for the global batch; it is not rescaled with the number of devices.
+        lr, momentum, weight_decay, nesterov: SGD (the paper: 0.1 and 0.9; its weight decay is the
+            authors' release's, 1e-4). The learning rate is for the global batch; it is not rescaled
+            with the number of devices.
+        norm_weight_decay, bias_weight_decay: the weight decay of normalisation layers' scales and
+            shifts and of biases (torchvision's options of these names; ``None``: ``weight_decay``).
+            The ImageNet recipes set both to 0, as the authors' Caffe models do.
         schedule: ``"plateau"`` divides the rate by ``1/gamma`` when ``plateau_monitor`` has not
             improved for ``plateau_patience`` epochs, at most ``plateau_drops`` times (the paper's
             ImageNet recipe); ``"step"`` every ``step_size`` epochs (Figure 4: 30); ``"multistep"``
@@ -169,6 +219,8 @@ class ClassificationModule(SGDModule):
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
+        norm_weight_decay: float | None = None,
+        bias_weight_decay: float | None = None,
         nesterov: bool = False,
         schedule: Schedule = "plateau",
         gamma: float = 0.1,
@@ -193,6 +245,9 @@ class ClassificationModule(SGDModule):
             raise ConfigError(f"gamma must be in (0, 1], got {gamma!r}")
         if not (momentum >= 0 and weight_decay >= 0):  # torch.optim.SGD's own check, before any work
             raise ConfigError(f"momentum and weight_decay must be >= 0, got {momentum!r} and {weight_decay!r}")
+        for value, flag in ((norm_weight_decay, "norm_weight_decay"), (bias_weight_decay, "bias_weight_decay")):
+            if value is not None and not value >= 0:
+                raise ConfigError(f"{flag} must be >= 0 or None, got {value!r}")
         if not 0 <= label_smoothing <= 1:
             raise ConfigError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
         if isinstance(input_size, list):

@@ -39,6 +39,13 @@ class GatherSplit(NamedTuple):
     rest: Callable[[torch.Tensor], torch.Tensor]
 
 
+def _msra(weight: torch.Tensor) -> None:
+    """The authors' gather init (Caffe's ``msra`` filler in ``RN50-GEPP.prototxt``): normal, std
+    ``sqrt(2 / fan_in)``, fan_in the kernel's area for a depthwise conv. A BatchNorm follows each conv,
+    so the scale sets only how weight decay and the learning rate act on the kernel."""
+    nn.init.kaiming_normal_(weight, mode="fan_in", nonlinearity="relu")
+
+
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
@@ -104,6 +111,9 @@ class ConvGather(nn.Module):
             layers.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels, bias=False, **dd))
             layers.append(nn.BatchNorm2d(channels, momentum=BN_MOMENTUM, **dd))
         self.layers = nn.Sequential(*layers)
+        for layer in self.layers:
+            if isinstance(layer, nn.Conv2d):
+                _msra(layer.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -171,6 +181,7 @@ class GlobalConvGather(nn.Module):
         self.strict_size = strict_size
         self.conv = nn.Conv2d(channels, channels, self.feature_size, groups=channels, bias=False, **dd)
         self.bn = nn.BatchNorm2d(channels, momentum=BN_MOMENTUM, **dd)
+        _msra(self.conv.weight)
 
     def kernel_for(self, size: tuple[int, int]) -> torch.Tensor:
         """The depthwise kernel to apply to an input of spatial ``size``."""

@@ -56,6 +56,15 @@ class ExciteMLP(nn.Module):
         self.fc1 = nn.Conv2d(channels, hidden, 1, bias=True, **dd)
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Conv2d(hidden, channels, 1, bias=True, **dd)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The authors' initialisation (``RN50-GEPP.prototxt``: Gaussian weights of std 0.01, zero
+        biases), so that every gate starts near 0.5 whatever the width (PyTorch's default drew the
+        biases of a 1-unit hidden layer from U(-1, 1): initial gates of 0.27-0.73)."""
+        for conv in (self.fc1, self.fc2):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.global_input and torch.compiler.is_compiling():
