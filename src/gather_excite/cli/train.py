@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentError
+from lightning.fabric.plugins.environments import TorchElasticEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import ParallelStrategy
 
 from ..configs import BASES, RECIPES, base_path, format_recipes
 from ..data import ImageClassificationData
@@ -198,11 +201,37 @@ class GexCLI(LightningCLI):
         plugins = _as_list(kwargs.pop("plugins", None) or configured.get("plugins"))
         plugins.append(AtomicCheckpointIO())
         try:
-            return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
+            trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
         # Lightning's words for an unknown accelerator, strategy or precision name (ValueError) and for one
         # this machine cannot honour (MisconfigurationException, e.g. accelerator gpu without one)
         except (ValueError, MisconfigurationException) as err:
             raise ConfigError(f"trainer: {one_line(err)}") from None
+        _check_processes(trainer, sync_batchnorm=bool((self.config.get("trainer") or {}).get("sync_batchnorm")))
+        return trainer
+
+
+def _check_processes(trainer: Any, *, sync_batchnorm: bool) -> None:
+    """Refuse, before any process starts, what DDP would otherwise raise as a traceback on every rank."""
+    strategy = trainer.strategy
+    if not isinstance(strategy, ParallelStrategy):
+        started = int(os.environ.get("WORLD_SIZE", "1")) if TorchElasticEnvironment.detect() else 1
+        if started > 1:  # each of torchrun's processes would train a model of its own into the same --out
+            raise ConfigError(
+                f"trainer: torchrun started {started} processes, but the trainer runs on one device; set "
+                f"--trainer.devices and --trainer.num_nodes so that devices x nodes = {started}"
+            )
+        return
+    environment = strategy.cluster_environment
+    if environment is not None:
+        try:  # torchrun/SLURM started the processes: their number must be nodes x devices
+            environment.validate_settings(num_devices=len(strategy.parallel_devices or []), num_nodes=trainer.num_nodes)
+        except ValueError as err:
+            raise ConfigError(f"trainer: {one_line(err)}") from None
+    if sync_batchnorm and strategy.root_device.type == "cpu":
+        raise ConfigError(
+            "trainer.sync_batchnorm=true needs GPUs: PyTorch's SyncBatchNorm does not run on CPU processes "
+            "(set --trainer.sync_batchnorm false, or train on GPUs)"
+        )
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -339,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         if ckpt_path is not None:
             _check_resumable(ckpt_path, cli.model)
         _check_model_matches_data(cli.model, cli.datamodule)
+        # Before the processes start (they would each print it, after setting up the process group).
+        for train in (True, False):
+            cli.datamodule.per_device_batch_size(train=train, world_size=cli.trainer.world_size)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
         if cli.config["eval_after"] and not cli.trainer.interrupted:
             # Every process takes part (torchmetrics syncs the counts); rank 0 writes the file.

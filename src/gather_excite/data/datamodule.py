@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from ..errors import ConfigError, DataNotFoundError
 from .cifar import cifar_dataset
@@ -28,6 +32,32 @@ DATASETS: dict[str, tuple[int | None, int, int, str]] = {
 }
 
 
+def _run_seed() -> int:
+    """The run's seed: what ``seed_everything`` set (``gex train``'s ``seed_everything``), as Lightning reads it."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+class _EpochShuffle(RandomSampler):
+    """A random order of the whole dataset that is a function of ``(seed, epoch)`` alone.
+
+    Lightning calls :meth:`set_epoch` before every training epoch, so a run resumed at epoch ``k``
+    draws the batches of epoch ``k`` of an uninterrupted run (a plain ``RandomSampler`` draws from
+    the global RNG, which ``seed_everything`` resets on every start). Under DDP Lightning replaces
+    it by its ``DistributedSampler``, which shuffles with the same ``seed + epoch``.
+    """
+
+    def __init__(self, data_source: Any, *, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
 class ImageClassificationData(L.LightningDataModule):
     """Train/validation loaders of one dataset with the paper's transforms.
 
@@ -45,6 +75,10 @@ class ImageClassificationData(L.LightningDataModule):
         crop_size, resize_size: ImageNet recipe sizes (224 crop of the image resized to 256 by default).
         train_subset, val_subset: use a fixed random subset of this many images (``subset_seed``).
         drop_last: drop the last incomplete training batch (every step sees the full batch).
+
+    The training order is a function of the run's seed and the epoch (a resumed run draws the
+    batches of an uninterrupted one); under DDP each process evaluates its own share of the
+    validation set, every image exactly once, and draws its own augmentations (seed + rank).
     """
 
     def __init__(
@@ -178,9 +212,14 @@ class ImageClassificationData(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return int(trainer.world_size) if trainer is not None else 1
 
-    def per_device_batch_size(self, *, train: bool = True) -> int:
-        """The global batch divided by the number of devices (which must divide it)."""
-        world, total = self._world_size(), (self.batch_size if train else self.eval_batch_size)
+    def per_device_batch_size(self, *, train: bool = True, world_size: int | None = None) -> int:
+        """The global batch divided by the number of devices (which must divide it).
+
+        ``world_size``: the number of devices, by default the attached trainer's (``gex train``
+        checks the batch sizes with it before the processes start).
+        """
+        world = self._world_size() if world_size is None else world_size
+        total = self.batch_size if train else self.eval_batch_size
         if total % world:
             name = "batch_size" if train else "eval_batch_size"
             raise ConfigError(
@@ -207,15 +246,52 @@ class ImageClassificationData(L.LightningDataModule):
         if stage in (None, "fit", "validate", "test") and self.val_set is None:
             self.val_set = self._dataset(train=False)
             self.per_device_batch_size(train=False)
+            world = self._world_size()
+            if len(self.val_set) < world:  # every process must evaluate at least one image (see _eval_sampler)
+                raise ConfigError(
+                    f"the {len(self.val_set)} images of {self._describe(False)} cannot be shared by {world} devices; "
+                    f"evaluate with at least {world} images (val_subset) or fewer devices"
+                )
+        if stage in (None, "fit"):
+            self._seed_per_process()
+
+    def _seed_per_process(self) -> None:
+        """Under DDP, seed this process's own RNGs (torch, random) with the run's seed + its global rank.
+
+        Every process starts from the same ``seed_everything``; without this, the augmentations drawn
+        in the main process (``num_workers=0``) would be the same random numbers on every rank. (Loader
+        workers take their seeds from this RNG, or per rank from Lightning with ``workers=True``.)
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or self._world_size() <= 1:
+            return
+        seed = _run_seed() + int(getattr(trainer, "global_rank", 0))
+        torch.manual_seed(seed)
+        random.seed(seed)
+
+    def _eval_sampler(self, dataset: Dataset[Any]) -> UnrepeatedDistributedSampler | None:
+        """Under DDP, each process's share of the evaluation set, every image exactly once.
+
+        Lightning's ``DistributedSampler`` pads the shares to equal length with repeated images,
+        which validation and test would count twice; this one leaves the last shares one image
+        shorter (torchmetrics and the logged loss sum over the processes, so the figures are those
+        of the whole set). ``None`` on a single device: Lightning leaves the loader as it is.
+        """
+        trainer = getattr(self, "trainer", None)
+        kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
+        if not kwargs or int(kwargs.get("num_replicas", 1)) <= 1:
+            return None
+        return UnrepeatedDistributedSampler(dataset, shuffle=False, **kwargs)
 
     def _loader(self, dataset: Dataset[Any] | None, *, train: bool) -> DataLoader[Any]:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         workers = self.num_workers
+        sampler = _EpochShuffle(dataset, seed=_run_seed()) if train else self._eval_sampler(dataset)
         return DataLoader(
             dataset,
             batch_size=self.per_device_batch_size(train=train),
-            shuffle=train,
+            sampler=sampler,
             num_workers=workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and workers > 0,

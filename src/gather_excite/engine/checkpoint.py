@@ -90,27 +90,27 @@ def checkpoint_callbacks(
     keeps every epoch.
     """
     directory = str(directory)
-    callbacks: list[Any] = [
-        ModelCheckpoint(
-            dirpath=directory,
-            filename="last",
-            monitor=None,
-            save_top_k=1,
-            enable_version_counter=False,
-            every_n_epochs=1,
-            save_on_train_epoch_end=True if last_on_train_epoch_end else None,
-        )
-    ]
-    if monitor is not None:
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=directory,
-                filename="best",
-                monitor=monitor,
-                mode=mode,
-                save_top_k=1,
-                enable_version_counter=False,
-                auto_insert_metric_name=False,
-            )
-        )
-    return callbacks
+    last = ModelCheckpoint(
+        dirpath=directory,
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        enable_version_counter=False,
+        every_n_epochs=1,
+        save_on_train_epoch_end=True if last_on_train_epoch_end else None,
+    )
+    if monitor is None:
+        return [last]
+    best = ModelCheckpoint(
+        dirpath=directory,
+        filename="best",
+        monitor=monitor,
+        mode=mode,
+        save_top_k=1,
+        enable_version_counter=False,
+        auto_insert_metric_name=False,
+    )
+    # best first: the callbacks run in this order when an epoch's validation ends, and last.ckpt
+    # stores every callback's state, so it must see best's after this epoch's score (a resumed run
+    # would otherwise compare against the previous epoch's best and could overwrite best.ckpt).
+    return [best, last]

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..complexity import complexity
@@ -271,7 +272,12 @@ class ClassificationModule(SGDModule):
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_top1", MulticlassAccuracy(num_classes, top_k=1, average="micro"))
             setattr(self, f"{stage}_top5", MulticlassAccuracy(num_classes, top_k=top_k, average="micro"))
+        # The evaluation loss as a sum over images and a count, synced over all processes like the errors
+        # (Lightning's own mean of a logged value truncates the synced image count to an integer mean).
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
         self._compiled = False
+        self._epoch_lr: float | None = None
 
     @property
     def image_size(self) -> tuple[int, int, int]:
@@ -297,11 +303,14 @@ class ClassificationModule(SGDModule):
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams["label_smoothing"])
         getattr(self, f"{stage}_top1").update(logits, targets)
         getattr(self, f"{stage}_top5").update(logits, targets)
-        on_step = stage == "train"
-        # The training loss is this process's mean: syncing it would add a collective that the
-        # rank-0 progress bar triggers before the other ranks reach it (a DDP deadlock). Errors
-        # are exact over all processes (torchmetrics counts, synced in compute()).
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step)
+        if stage == "train":
+            # The training loss is this process's mean: syncing it would add a collective that the
+            # rank-0 progress bar triggers before the other ranks reach it (a DDP deadlock).
+            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        else:
+            # Errors and loss are exact over all processes (torchmetrics sums, synced in compute()); the
+            # evaluation sampler gives each image to exactly one process (ImageClassificationData).
+            getattr(self, f"{stage}_loss").update(loss.detach(), weight=targets.shape[0])
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -335,15 +344,25 @@ class ClassificationModule(SGDModule):
         }
 
     def _log_errors(self, stage: str) -> None:
-        # compute() syncs the counts over all processes, so the error is that of the whole split.
+        # compute() syncs the counts (and loss sums) over all processes: the figures of the whole split.
         for k in ("top1", "top5"):
             metric = getattr(self, f"{stage}_{k}")
             self.log(f"{stage}/{k}_err", 100.0 * (1.0 - metric.compute()), prog_bar=k == "top1", sync_dist=True)
             metric.reset()
+        if stage != "train":
+            metric = getattr(self, f"{stage}_loss")
+            self.log(f"{stage}/loss", metric.compute(), prog_bar=True, sync_dist=True)
+            metric.reset()
+
+    def on_train_epoch_start(self) -> None:
+        # The rate this epoch trains at: Lightning steps epoch-interval schedulers after the epoch's
+        # last batch, before on_train_epoch_end, which would log the next epoch's rate.
+        self._epoch_lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
 
     def on_train_epoch_end(self) -> None:
         self._log_errors("train")
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], sync_dist=True)
+        lr = self._epoch_lr if self._epoch_lr is not None else self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("lr", lr, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
