@@ -650,3 +650,93 @@ def test_remove_branch_zeroes_the_branch_with_gradients_on(ge_model, data):
         torch.testing.assert_close(seen["out"], expected)
     finally:
         handle.remove()
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_an_interrupted_analysis_leaves_its_earlier_json_and_png(tmp_path, monkeypatch, capsys):
+    """--overwrite wrote the JSON with write_text and the PNG with savefig in place: a kill while drawing
+    left a 0-byte or new JSON beside the earlier PNG. Both are now written whole or not at all, the PNG
+    rendered before either file is touched."""
+    from matplotlib.figure import Figure
+
+    from gather_excite.cli import main as gex
+
+    run = fake_run(tmp_path, "run", "cifar_resnet20", [(50.0, 40.0), (30.0, 35.0)])
+    out = tmp_path / "an"
+    assert gex(["analyze", "curves", str(run), "--out", str(out)]) == 0
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(earlier) == ["curves.json", "curves.png"]
+
+    def killed_while_drawing(self, fname, **kwargs):
+        if hasattr(fname, "write"):
+            fname.write(b"\x89PNG half a drawing")
+        else:
+            with open(fname, "wb") as handle:
+                handle.write(b"\x89PNG half a drawing")
+        raise KeyboardInterrupt
+
+    fake_run(tmp_path, "run", "cifar_resnet20", [(50.0, 40.0), (30.0, 35.0), (20.0, 30.0)])  # another epoch
+    monkeypatch.setattr(Figure, "savefig", killed_while_drawing)
+    for argv in (["curves", str(run), "--out", str(out), "--overwrite"], ["plot", str(out / "curves.json")]):
+        with pytest.raises(KeyboardInterrupt):
+            gex(["analyze", *argv])
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier  # no temporary file either
+    monkeypatch.undo()
+    assert gex(["analyze", "curves", str(run), "--out", str(out), "--overwrite"]) == 0
+    assert load_report(out / "curves.json")["runs"][0]["epoch"] == [1, 2, 3]
+    assert sorted(p.name for p in out.iterdir()) == ["curves.json", "curves.png"]
+    assert (out / "curves.png").read_bytes() != earlier["curves.png"]
+
+
+def test_plot_png_must_name_a_png_file(tmp_path, capsys):
+    """``--png an2/curves`` was checked as given but matplotlib wrote an2/curves.png (over an earlier PNG,
+    without --overwrite); ``--png x.json`` ended in a matplotlib traceback."""
+    from gather_excite.cli import main as gex
+
+    run = fake_run(tmp_path, "run", "cifar_resnet20", [(50.0, 40.0)])
+    assert gex(["analyze", "curves", str(run), "--out", str(tmp_path / "an")]) == 0
+    capsys.readouterr()
+    earlier = tmp_path / "an2" / "curves.png"
+    earlier.parent.mkdir()
+    earlier.write_bytes(b"an earlier drawing")
+    for png in (tmp_path / "an2" / "curves", tmp_path / "x.json"):
+        assert gex(["analyze", "plot", str(tmp_path / "an" / "curves.json"), "--png", str(png)]) == 2
+        line = _one_error_line(capsys)
+        assert line == f"gex analyze plot: error: --png {png}: expected the path of a PNG file, ending in .png"
+    assert earlier.read_bytes() == b"an earlier drawing" and not (tmp_path / "x.json").exists()
+    assert gex(["analyze", "plot", str(tmp_path / "an" / "curves.json"), "--png", str(earlier)]) == 2
+    assert "the file exists (an earlier result)" in _one_error_line(capsys)
+    assert gex(["analyze", "plot", str(tmp_path / "an" / "curves.json"), "--png", str(tmp_path / "A.PNG")]) == 0
+    assert (tmp_path / "A.PNG").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_curves_inputs_of_the_wrong_kind_are_one_line(tmp_path, capsys):
+    """An eval.json holding a list was an AttributeError, a csv/metrics.csv that is a folder an
+    IsADirectoryError, and an output named as an input was written over it."""
+    from gather_excite.cli import main as gex
+
+    listed = fake_run(tmp_path, "listed", "cifar_resnet20", [(50.0, 40.0)])
+    (listed / "eval.json").write_text("[1, 2]")
+    folder = tmp_path / "folder"
+    (folder / "csv" / "metrics.csv").mkdir(parents=True)
+    cases = {
+        listed: f"{str(listed / 'eval.json')!r} holds a JSON list; expected an object (gex eval's output)",
+        folder: f"{str(folder / 'csv' / 'metrics.csv')!r} is a folder; expected the Lightning CSV log file",
+    }
+    for run, expected in cases.items():
+        assert gex(["analyze", "curves", str(run), "--out", str(tmp_path / "an")]) == 2
+        line = _one_error_line(capsys)
+        assert line.startswith("gex analyze curves: error: ") and expected in line, line
+    results = compare_results(tmp_path / "results.json", {"cifar_resnet20": [[(40.0, 30.0)]]})
+    before = results.read_bytes()
+    argv = ["analyze", "curves", str(results), "--out", str(tmp_path), "--name", "results", "--overwrite"]
+    assert gex(argv) == 2
+    assert f"is the run {str(results)!r} itself" in _one_error_line(capsys)
+    assert results.read_bytes() == before

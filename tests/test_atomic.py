@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gather_excite._atomic import atomic_write, write_json
+from gather_excite._atomic import atomic_folder, atomic_path, atomic_write, write_json
 
 
 def test_an_interrupted_write_leaves_the_earlier_file_and_no_temporary(tmp_path: Path) -> None:
@@ -41,3 +41,54 @@ def test_a_folder_in_the_way_is_an_error_and_leaves_nothing(tmp_path: Path) -> N
     with pytest.raises(ValueError, match="mode must be 'w' or 'wb'"), atomic_write(tmp_path / "x", "a"):
         pass
     assert os.listdir(tmp_path) == ["out.json"]
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    """An interrupted build leaves the earlier folder as it was; a finished one replaces it whole (no file of
+    the earlier folder stays)."""
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "weights").write_text("old weights")
+    (out / "config.json").write_text("old config")
+    with pytest.raises(KeyboardInterrupt), atomic_folder(out) as folder:
+        (folder / "weights").write_text("new weights")
+        raise KeyboardInterrupt  # killed between the weights and the config
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"weights": "old weights", "config.json": "old config"}
+    assert _hidden(tmp_path) == []
+    with atomic_folder(out) as folder:
+        (folder / "weights").write_text("new weights")
+        (folder / "sub").mkdir()
+        (folder / "sub" / "card").write_text("new card")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["sub", "sub/card", "weights"]
+    assert (out / "weights").read_text() == "new weights" and _hidden(tmp_path) == []
+    # a plain mkdir's mode, not mkdtemp's private 0700
+    (tmp_path / "plain").mkdir()
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    with atomic_folder(tmp_path / "new") as folder:  # a folder that was not there
+        (folder / "a").write_text("a")
+    assert (tmp_path / "new" / "a").read_text() == "a" and _hidden(tmp_path) == []
+    (tmp_path / "file").write_text("a file")
+    with pytest.raises(NotADirectoryError), atomic_folder(tmp_path / "file"):
+        pass
+    assert (tmp_path / "file").read_text() == "a file" and _hidden(tmp_path) == []
+
+
+def test_a_path_is_written_then_renamed_into_place(tmp_path: Path) -> None:
+    """For writers that take a file name: the earlier file stays until the block ends without an error."""
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"good export")
+    with pytest.raises(KeyboardInterrupt), atomic_path(path) as temporary:
+        temporary.write_bytes(b"half an exp")
+        raise KeyboardInterrupt
+    assert path.read_bytes() == b"good export" and os.listdir(tmp_path) == ["model.onnx"]
+    with atomic_path(path) as temporary:
+        assert temporary.name == "model.onnx" and temporary.parent != tmp_path
+        temporary.write_bytes(b"new export")
+        (temporary.parent / "model.onnx.data").write_bytes(b"weights")  # ONNX's external data, beside it
+        assert path.read_bytes() == b"good export"  # checked (read back) before it replaces the file
+    assert path.read_bytes() == b"new export" and (tmp_path / "model.onnx.data").read_bytes() == b"weights"
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]

@@ -553,3 +553,30 @@ def test_a_second_invocation_into_a_running_sweep_is_refused(tmp_path: Path) -> 
         os.close(first)
     os.close(_lock_folder(out))  # free again once the first one's handle is closed
     assert not any(out.iterdir())
+
+
+def test_sweep_records_of_the_wrong_kind_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A sweep.json or run.json holding a JSON list (not gex compare's object) was an AttributeError traceback."""
+    root = write_fashion_idx(tmp_path / "data", train=16, test=8)
+    out = tmp_path / "out"
+    argv = ["--data-root", str(root), "--out", str(out), "--epochs", "1", "--seeds", "1", "--train-size", "0"]
+    argv += ["--width", "4", "--batch-size", "8", "--curve-size", "4", "--variants", "baseline", "--jobs", "1"]
+    config = compare_cli._config(compare_cli._parser().parse_args(argv))
+    sweep_module.prepare_folder(out, config, resume=False)
+    record = sweep_module.run_dir(out, config.runs()[0]) / "run.json"
+    record.parent.mkdir(parents=True)
+    record.write_text("[]\n")
+
+    def error_line() -> str:
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "gex compare: error: " in line]
+        assert "Traceback" not in err and len(lines) == 1, err
+        return lines[0]
+
+    for flag in ("--report-only", "--resume"):
+        assert compare_cli.main([*argv, flag]) == 2
+        assert f"run record {str(record)!r} holds a JSON list; expected an object" in error_line()
+    (out / "sweep.json").write_text("[]\n")
+    for flag in ("--report-only", "--resume"):
+        assert compare_cli.main([*argv, flag]) == 2
+        assert f"--out {str(out)!r}: its sweep.json holds a JSON list; expected an object" in error_line()

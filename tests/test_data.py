@@ -22,6 +22,7 @@ from gather_excite.data import (
     cifar_dataset,
     fashion_mnist_dataset,
 )
+from gather_excite.errors import DataError
 
 # ---------------------------------------------------------------- writers shared with test_train/test_compare
 
@@ -202,3 +203,27 @@ def test_subset_larger_than_the_split_is_refused(tmp_path: Path, monkeypatch: py
     data = ImageClassificationData("fashion_mnist", str(root), batch_size=4, train_subset=50, num_workers=0)
     with pytest.raises(ValueError, match="train_subset=50 is larger than the 20 images"):
         data.setup("fit")
+
+
+def test_a_corrupt_gz_leaves_no_temporary_file_and_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cut-off or damaged .gz left tmpXXXX files in the cache folder on every try, and a gz holding garbage
+    was reported with an empty reason ("...: ")."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    root = write_fashion_idx(tmp_path / "fm", train=20, test=10)
+    images = root / "train-images-idx3-ubyte.gz"
+    good = images.read_bytes()
+    cases = {
+        "Compressed file ended before the end-of-stream marker was reached": good[: len(good) // 2],
+        "zlib.error: Error -3 while decompressing data": good[:20] + bytes(40) + good[60:],
+        "BadGzipFile: Not a gzipped file": b"not a gzip file at all",
+        "not an IDX file (its header's magic number or dimensions": gzip.compress(b"garbage" * 100),
+    }
+    for expected, content in cases.items():
+        images.write_bytes(content)
+        with pytest.raises(DataError) as caught:
+            fashion_mnist_dataset(root, train=True)
+        assert str(caught.value).startswith(f"corrupt Fashion-MNIST IDX file {str(images)!r}: ")
+        assert expected in str(caught.value), str(caught.value)
+        left = [p.name for p in cache.rglob("*") if p.is_file() and "idx" in p.parts]
+        assert all(name == "train-images-idx3-ubyte" for name in left), left  # no temporary file

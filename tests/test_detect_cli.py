@@ -497,3 +497,24 @@ def test_last_checkpoint_follows_every_training_epoch(tmp_path: Path, one_thread
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["epoch"] == 0 and saved["global_step"] == 1  # 4 images, batch 4
     assert not (tmp_path / "run" / "checkpoints" / "best.ckpt").exists()  # never validated
+
+
+def test_an_unreadable_resume_checkpoint_is_one_line_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty or truncated --resume FILE into a new --out was an EOFError/OSError traceback from inside
+    Lightning's fit; gex train reports the same files in one line, and so does gex detect train now."""
+    recipe = write_recipe(tmp_path / "tiny.yaml", write_coco(tmp_path / "coco", LAYOUTS[:2]), epochs=1)
+    empty, truncated = tmp_path / "empty.ckpt", tmp_path / "truncated.ckpt"
+    empty.write_bytes(b"")
+    torch.save({"state_dict": {"w": torch.zeros(64)}, "hyper_parameters": {}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    for checkpoint in (empty, truncated):
+        out = tmp_path / f"run-{checkpoint.stem}"
+        argv = ["train", "--config", str(recipe), "--out", str(out), "--resume", str(checkpoint)]
+        code, err = run(detect_cli.main, argv, capsys)
+        lines = [line for line in err.splitlines() if line.startswith("gex detect train: error: ")]
+        assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+        assert lines[0].startswith(f"gex detect train: error: --resume {checkpoint}: checkpoint {str(checkpoint)!r} ")
+        assert "is incomplete or corrupt" in lines[0]
+        assert not out.exists()

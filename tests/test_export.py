@@ -383,3 +383,50 @@ def test_exporting_a_training_model_leaves_it_training():
     export_program(model, dynamic=False)
     max_difference(model, model, [(32, 32)])
     assert all(module.training for module in model.modules())
+
+
+@pytest.mark.parametrize("fmt", ["pt2", pytest.param("onnx", marks=needs_onnx)])
+def test_an_interrupted_export_leaves_the_earlier_file(fmt, tmp_path, monkeypatch, capsys):
+    """The graph was written onto --out in place: a kill while it was written (or checked) replaced a good
+    export with a broken file that the next command took for an earlier result. It is written and checked
+    under a temporary name beside --out and renamed onto it only then."""
+    import gather_excite.export as export_module
+
+    out = tmp_path / f"model.{fmt}"
+    out.write_bytes(b"a good earlier export")
+    argv = ["export", "cifar_resnet20", "--format", fmt, "--out", str(out), "--image-size", "28", "--overwrite"]
+    checker = "max_difference" if fmt == "pt2" else "onnx_max_difference"
+    seen = []
+
+    def killed(path_or_program, *args, **kwargs):
+        seen.append(path_or_program)
+        raise KeyboardInterrupt  # SIGINT while the written file is run against eager
+
+    monkeypatch.setattr(export_module, checker, killed)
+    with pytest.raises(KeyboardInterrupt):
+        _gex(argv)
+    assert seen and out.read_bytes() == b"a good earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary left beside it
+    monkeypatch.undo()
+    assert _gex(argv) == 0 and out.read_bytes() != b"a good earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    assert _graph_batches(out, fmt, [1]) == [True]
+
+
+def test_an_export_never_writes_over_its_own_input(tmp_path, capsys):
+    """``gex export CKPT --out CKPT --overwrite`` replaced the checkpoint with its graph (or its folder)."""
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.write_bytes(b"the only copy of a trained model")
+    (tmp_path / "sub").mkdir()
+    link = tmp_path / "link.ckpt"
+    link.symlink_to(checkpoint)
+    for out in (checkpoint, tmp_path / "sub" / ".." / "last.ckpt", link):
+        assert _gex(["export", str(checkpoint), "--format", "pt2", "--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0] == (
+            f"gex export: error: --out {out}: is the checkpoint {str(checkpoint)!r} itself; writing there would "
+            "replace the input with the output: choose another --out"
+        )
+    assert _gex(["export", str(checkpoint), "--format", "safetensors", "--out", str(tmp_path), "--overwrite"]) == 2
+    assert f"--out {tmp_path}: holds the checkpoint {str(checkpoint)!r}" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == b"the only copy of a trained model"

@@ -595,3 +595,88 @@ def test_the_gex_dispatcher_reports_a_user_error_any_command_let_through(
     monkeypatch.setattr(ops, "main", bug)
     with pytest.raises(ValueError, match="a bug"):  # keeps its traceback
         cli.main(["ops"])
+
+
+def test_an_interrupted_safetensors_export_leaves_the_earlier_folder_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--overwrite replaced model.safetensors, then wrote config.json and README.md in place: a kill
+    between them left new weights beside the earlier run's config and card (wrong figures). The folder
+    is built beside --out and swapped in whole."""
+    import safetensors.torch
+
+    from gather_excite.cli import export as export_cli
+
+    checkpoint = _hand_made_checkpoint(tmp_path / "last.ckpt", tmp_path / "data")
+    out = tmp_path / "export"
+    argv = [str(checkpoint), "--format", "safetensors", "--out", str(out), "--overwrite"]
+    report = tmp_path / "eval.json"
+    report.write_text(json.dumps({"checkpoint": str(checkpoint), "top1_err": 12.5}))
+    assert export_cli.main([*argv, "--eval-json", str(report)]) == 0
+    report.unlink()
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(earlier) == ["README.md", "config.json", "model.safetensors"]
+    assert json.loads(earlier["config.json"])["eval"]["top1_err"] == 12.5
+
+    save_file = safetensors.torch.save_file
+
+    def killed_after_the_weights(*args: object, **kwargs: object) -> None:
+        save_file(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed_after_the_weights)
+    with torch.no_grad():  # other weights, so that the new model.safetensors differs from the earlier one
+        saved = torch.load(checkpoint, weights_only=True)
+        saved["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in saved["state_dict"].items()}
+        torch.save(saved, checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        export_cli.main(argv)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "last.ckpt"]  # nothing left beside it
+
+    monkeypatch.undo()
+    assert export_cli.main(argv) == 0
+    now = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(now) == sorted(earlier) and now["model.safetensors"] != earlier["model.safetensors"]
+    assert json.loads(now["config.json"])["eval"] == {}  # no figures: the earlier run's are not kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "last.ckpt"]
+    capsys.readouterr()
+
+    # --overwrite replaces the folder whole: a folder holding anything else is refused, nothing removed.
+    (out / "notes.txt").write_text("mine")
+    assert export_cli.main(argv) == 2
+    line = _error_line(capsys, "gex export")
+    assert f"--out {out}: holds files that an export does not write (notes.txt)" in line
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").read_bytes() == now[
+        "model.safetensors"
+    ]
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An existing folder without write permission was a PermissionError traceback (only its parent was
+    checked). chmod does not stop root, so the permission check itself is made to fail for that folder."""
+    from gather_excite.cli import compare as compare_cli
+    from gather_excite.cli import detect as detect_cli
+    from gather_excite.cli import export as export_cli
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and access(path, mode, **kw))
+    missing = str(tmp_path / "no-data")  # were the check skipped, each command would stop at its data instead
+    expected = f"--out {locked}: the folder is not writable"
+    assert compare_cli.main(["--out", str(locked), "--data-root", missing, "--train-size", "8"]) == 2
+    assert expected in _error_line(capsys, "gex compare")
+    assert detect_cli.main(["data", "--out", str(locked), "--data-root", missing]) == 2
+    assert expected in _error_line(capsys, "gex detect data")
+    assert export_cli.main([str(tmp_path / "x.ckpt"), "--format", "safetensors", "--out", str(locked)]) == 2
+    assert expected in _error_line(capsys, "gex export")
+    # --overwrite builds the folder beside its place and swaps it in: the parent must be writable too.
+    inside = locked / "export"
+    inside.mkdir()
+    argv = [str(tmp_path / "x.ckpt"), "--format", "safetensors", "--out", str(inside), "--overwrite"]
+    assert export_cli.main(argv) == 2
+    assert f"--out {inside}: the folder {locked} is not writable" in _error_line(capsys, "gex export")
+    assert os.listdir(locked) == ["export"]

@@ -493,3 +493,90 @@ def test_ddp_settings_that_cannot_run_are_one_line_before_any_process_starts(
         os.environ.update(saved)
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("gex train: error: ") and message in error[0], error
+
+
+def test_a_second_train_into_a_held_run_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A resubmitted job while the first still runs: both had exited 0 with their histories interleaved in
+    one metrics.csv and one run's checkpoint. The first run holds its folder (the kernel's lock, taken
+    here as it takes it); a second gex train into it is refused before any work."""
+    from gather_excite._atomic import lock_folder
+
+    config, out = _tiny_fashion_run(tmp_path, epochs=1)
+    held = lock_folder(out, "held by the first run")
+    try:
+        code = train_cli.main(["--config", str(config), "--out", str(out), "--resume", "last"])
+    finally:
+        os.close(held)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"--out {out}: another gex train is writing into this folder now" in err
+    assert list(out.iterdir()) == []  # nothing written
+    _train(config, out)  # released with the first run: the folder is free again
+
+
+def test_a_failed_run_removes_the_folder_it_made_and_sigterm_is_not_success(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    config, out = _tiny_fashion_run(tmp_path, epochs=1)
+    # A wrong --resume: one line, and the folder made to hold the run is gone again (it held nothing).
+    assert train_cli.main(["--config", str(config), "--out", str(out), "--resume", str(tmp_path / "none.ckpt")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err and not out.exists()
+
+    # Lightning ends a run stopped by SIGTERM (a pre-empted job) with SystemExit(0): it was reported as success.
+    def stopped(*_args: object, **_kwargs: object) -> None:
+        raise SIGTERMException
+
+    monkeypatch.setattr("lightning.pytorch.Trainer.fit", stopped)
+    assert train_cli.main(["--config", str(config), "--out", str(out)]) == 143
+    assert "gex train: stopped by SIGTERM before the run finished; no checkpoint yet" in capsys.readouterr().err
+
+
+def test_an_unwritable_run_folder_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, out = _tiny_fashion_run(tmp_path, epochs=1)
+    out.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != out and real_access(path, mode))  # as chmod 500
+    assert train_cli.main(["--config", str(config), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"gex train: error: --out {out}: the folder is not writable\n"
+
+
+def test_resuming_a_finished_run_does_not_evaluate_it_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--resume last` of a run that had finished its epochs: nothing trains, and the test row was logged
+    a second time into metrics.csv (and eval.json rewritten). Now it says so and changes nothing."""
+    config, out = _tiny_fashion_run(tmp_path, epochs=1)
+    assert train_cli.main(["--config", str(config), "--out", str(out)]) == 0
+    rows, evaluation = (out / "csv" / "metrics.csv").read_text(), (out / "eval.json").read_bytes()
+    capsys.readouterr()
+    assert train_cli.main(["--config", str(config), "--out", str(out), "--resume", "last"]) == 0
+    assert "had finished its 1 epochs; nothing to continue" in capsys.readouterr().out
+    assert (out / "csv" / "metrics.csv").read_text() == rows and (out / "eval.json").read_bytes() == evaluation
+
+
+def test_an_evaluation_never_replaces_a_file_written_while_it_ran(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `gex eval` of one checkpoint at once both picked the free `eval.json` and one result was lost
+    (the name was checked before the evaluation and replaced after it). The name is claimed when the
+    result is written: what another command wrote meanwhile stays, this result steps to `eval-2.json`."""
+    from gather_excite.cli import evaluate as evaluate_cli
+
+    out = train_tiny(tmp_path, "fashion_mnist", epochs=1)
+    checkpoint = out / "checkpoints" / "last.ckpt"
+    real, default, explicit = evaluate_cli.evaluate, out / "checkpoints" / "eval.json", tmp_path / "mine.json"
+    for target, flags in ((default, []), (explicit, ["--out", str(explicit)])):
+
+        def racing(*args: Any, target: Path = target, **kwargs: Any) -> dict[str, Any]:
+            target.write_text('{"by": "the other command"}\n')  # written while this evaluation runs
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(evaluate_cli, "evaluate", racing)
+        assert eval_cli.main([str(checkpoint), *flags, "--accelerator", "cpu"]) == 0
+        assert target.read_text() == '{"by": "the other command"}\n'
+        moved = target.with_name(f"{target.stem}-2.json")
+        assert json.loads(moved.read_text())["num_images"] == 16
+    err = capsys.readouterr().err
+    assert f"gex eval: {out / 'checkpoints' / 'eval.json'} was written by another command during the evaluation" in err

@@ -4,6 +4,10 @@ The folder loads with ``create_model(name, pretrained=FOLDER)`` and, once upload
 :func:`push_to_hub` (huggingface_hub), with ``pretrained="hf-hub:ORG/REPO"``. ``config.json``
 follows timm's Hub layout (``architecture``, ``num_classes``, ``pretrained_cfg``,
 ``label_names``) plus the constructor arguments (``model_args``) and the evaluation figures.
+
+The folder is written whole or not at all: built complete beside its place, then swapped in
+(:func:`gather_excite._atomic.atomic_folder`), so weights never sit beside another export's config
+and card. An earlier export there is replaced whole; a folder that holds other files is refused.
 """
 
 from __future__ import annotations
@@ -17,14 +21,16 @@ import torch
 from torch import nn
 
 from . import __version__
+from ._atomic import atomic_folder
 from .data_config import DataConfig, resolve_data_config
-from .errors import CheckpointError, CheckpointNotFoundError, one_line
+from .errors import CheckpointError, CheckpointNotFoundError, RunExistsError, one_line
 from .models import create_model
 from .models._pretrained import CONFIG_FILE, WEIGHTS_FILE, read_weights
 
-__all__ = ["CARD_FILE", "export_pretrained", "push_to_hub", "save_pretrained"]
+__all__ = ["CARD_FILE", "EXPORT_FILES", "check_export_folder", "export_pretrained", "push_to_hub", "save_pretrained"]
 
 CARD_FILE = "README.md"
+EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)
 _PAPER = (
     "Hu, Shen, Albanie, Sun, Vedaldi. *Gather-Excite: Exploiting Feature Context in Convolutional Neural "
     "Networks*. NeurIPS 2018. [arXiv:1810.12348](https://arxiv.org/abs/1810.12348)"
@@ -101,6 +107,21 @@ def _model_card(config: dict[str, Any], repo_id: str | None) -> str:
     return "\n".join(lines)
 
 
+def check_export_folder(out: str | os.PathLike[str], flag: str = "out") -> None:
+    """Refuse (:class:`~gather_excite.errors.RunExistsError`) a folder ``out`` that holds anything but an
+    export's files: writing the export replaces the folder whole, which would remove them."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in EXPORT_FILES or not entry.is_file())
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise RunExistsError(
+            f"{flag} {out}: holds files that an export does not write ({shown}); an export replaces the folder "
+            "whole and would remove them: choose another folder (nothing was changed)"
+        )
+
+
 def save_pretrained(
     model: nn.Module,
     out: str | os.PathLike[str],
@@ -111,7 +132,11 @@ def save_pretrained(
     eval_results: dict[str, Any] | None = None,
     repo_id: str | None = None,
 ) -> Path:
-    """Write ``model``'s weights, ``config.json`` and ``README.md`` into the folder ``out``; returns it.
+    """Write ``model``'s weights, ``config.json`` and ``README.md`` as the folder ``out``; returns it.
+
+    The folder is built complete beside ``out`` and then takes its place: an earlier export at ``out``
+    is replaced whole, a crash leaves it or the new one (never a mix), and a folder ``out`` that holds
+    other files is refused (:func:`check_export_folder`).
 
     Args:
         architecture: the registered model name that rebuilds ``model``.
@@ -123,7 +148,7 @@ def save_pretrained(
     from safetensors.torch import save_file
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_export_folder(out)
     data_config = data_config or resolve_data_config(model)
     cfg = data_config.to_dict()
     label_names = cfg.pop("label_names")
@@ -139,11 +164,11 @@ def save_pretrained(
         "library_version": __version__,
     }
     state_dict = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
-    save_file(state_dict, str(out / WEIGHTS_FILE), metadata={"format": "pt", "architecture": architecture})
-    with open(out / CONFIG_FILE, "w") as handle:
-        json.dump(config, handle, indent=2)
-        handle.write("\n")
-    (out / CARD_FILE).write_text(_model_card(config, repo_id))
+    card = _model_card(config, repo_id)
+    with atomic_folder(out) as folder:
+        save_file(state_dict, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "architecture": architecture})
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (folder / CARD_FILE).write_text(card, encoding="utf-8")
     return out
 
 

@@ -6,7 +6,7 @@ figure can be re-rendered from the JSON that ``gex analyze`` writes.
 
 from ._units import find_gate_probe, resolve_unit, stage_units, unit_label
 from .curves import epoch_curves_report, extent_report, model_extent, plot_curves, read_metrics, read_run
-from .plotting import load_report, new_figure, write_report
+from .plotting import load_report, new_figure, save_png, write_report
 from .prune import ORDERS, GatePruner, check_ratios, plot_prune, prune_curves, prune_mask, pruned_count, remove_branch
 from .selectivity import (
     SelectivityAccumulator,
@@ -41,6 +41,7 @@ __all__ = [
     "read_run",
     "remove_branch",
     "resolve_unit",
+    "save_png",
     "selectivity_index",
     "selectivity_report",
     "stage_units",

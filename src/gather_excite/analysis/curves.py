@@ -43,7 +43,9 @@ def _metrics_file(path: Path) -> Path:
     direct = path / "csv" / "metrics.csv"
     if direct.is_file():
         return direct
-    found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if direct.exists():
+        raise ValueError(f"{str(direct)!r} is a folder; expected the Lightning CSV log file of gex train there")
+    found = sorted((p for p in path.rglob("metrics.csv") if p.is_file()), key=lambda p: p.stat().st_mtime)
     if not found:
         raise ValueError(f"run {str(path)!r} holds no metrics.csv (Lightning CSV log of gex train)")
     return found[-1]
@@ -56,8 +58,11 @@ def read_metrics(path: str | Path) -> dict[str, list[float | None]]:
     epoch. ``epoch`` is 1-based (epochs completed); a missing value is ``None``.
     """
     file = _metrics_file(Path(path))
-    with open(file, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    try:
+        with open(file, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{str(file)!r} is not a Lightning metrics.csv (not CSV text: {err})") from None
     if not rows or "epoch" not in rows[0]:
         raise ValueError(f"{str(file)!r} is not a Lightning metrics.csv (no 'epoch' column)")
     missing = [column for column in METRIC_COLUMNS.values() if column not in rows[0]]
@@ -96,6 +101,10 @@ def read_run(path: str | Path, *, label: str | None = None) -> dict[str, Any]:
     evaluation = run / "eval.json"
     if evaluation.is_file():
         result = load_json_file(evaluation, f"{str(evaluation)!r}")
+        if not isinstance(result, dict):
+            raise ValueError(
+                f"{str(evaluation)!r} holds a JSON {type(result).__name__}; expected an object (gex eval's output)"
+            )
         info["model"], info["top1_err"] = result.get("model"), result.get("top1_err")
     if info.get("model") is None and path.is_dir():
         info["model"] = _checkpoint_model(run)

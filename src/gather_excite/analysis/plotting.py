@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Callable
@@ -12,9 +13,10 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .._atomic import atomic_write
 from ..serialization import load_json_file
 
-__all__ = ["load_report", "new_figure", "write_report"]
+__all__ = ["load_report", "new_figure", "save_png", "write_report"]
 
 
 def new_figure(
@@ -34,19 +36,35 @@ def new_figure(
     return fig, axes[:panels]
 
 
+def save_png(figure: Figure, path: str | Path, *, dpi: int = 120) -> Path:
+    """``figure`` as a PNG at ``path``, written atomically (an earlier file stays until the new one is whole)."""
+    path = Path(path)
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=dpi)
+    return path
+
+
 def write_report(
     report: dict[str, Any], plot: Callable[[dict[str, Any]], Figure], *, out_dir: str | Path, name: str
 ) -> tuple[Path, Path]:
-    """Write ``<name>.json`` and ``<name>.png`` (drawn from the JSON as written) to ``out_dir``."""
+    """Write ``<name>.json`` and ``<name>.png`` (drawn from the JSON as written) to ``out_dir``.
+
+    The figure is drawn and rendered first, then each file is written atomically (JSON, then PNG):
+    an interruption leaves the earlier files whole, at worst the new JSON beside the earlier PNG
+    (which ``gex analyze plot`` re-draws), never a truncated file.
+    """
     if not name or Path(name).name != name:
         raise ValueError(f"name must be a plain file stem, got {name!r}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / f"{name}.json", out / f"{name}.png"
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    # Draw from what was written, so the PNG is exactly what re-rendering the JSON gives.
-    fig = plot(load_report(json_path))
-    fig.savefig(png_path, dpi=120)
+    text = json.dumps(report, indent=1) + "\n"
+    # Draw from what will be written, so the PNG is exactly what re-rendering the JSON gives.
+    image = io.BytesIO()
+    plot(json.loads(text)).savefig(image, format="png", dpi=120)
+    with atomic_write(json_path) as handle:
+        handle.write(text)
+    with atomic_write(png_path, "wb") as handle:
+        handle.write(image.getbuffer())
     return png_path, json_path
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import Any
 
 from ._args import int_at_least
-from ._outputs import add_overwrite_argument, check_output_file, next_free_path
+from ._outputs import add_overwrite_argument, check_not_an_input, check_output_file, next_free_path
 
-__all__ = ["add_evaluation_arguments", "checked_output_path", "data_overrides"]
+__all__ = ["add_evaluation_arguments", "checked_output_path", "data_overrides", "write_result"]
 
 # option dest -> the datamodule argument it overrides; an option left out keeps the checkpoint's value.
 _DATA_OPTIONS = {
@@ -46,4 +48,22 @@ def checked_output_path(args: argparse.Namespace) -> Path:
     ``eval-2.json``, ... in the checkpoint's folder (where earlier evaluations of it are)."""
     out = Path(args.out) if args.out else next_free_path(Path(args.checkpoint).resolve().parent / "eval.json")
     check_output_file(out, overwrite=args.overwrite, kind="JSON file")
+    check_not_an_input(out, [("checkpoint", args.checkpoint)])
     return out
+
+
+def write_result(result: dict[str, Any], out: Path, *, overwrite: bool, command: str) -> Path:
+    """Write the evaluation JSON to ``out``, claiming the name only now: the evaluation may have taken
+    hours, and another command may have written ``out`` meanwhile. With ``--overwrite`` it is replaced;
+    otherwise this result goes to the next free name beside it (``eval-2.json``), so neither is lost."""
+    from ..engine import write_eval_json
+
+    if overwrite:
+        return write_eval_json(result, out)
+    while True:
+        try:
+            return write_eval_json(result, out, exclusive=True)
+        except FileExistsError:
+            taken, out = out, next_free_path(out)
+            print(f"{command}: {taken} was written by another command during the evaluation; "
+                  f"this one goes to {out}", file=sys.stderr)  # fmt: skip

@@ -25,7 +25,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from ..errors import ConfigError, DataError, DataNotFoundError, GexError, one_line
 from ._args import int_at_least
 from ._evaluation import data_overrides
-from ._outputs import add_overwrite_argument, check_output_file
+from ._outputs import add_overwrite_argument, check_not_an_input, check_output_file
 
 __all__ = ["main"]
 
@@ -96,7 +96,9 @@ def _parser() -> argparse.ArgumentParser:
 
     plot = commands.add_parser("plot", help="re-draw a figure from a JSON report that gex analyze wrote")
     plot.add_argument("report", help="a <name>.json written by gex analyze")
-    plot.add_argument("--png", default=None, help="PNG to write (default: beside the JSON, replacing its drawing)")
+    plot.add_argument(
+        "--png", default=None, help="PNG file (.png) to write (default: beside the JSON, replacing its drawing)"
+    )
     add_overwrite_argument(plot)
     return parser
 
@@ -252,23 +254,36 @@ def _analysis_input_errors() -> Iterator[None]:
         raise
 
 
+def _inputs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """The files an analysis reads, which its outputs must not replace."""
+    if args.command == "selectivity":
+        return [("checkpoint", path) for path in args.checkpoints]
+    if args.command == "prune":
+        return [("checkpoint", args.checkpoint), ("--baseline", args.baseline)]
+    return [("run", path) for path in args.runs]
+
+
 _DATA_HINT = " [gex analyze: pass --data-root with the folder of the checkpoint's dataset]"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one analysis and write its PNG and JSON (or re-draw a PNG from a JSON)."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from ..analysis import PLOTS, load_report, write_report
+    from ..analysis import PLOTS, load_report, save_png, write_report
 
     try:
         with _analysis_input_errors():
             if args.command == "plot":
+                # As --name for the other commands: the file written is exactly the one named and checked.
+                if args.png is not None and Path(args.png).suffix.lower() != ".png":
+                    raise ConfigError(f"--png {args.png}: expected the path of a PNG file, ending in .png")
                 report = load_report(args.report)
                 if report["analysis"] not in PLOTS:
                     raise ConfigError(f"report analysis must be one of {sorted(PLOTS)}, got {report['analysis']!r}")
                 png = Path(args.png) if args.png else Path(args.report).with_suffix(".png")
                 # The PNG beside a report is that report's own drawing (write_report draws it from the JSON).
                 check_output_file(png, "--png", overwrite=args.overwrite or args.png is None)
+                check_not_an_input(png, [("report", args.report)], "--png")
                 try:
                     figure = PLOTS[report["analysis"]](report)
                 except (KeyError, TypeError, IndexError) as err:  # a report cut short or edited by hand
@@ -276,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"report {args.report!r} is not a complete {report['analysis']} report "
                         f"({type(err).__name__}: {one_line(err)})"
                     ) from None
-                figure.savefig(png, dpi=120)
+                save_png(figure, png)
                 print(f"-> {png}")
                 return 0
             # The name and the outputs are checked before the analysis, which can take hours.
@@ -284,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--name must be a plain file stem (no folder), got {args.name!r}")
             for suffix in (".json", ".png"):
                 check_output_file(Path(args.out) / f"{args.name}{suffix}", overwrite=args.overwrite)
+                check_not_an_input(Path(args.out) / f"{args.name}{suffix}", _inputs(args))
             run = {"selectivity": _selectivity, "prune": _prune, "curves": _curves}[args.command]
             report, plot = run(args)
             png, json_path = write_report(report, plot, out_dir=args.out, name=args.name)

@@ -35,6 +35,7 @@ from ..compare import (
 from ..compare.sweep import SweepInterrupted, calibrate, estimate_cpu_hours, finished_records
 from ..data import DEFAULT_FASHION_MNIST_ROOT
 from ..errors import ConfigError, GexError, one_line
+from ._outputs import check_writable_folder
 
 __all__ = ["main"]
 
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"and {results['wall_seconds'] / 60:.1f} minutes of the runs' own wall clock"
             )
             return 0
+        if not out.is_file():  # a file there is the sweep's own check (its message names the sweep)
+            check_writable_folder(out, "--out")
         if args.preset == "paper" and not args.resume:
             hours = estimate_cpu_hours(config, calibrate(config))
             print(

@@ -18,7 +18,7 @@ from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from ..errors import CheckpointError, CheckpointNotFoundError, GexError, one_line
-from ._evaluation import add_evaluation_arguments, checked_output_path, data_overrides
+from ._evaluation import add_evaluation_arguments, checked_output_path, data_overrides, write_result
 from ._outputs import add_overwrite_argument, check_output_folder
 
 __all__ = ["main"]
@@ -65,10 +65,10 @@ def _ap(value: float | None) -> str:
 def _train(argv: list[str]) -> int:
     """Parse the recipe and overrides, train, then evaluate the final weights into OUT/eval.json."""
     from lightning.pytorch.cli import LightningArgumentParser
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from ..detection import CocoDetectionData, DetectionModule, evaluate_detector
-    from ..engine import TrainSpeed, write_eval_json
-    from .train import GexCLI, _parse, _resume_path, saved_last
+    from ..detection import CocoDetectionData, DetectionModule
+    from .train import GexCLI, _parse, held_run_folder, stopped_by_sigterm
 
     class DetectCLI(GexCLI):
         # Detection recipes validate every few epochs: last.ckpt still follows every epoch.
@@ -83,6 +83,7 @@ def _train(argv: list[str]) -> int:
             parser.link_arguments("data.categories", "model.categories", apply_on="instantiate")
 
     argv = _resolve_recipes(argv)
+    out = None
     try:
         cli = _parse(
             argv,
@@ -92,30 +93,69 @@ def _train(argv: list[str]) -> int:
             prog="gex detect train",
         )
         out = Path(cli.config["out"])
-        ckpt_path = _resume_path(cli.config["resume"], out)
-        cpu_start = time.process_time()
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
-        cpu_seconds = time.process_time() - cpu_start
-        if cli.config["eval_after"] and not cli.trainer.interrupted:
-            # Every process evaluates its share; the predictions are gathered, rank 0 writes the file.
-            result = evaluate_detector(cli.model, cli.datamodule, trainer=cli.trainer, checkpoint=saved_last(out))
-            speed = next((c for c in cli.trainer.callbacks if isinstance(c, TrainSpeed)), None)
-            if cli.trainer.is_global_zero:
-                result["train"] = {
-                    "seed": cli.config.get("seed_everything"),
-                    "max_epochs": cli.trainer.max_epochs,
-                    "steps": cli.trainer.global_step,
-                    # this process only: its share of the batch, its threads' CPU time
-                    "images_per_s": speed.images_per_second if speed is not None else None,
-                    "cpu_s": cpu_seconds,
-                }
-                path = write_eval_json(result, out / "eval.json")
-                print(f"AP {_ap(result['AP'])}  AP50 {_ap(result['AP50'])}  -> {path}")
+        with held_run_folder(out, cli.trainer, "gex detect train"):
+            return _fit_and_evaluate(cli, out)
+    except SIGTERMException:
+        stopped_by_sigterm("gex detect train", out)
+        return 143
     except SystemExit as exit_:
         return int(exit_.code or 0)
     except _ERRORS as err:
         return _fail("train", err)
+
+
+def _fit_and_evaluate(cli: Any, out: Path) -> int:
+    """``gex detect train``'s run: fit, then evaluate into ``out/eval.json`` (``_train`` reports what goes wrong)."""
+    from ..detection import evaluate_detector
+    from ..engine import TrainSpeed, write_eval_json
+    from .train import _resume_path, saved_last
+
+    ckpt_path = _resume_path(cli.config["resume"], out)
+    if ckpt_path is not None:
+        _check_resumable(ckpt_path, cli.model)
+    cpu_start = time.process_time()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    cpu_seconds = time.process_time() - cpu_start
+    if cli.config["eval_after"] and not cli.trainer.interrupted:
+        # Every process evaluates its share; the predictions are gathered, rank 0 writes the file.
+        result = evaluate_detector(cli.model, cli.datamodule, trainer=cli.trainer, checkpoint=saved_last(out))
+        speed = next((c for c in cli.trainer.callbacks if isinstance(c, TrainSpeed)), None)
+        if cli.trainer.is_global_zero:
+            result["train"] = {
+                "seed": cli.config.get("seed_everything"),
+                "max_epochs": cli.trainer.max_epochs,
+                "steps": cli.trainer.global_step,
+                # this process only: its share of the batch, its threads' CPU time
+                "images_per_s": speed.images_per_second if speed is not None else None,
+                "cpu_s": cpu_seconds,
+            }
+            path = write_eval_json(result, out / "eval.json")
+            print(f"AP {_ap(result['AP'])}  AP50 {_ap(result['AP50'])}  -> {path}")
     return 0
+
+
+def _check_resumable(path: str, model: Any) -> None:
+    """Read the checkpoint now (weights-only, as ``gex train`` does) so that an empty, truncated or foreign
+    file, another detector's, or one without the optimizer and loop state fails in one line before any work.
+
+    The classifier's reader (``engine.read_checkpoint``) refuses detector checkpoints, so the file is read
+    with the reader beneath it (:func:`~gather_excite.serialization.load_torch_file`) and checked by the
+    module (:meth:`DetectionModule.check_checkpoint`: a detector's, of this architecture)."""
+    from ..errors import UnsafeFileError
+    from ..serialization import load_torch_file
+
+    try:
+        saved = load_torch_file(path, f"checkpoint {path!r}", mmap=True)
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"checkpoint {path!r} holds a {type(saved).__name__}, not a Lightning checkpoint")
+        model.check_checkpoint(saved)
+    except (CheckpointError, UnsafeFileError) as err:
+        raise type(err)(f"--resume {path}: {one_line(err)}") from None
+    if not all(key in saved for key in ("optimizer_states", "loops")):
+        raise CheckpointError(
+            f"--resume {path}: it holds weights only, no optimizer or loop state (saved with save_weights_only), "
+            "so no run can continue from it"
+        )
 
 
 def _eval_parser() -> argparse.ArgumentParser:
@@ -177,7 +217,7 @@ def load_detector(checkpoint: str | Path, data: dict[str, Any] | None = None) ->
 
 def _eval(argv: list[str]) -> int:
     from ..detection import evaluate_detector
-    from ..engine import evaluation_trainer, write_eval_json
+    from ..engine import evaluation_trainer
 
     args = _eval_parser().parse_args(argv)
     try:
@@ -190,7 +230,7 @@ def _eval(argv: list[str]) -> int:
         result = evaluate_detector(module, datamodule, trainer=trainer, checkpoint=str(args.checkpoint))
     except _ERRORS as err:
         return _fail("eval", err)
-    write_eval_json(result, out)
+    out = write_result(result, out, overwrite=args.overwrite, command="gex detect eval")
     print(
         f"{result['model']} ({result['layout']}): AP {_ap(result['AP'])}  AP50 {_ap(result['AP50'])}  "
         f"params {result['params'] / 1e6:.3f} M  MACs {result['macs'] / 1e9:.2f} G at {result['eval_size']}  "

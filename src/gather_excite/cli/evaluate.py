@@ -8,9 +8,9 @@ import sys
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from ..engine import evaluate, evaluation_trainer, load_for_evaluation, write_eval_json
+from ..engine import evaluate, evaluation_trainer, load_for_evaluation
 from ..errors import DataNotFoundError, GexError, one_line
-from ._evaluation import add_evaluation_arguments, checked_output_path, data_overrides
+from ._evaluation import add_evaluation_arguments, checked_output_path, data_overrides, write_result
 
 __all__ = ["main"]
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         module, datamodule = load_for_evaluation(args.checkpoint, data=data_overrides(args))
         trainer = evaluation_trainer(args.accelerator, precision=args.precision)
         result = evaluate(module, datamodule, trainer=trainer, checkpoint=str(args.checkpoint))
-        write_eval_json(result, out)
+        out = write_result(result, out, overwrite=args.overwrite, command="gex eval")
     # MisconfigurationException: Lightning's type for a setting it cannot honour (--accelerator gpu without one).
     except (GexError, MisconfigurationException) as err:
         hint = _DATA_HINT if isinstance(err, DataNotFoundError) else ""

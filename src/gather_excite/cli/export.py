@@ -5,6 +5,9 @@
 ``onnx`` (the dynamo exporter) and ``pt2`` (``torch.export``) write the network's graph, from a
 checkpoint or a registered model name, with ``--dynamic`` batch/height/width, then run the file
 against eager PyTorch (onnxruntime for ONNX) and print the largest difference per input size.
+Every output is written whole or not at all: the graph file is written and checked under a
+temporary name beside ``--out`` and renamed onto it only then; the safetensors folder is built
+beside ``--out`` and swapped in whole (an earlier export there is replaced, never mixed with).
 A new format is one more entry in :data:`EXPORTERS`: a function ``(args) -> str`` (the line to
 print) and, if it needs options, an ``add_<format>_arguments(parser)`` call in :func:`_parser`.
 """
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError, GexError, one_line
 from ..serialization import load_json_file
 from ._args import int_at_least
-from ._outputs import add_overwrite_argument, check_output_file, check_output_folder
+from ._outputs import add_overwrite_argument, check_not_an_input, check_output_file, check_output_folder
 
 if TYPE_CHECKING:
     from torch import nn
@@ -79,11 +82,13 @@ def _read_figures(path: Path, what: str = "evaluation") -> dict[str, object]:
 
 
 def _export_safetensors(args: argparse.Namespace) -> str:
-    from ..hub import export_pretrained, push_to_hub
+    from ..hub import check_export_folder, export_pretrained, push_to_hub
 
     if args.out is None:
         raise ConfigError("--out is required: the folder to write model.safetensors, config.json and README.md into")
-    check_output_folder(args.out, overwrite=args.overwrite)
+    check_not_an_input(args.out, [("checkpoint", args.checkpoint), ("--eval-json", args.eval_json)])
+    check_output_folder(args.out, overwrite=args.overwrite, replaced_whole=True)
+    check_export_folder(args.out, "--out")
     out = export_pretrained(args.checkpoint, args.out, eval_results=_eval_figures(args), repo_id=args.push_to_hub)
     message = (
         f"wrote {out}/model.safetensors, config.json, README.md (load: create_model(..., pretrained={str(out)!r}))"
@@ -112,6 +117,7 @@ def _network(args: argparse.Namespace) -> nn.Module:
     if not out.parent.is_dir():
         raise ConfigError(f"--out {args.out}: the folder {str(out.parent)!r} does not exist")
     check_output_file(out, overwrite=args.overwrite)
+    check_not_an_input(out, [("checkpoint", args.checkpoint)])
     kwargs: dict[str, object] = {}
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
@@ -157,28 +163,39 @@ def _example(model: nn.Module, args: argparse.Namespace):
 
 
 def _export_pt2(args: argparse.Namespace) -> str:
-    """A ``torch.export`` program (``torch.export.save``), loaded back and run against eager."""
+    """A ``torch.export`` program (``torch.export.save``), loaded back and run against eager, then renamed
+    onto ``--out`` (an earlier file there stays until the new one is complete and checked)."""
     import torch
 
+    from .._atomic import atomic_path
     from ..export import export_program, max_difference
 
     model = _network(args)
-    torch.export.save(export_program(model, example=_example(model, args), dynamic=args.dynamic), args.out)
-    program = torch.export.load(args.out)
-    return _report(args, max_difference(program.module(), model, **_checks(model, args)))
+    program = export_program(model, example=_example(model, args), dynamic=args.dynamic)
+    with atomic_path(args.out) as temporary:
+        torch.export.save(program, temporary)
+        differences = max_difference(torch.export.load(temporary).module(), model, **_checks(model, args))
+    return _report(args, differences)
 
 
 def _export_onnx(args: argparse.Namespace) -> str:
-    """An ONNX file (dynamo exporter), run by onnxruntime against eager when onnxruntime is installed."""
+    """An ONNX file (dynamo exporter), run by onnxruntime against eager when onnxruntime is installed, then
+    renamed onto ``--out`` (ONNX's ``save`` takes a file name only: it writes under a temporary one)."""
     if find_spec("onnxscript") is None or find_spec("onnx") is None:
         raise ConfigError("--format onnx needs the onnx and onnxscript packages: pip install 'gather-excite[export]'")
+    from .._atomic import atomic_path
     from ..export import export_onnx, onnx_max_difference
 
     model = _network(args)
-    export_onnx(model, args.out, example=_example(model, args), dynamic=args.dynamic)
-    if find_spec("onnxruntime") is None:
+    with atomic_path(args.out) as temporary:
+        export_onnx(model, temporary, example=_example(model, args), dynamic=args.dynamic)
+        if find_spec("onnxruntime") is None:
+            differences = None
+        else:
+            differences = onnx_max_difference(temporary, model, **_checks(model, args))
+    if differences is None:
         return _report(args, None) + "\n  onnxruntime is not installed: the file was not checked against eager"
-    return _report(args, onnx_max_difference(args.out, model, **_checks(model, args)))
+    return _report(args, differences)
 
 
 def _image_size(text: str) -> tuple[int, int]:

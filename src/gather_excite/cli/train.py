@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import logging
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,9 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .._atomic import lock_folder
 from ..configs import BASES, RECIPES, base_path, format_recipes
 from ..data import ImageClassificationData
 from ..engine import (
@@ -34,6 +38,7 @@ from ..engine import (
 )
 from ..errors import CheckpointError, ConfigError, DataNotFoundError, GexError, RunExistsError, one_line
 from ._config_guard import check_config_file, check_parsed_config, install_loader
+from ._outputs import check_writable_folder
 
 __all__ = ["GexCLI", "main"]
 
@@ -254,8 +259,6 @@ def saved_last(out: Path) -> str | None:
 
 def _resume_path(resume: str | None, out: Path) -> str | None:
     """The checkpoint to continue from, after checking that no other run's files would be overwritten."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: is a file; expected a run folder (new, or the one to resume)")
     existing = _run_files(out)
     own = out / "checkpoints" / LAST_CHECKPOINT
     # A run stopped before its first checkpoint leaves only logs: there is nothing to continue, and
@@ -289,9 +292,10 @@ def _resume_path(resume: str | None, out: Path) -> str | None:
     return str(path)
 
 
-def _check_resumable(path: str, model: ClassificationModule) -> None:
+def _check_resumable(path: str, model: ClassificationModule) -> int:
     """Read the checkpoint now (weights-only) so that an unreadable one, another model's, or one without the
-    optimizer and loop state that continuing needs (a ``gex compare`` run's) fails before any work."""
+    optimizer and loop state that continuing needs (a ``gex compare`` run's) fails before any work; returns
+    the training step it was saved at."""
     try:
         saved = read_checkpoint(path)
         model.check_checkpoint(saved)
@@ -303,6 +307,7 @@ def _check_resumable(path: str, model: ClassificationModule) -> None:
             f"saved with save_weights_only), so no run can continue from it; start a new run from its weights "
             f"with --model.pretrained {path}"
         )
+    return int(saved.get("global_step", -1))
 
 
 def _check_model_matches_data(model: ClassificationModule, data: ImageClassificationData) -> None:
@@ -361,23 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     stderr and exit status 2, before any training where it can be seen beforehand.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    out = None
     try:
         cli = _parse(argv)
         out = Path(cli.config["out"])
-        ckpt_path = _resume_path(cli.config["resume"], out)
-        if ckpt_path is not None:
-            _check_resumable(ckpt_path, cli.model)
-        _check_model_matches_data(cli.model, cli.datamodule)
-        # Before the processes start (they would each print it, after setting up the process group).
-        for train in (True, False):
-            cli.datamodule.per_device_batch_size(train=train, world_size=cli.trainer.world_size)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
-        if cli.config["eval_after"] and not cli.trainer.interrupted:
-            # Every process takes part (torchmetrics syncs the counts); rank 0 writes the file.
-            result = evaluate(cli.model, cli.datamodule, trainer=cli.trainer, checkpoint=saved_last(out))
-            if cli.trainer.is_global_zero:
-                path = write_eval_json(result, out / "eval.json")
-                print(f"top-1 error {result['top1_err']:.2f}%  top-5 error {result['top5_err']:.2f}%  -> {path}")
+        with held_run_folder(out, cli.trainer, "gex train"):
+            return _train(cli, out)
+    except SIGTERMException:
+        stopped_by_sigterm("gex train", out)
+        return 143
     except SystemExit as exit_:
         return int(exit_.code or 0)
     # Lightning's own type for a Trainer setting it cannot honour (e.g. --trainer.accelerator gpu without one).
@@ -385,4 +382,60 @@ def main(argv: list[str] | None = None) -> int:
         hint = _DATA_HINT if isinstance(err, DataNotFoundError) else ""
         print(f"gex train: error: {one_line(err)}{hint}", file=sys.stderr)
         return 2
+
+
+def _train(cli: GexCLI, out: Path) -> int:
+    """Fit, then evaluate the final weights into ``out/eval.json`` (``main`` reports what goes wrong)."""
+    ckpt_path = _resume_path(cli.config["resume"], out)
+    resumed_step = _check_resumable(ckpt_path, cli.model) if ckpt_path is not None else None
+    _check_model_matches_data(cli.model, cli.datamodule)
+    # Before the processes start (they would each print it, after setting up the process group).
+    for train in (True, False):
+        cli.datamodule.per_device_batch_size(train=train, world_size=cli.trainer.world_size)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if resumed_step == cli.trainer.global_step and (out / "eval.json").is_file():
+        # A finished run resumed with the same schedule: evaluating again would only log its test row twice.
+        if cli.trainer.is_global_zero:
+            done = f"the run in {out} had finished its {cli.trainer.max_epochs} epochs"
+            print(f"gex train: {done}; nothing to continue ({out / 'eval.json'} is unchanged; raise "
+                  "--trainer.max_epochs to train on)")  # fmt: skip
+    elif cli.config["eval_after"] and not cli.trainer.interrupted:
+        # Every process takes part (torchmetrics syncs the counts); rank 0 writes the file.
+        result = evaluate(cli.model, cli.datamodule, trainer=cli.trainer, checkpoint=saved_last(out))
+        if cli.trainer.is_global_zero:
+            path = write_eval_json(result, out / "eval.json")
+            print(f"top-1 error {result['top1_err']:.2f}%  top-5 error {result['top5_err']:.2f}%  -> {path}")
     return 0
+
+
+@contextlib.contextmanager
+def held_run_folder(out: Path, trainer: Any, command: str) -> Iterator[None]:
+    """Check the run folder ``out`` and hold it while the run writes into it (the first process of a DDP
+    run; the others start inside its hold): a second ``gex train`` or ``gex detect train`` into it (a
+    resubmitted job while the first still runs) is refused in one line instead of mixing two runs' logs
+    and checkpoints. A folder made only for the hold is removed again when the run fails before writing."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; expected a run folder (new, or the one to resume)")
+    check_writable_folder(out)
+    lock, created = None, False
+    if trainer.global_rank == 0:
+        created = not out.exists()
+        busy = f"--out {out}: another {command} is writing into this folder now; wait for it to end (or stop it)"
+        lock = lock_folder(out, busy + ", then continue it with --resume last")
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):  # only an empty folder: a run that wrote nothing
+                out.rmdir()
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def stopped_by_sigterm(command: str, out: Path | None) -> None:
+    """Say that SIGTERM stopped the run (Lightning ends it with status 0: a pre-empted job must not look finished)."""
+    last = out / "checkpoints" / LAST_CHECKPOINT if out is not None else None
+    resume = f"continue it with --resume last ({last})" if last is not None and last.is_file() else "no checkpoint yet"
+    print(f"{command}: stopped by SIGTERM before the run finished; {resume}", file=sys.stderr)

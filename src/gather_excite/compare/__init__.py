@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..analysis import epoch_curves_report, plot_curves
+from ..analysis import epoch_curves_report, plot_curves, save_png
 from ..complexity import complexity
 from ..engine import write_eval_json
 from ..errors import RunExistsError
@@ -122,7 +122,7 @@ def run_compare(
     results["invocations"] = invocations
     write_eval_json(results, out / "results.json")
     report = epoch_curves_report([out / "results.json"], title=curves_title(results))
-    plot_curves(report).savefig(out / "curves.png", dpi=120)
+    save_png(plot_curves(report), out / "curves.png")
     return results
 
 

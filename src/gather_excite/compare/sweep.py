@@ -41,9 +41,9 @@ from typing import Any
 
 import torch
 
-from .._atomic import write_json
+from .._atomic import lock_folder, write_json
 from ..engine import atomic_torch_save
-from ..errors import ConfigError, RunExistsError
+from ..errors import ConfigError, DataError, RunExistsError
 from ..layers.context_spec import TABLE_VARIANTS, ContextSpec
 from ..serialization import load_json_file
 from .data import TensorSplit, load_fashion_mnist
@@ -165,11 +165,11 @@ def check_folder(out: Path, config: SweepConfig, *, resume: bool) -> bool:
             )
         if not marker.is_file():
             raise RunExistsError(f"--out {str(out)!r} holds files but no sweep.json: not a gex compare sweep")
-        saved = load_json_file(marker, f"--out {str(out)!r}: its sweep.json")
+        identity = _read_sweep(out)["identity"]
         differences = [
-            f"{key}: folder {saved.get('identity', {}).get(key)!r}, this command {value!r}"
+            f"{key}: folder {identity.get(key)!r}, this command {value!r}"
             for key, value in config.identity().items()
-            if saved.get("identity", {}).get(key) != value
+            if identity.get(key) != value
         ]
         if differences:
             raise RunExistsError(
@@ -178,6 +178,20 @@ def check_folder(out: Path, config: SweepConfig, *, resume: bool) -> bool:
             )
         return True
     return False
+
+
+def _read_sweep(out: Path) -> dict[str, Any]:
+    """``out/sweep.json``, checked to be what :func:`prepare_folder` writes (an object with an ``identity``
+    object and, once run, a list of ``invocations``); :class:`DataError` naming the file otherwise."""
+    what = f"--out {str(out)!r}: its sweep.json"
+    saved = load_json_file(out / "sweep.json", what)
+    if not isinstance(saved, dict):
+        raise DataError(f"{what} holds a JSON {type(saved).__name__}; expected an object (gex compare's sweep record)")
+    if not isinstance(saved.get("identity"), dict):
+        raise DataError(f"{what} has no 'identity' object (the sweep's settings): not gex compare's sweep record")
+    if not isinstance(saved.get("invocations", []), list):
+        raise DataError(f"{what}: its 'invocations' is not a list: not gex compare's sweep record")
+    return saved
 
 
 def prepare_folder(out: Path, config: SweepConfig, *, resume: bool) -> None:
@@ -196,6 +210,11 @@ def finished_records(out: Path, runs: Sequence[RunSpec]) -> dict[tuple[str, int]
         path = run_dir(out, spec) / "run.json"
         if path.is_file():
             record = load_json_file(path, f"run record {str(path)!r}")
+            if not isinstance(record, dict):
+                raise DataError(
+                    f"run record {str(path)!r} holds a JSON {type(record).__name__}; expected an object (the run's "
+                    "numbers); remove it to train that run again with --resume"
+                )
             if record.get("spec") == spec.to_dict():
                 done[(spec.model, spec.seed)] = record
     return done
@@ -350,26 +369,14 @@ def _signals_ignored(*names: str) -> Iterator[None]:
             signal.signal(signum, previous)
 
 
-def _lock_folder(out: Path) -> Any:
-    """Hold an exclusive lock on the folder ``out`` (created if needed) while this process lives, so that
-    a second invocation into it (a ``--resume`` while the first still runs) is refused instead of
-    training the same runs at the same time. The lock is the kernel's (``flock`` on the folder itself,
-    no file is written) and goes with the process, however it ends. Without ``fcntl`` (Windows): none."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    handle = os.open(out, os.O_RDONLY)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(handle)
-        raise RunExistsError(
-            f"--out {out}: another gex compare is training into this folder now; wait for it, or stop it (its "
-            "finished runs are kept) and continue with --resume"
-        ) from None
-    return handle
+def _lock_folder(out: Path) -> int | None:
+    """Hold ``out`` while this sweep runs, so that a second invocation into it (a ``--resume`` while the
+    first still runs) is refused instead of training the same runs at the same time (see :func:`lock_folder`)."""
+    return lock_folder(
+        out,
+        f"--out {out}: another gex compare is training into this folder now; wait for it, or stop it (its "
+        "finished runs are kept) and continue with --resume",
+    )
 
 
 def _stop_workers(pool: ProcessPoolExecutor, grace: float = 5.0) -> None:
@@ -401,19 +408,17 @@ def _drain(progress: Any, handle: Callable[[dict[str, Any]], None]) -> None:
 # ----------------------------------------------------------------------------------- wall clock
 def _record_invocation(out: Path, entry: dict[str, Any]) -> None:
     """Append ``entry`` to ``sweep.json``'s ``invocations`` (atomically; the identity stays as it is)."""
-    marker = out / "sweep.json"
-    saved = load_json_file(marker, f"--out {str(out)!r}: its sweep.json")
+    saved = _read_sweep(out)
     saved["invocations"] = [*saved.get("invocations", []), entry]
-    write_json(saved, marker, indent=1)
+    write_json(saved, out / "sweep.json", indent=1)
 
 
 def sweep_invocations(out: Path) -> list[dict[str, Any]]:
     """``sweep.json``'s record of every :func:`run_sweep` into ``out``: ``started``, ``wall_seconds``,
     ``outcome`` (finished, interrupted, failed), ``runs_trained``, ``jobs``, ``threads``."""
-    marker = out / "sweep.json"
-    if not marker.is_file():
+    if not (out / "sweep.json").is_file():
         return []
-    return list(load_json_file(marker, f"--out {str(out)!r}: its sweep.json").get("invocations", []))
+    return list(_read_sweep(out).get("invocations", []))
 
 
 def sweep_wall_seconds(out: Path) -> float:

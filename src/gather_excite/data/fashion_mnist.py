@@ -6,7 +6,7 @@ import gzip
 import hashlib
 import os
 import shutil
-import tempfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import FashionMNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
+from .._atomic import atomic_write
 from ..errors import DataError, DataNotFoundError
 from ._download import download_errors
 from .transforms import DATASET_STATS
@@ -97,11 +98,26 @@ def _uncompressed(path: Path) -> Path:
     target = _cache_dir() / key / path.stem
     if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "rb") as source, tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as out:
+    # A corrupt or cut-off .gz raises while it is read: the temporary copy is removed, nothing is cached.
+    with gzip.open(path, "rb") as source, atomic_write(target, "wb") as out:
         shutil.copyfileobj(source, out)
-    os.replace(out.name, target)
     return target
+
+
+def _reason(error: BaseException) -> str:
+    """Why a file could not be read, never empty: torchvision's IDX reader checks the header with bare asserts."""
+    if isinstance(error, AssertionError) and not str(error):
+        return "not an IDX file (its header's magic number or dimensions are not an IDX file's)"
+    name = "zlib.error" if isinstance(error, zlib.error) else type(error).__name__
+    return f"{name}: {error}" if str(error) else name
+
+
+def _read(path: Path, reader: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    try:
+        return reader(str(_uncompressed(path)))
+    # OSError: also gzip's BadGzipFile; zlib.error: a damaged deflate stream inside a .gz
+    except (AssertionError, TypeError, ValueError, RuntimeError, OSError, EOFError, zlib.error) as err:
+        raise DataError(f"corrupt Fashion-MNIST IDX file {str(path)!r}: {_reason(err)}") from err
 
 
 def fashion_mnist_dataset(
@@ -135,11 +151,8 @@ def fashion_mnist_dataset(
             f"{DEFAULT_FASHION_MNIST_ROOT}) or let torchvision fetch them "
             f"(download=True)"
         )
-    try:
-        images = read_image_file(str(_uncompressed(paths[0])))
-        labels = read_label_file(str(_uncompressed(paths[1])))
-    except (AssertionError, TypeError, ValueError, RuntimeError, OSError, EOFError) as err:
-        raise DataError(f"corrupt Fashion-MNIST IDX file in {str(root)!r} ({paths[0]}, {paths[1]}): {err}") from err
+    images = _read(paths[0], read_image_file)
+    labels = _read(paths[1], read_label_file)
     if labels.shape[0] != images.shape[0]:
         raise DataError(
             f"IDX files disagree: {paths[0]} holds {images.shape[0]} images but {paths[1]} {labels.shape[0]} labels"

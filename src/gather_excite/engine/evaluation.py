@@ -53,6 +53,7 @@ def evaluate(
     return module.evaluation_report(datamodule, metrics, checkpoint=checkpoint)
 
 
-def write_eval_json(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``result`` as indented JSON to ``path`` (atomically: temp file + ``os.replace``); returns the path."""
-    return write_json(result, path)
+def write_eval_json(result: dict[str, Any], path: str | os.PathLike[str], *, exclusive: bool = False) -> Path:
+    """Write ``result`` as indented JSON to ``path`` (atomically: temp file + ``os.replace``; ``exclusive``:
+    ``FileExistsError`` where a file is there by then); returns the path."""
+    return write_json(result, path, exclusive=exclusive)
