@@ -209,3 +209,23 @@ def test_a_model_name_is_built_at_its_own_input_size() -> None:
     assert loaded.input_size == built.input_size == (32, 32)
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in built.parameters()) == 420760
     assert load_model("resnet50").net.input_size == (224, 224)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("- 1\n- 2\n", "expected a YAML mapping of settings (model:, data:, trainer:, ...), found a list"),
+        ("", "expected a YAML mapping of settings (model:, data:, trainer:, ...), found an empty file"),
+        ("model:\n  arch: [resnet\n", "not valid YAML at line 3, column 1: expected ',' or ']'"),
+    ],
+    ids=["list", "empty", "truncated"],
+)
+@pytest.mark.parametrize("command", [["train"], ["detect", "train"]])
+def test_a_config_file_that_is_not_a_mapping_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], text: str, expected: str
+) -> None:
+    """jsonargparse said "Unexpected config: - 1 - 2" or "Problems parsing config: ... in <unicode string>",
+    naming neither the file nor, for an empty one, the problem."""
+    config = tmp_path / "recipe.yaml"
+    config.write_text(text)
+    assert f"--config {config}: {expected}" in _refused([*command, "--config", str(config)], capsys)

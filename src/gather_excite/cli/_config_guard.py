@@ -87,11 +87,22 @@ def check_loaded(data: Any, source: str) -> Any:
 
 
 def check_config_file(path: str | Path) -> None:
-    """:func:`check_loaded` of a YAML file, naming it (the loader checks it again, as "the config")."""
+    """:func:`check_loaded` of a YAML file, naming it (the loader checks it again, as "the config"); a file
+    that is not YAML, is empty or holds something other than a mapping of settings is refused here,
+    naming it (jsonargparse's messages name neither the file nor the problem's place in it)."""
     try:
         data = yaml.safe_load(Path(path).expanduser().read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError):
         return  # jsonargparse reads the file next and reports what is wrong with it
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"--config {path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        found = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(f"--config {path}: expected a YAML mapping of settings (model:, data:, trainer:, ...), "
+                          f"found {found}")  # fmt: skip
     check_loaded(data, f"--config {path}")
 
 
