@@ -92,8 +92,8 @@ def check_config_file(path: str | Path) -> None:
     naming it (jsonargparse's messages name neither the file nor the problem's place in it)."""
     try:
         data = yaml.safe_load(Path(path).expanduser().read_text())
-    except (OSError, UnicodeDecodeError):
-        return  # jsonargparse reads the file next and reports what is wrong with it
+    except (OSError, UnicodeDecodeError, yaml.constructor.ConstructorError):
+        return  # jsonargparse reads the file next and reports what is wrong with it (tags: gex train's message)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
