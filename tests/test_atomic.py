@@ -92,3 +92,55 @@ def test_a_path_is_written_then_renamed_into_place(tmp_path: Path) -> None:
         assert path.read_bytes() == b"good export"  # checked (read back) before it replaces the file
     assert path.read_bytes() == b"new export" and (tmp_path / "model.onnx.data").read_bytes() == b"weights"
     assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]
+
+
+def test_a_lock_is_busy_only_when_held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system without flock (Lustre without -o flock: ENOSYS) refused every run as "busy"."""
+    import errno
+    import fcntl
+
+    from gather_excite._atomic import lock_folder
+    from gather_excite.errors import RunExistsError
+
+    held = lock_folder(tmp_path / "run", "busy")
+    with pytest.raises(RunExistsError, match=r"^busy$"):
+        lock_folder(tmp_path / "run", "busy")
+    os.close(held)
+
+    def unsupported(*_args: object) -> None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    with pytest.warns(UserWarning, match="cannot lock the folder on this file system"):
+        assert lock_folder(tmp_path / "run", "busy") is None
+
+
+def test_a_claimed_name_is_never_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gather_excite.cli._outputs import next_free_path
+
+    (tmp_path / "eval.json").symlink_to(tmp_path / "gone")  # a dangling link is a taken name
+    with pytest.raises(FileExistsError):
+        write_json({"a": 1}, tmp_path / "eval.json", exclusive=True)
+    assert next_free_path(tmp_path / "eval.json") == tmp_path / "eval-2.json"  # it was eval.json: a loop
+    # Without hard links (vfat, some network file systems) the name is claimed by an exclusive create.
+    monkeypatch.setattr(os, "link", lambda *_args: (_ for _ in ()).throw(PermissionError("no hard links")))
+    assert write_json({"a": 1}, tmp_path / "eval-2.json", exclusive=True).read_text() == '{\n  "a": 1\n}\n'
+    with pytest.raises(FileExistsError):
+        write_json({"a": 2}, tmp_path / "eval-2.json", exclusive=True)
+    assert json.loads((tmp_path / "eval-2.json").read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval-2.json", "eval.json"]
+
+
+def test_a_folder_replaced_in_place_keeps_its_mode_and_dot_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "export"
+    out.mkdir()
+    os.chmod(out, 0o2775)  # a group's shared folder
+    with atomic_folder(out) as folder:
+        (folder / "weights").write_text("new")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o2775 and (out / "weights").read_text() == "new"
+    monkeypatch.chdir(out)  # "--out ." : it failed with EBUSY and left a hidden folder inside
+    with atomic_folder(".") as folder:
+        (folder / "weights").write_text("newer")
+    assert (out / "weights").read_text() == "newer" and _hidden(tmp_path) == [] and _hidden(out) == []

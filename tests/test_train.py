@@ -580,3 +580,28 @@ def test_an_evaluation_never_replaces_a_file_written_while_it_ran(
         assert json.loads(moved.read_text())["num_images"] == 16
     err = capsys.readouterr().err
     assert f"gex eval: {out / 'checkpoints' / 'eval.json'} was written by another command during the evaluation" in err
+
+
+def test_resuming_with_other_decay_groups_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run started before the ImageNet recipes set norm/bias_weight_decay has one optimizer group; the
+    recipe now makes three, and torch's "different number of parameter groups" was a traceback."""
+    config, out = _tiny_fashion_run(tmp_path, epochs=1)
+    _train(config, out)
+    resume = ["--config", str(config), "--out", str(out), "--resume", "last", "--trainer.max_epochs", "2"]
+    assert train_cli.main([*resume, "--model.norm_weight_decay", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the checkpoint's run had norm_weight_decay None (this run 0.0)" in err
+    assert err.endswith(
+        "continue it with its own settings: --model.norm_weight_decay null --model.bias_weight_decay null\n"
+    )
+    assert train_cli.main([*resume, "--model.norm_weight_decay", "null"]) == 0
+
+
+def test_a_failed_start_removes_every_folder_it_made(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config, _ = _tiny_fashion_run(tmp_path, epochs=1)
+    out = tmp_path / "runs" / "new" / "r1"
+    assert train_cli.main(["--config", str(config), "--out", str(out), "--resume", str(tmp_path / "none.ckpt")]) == 2
+    assert not (tmp_path / "runs").exists()  # runs/new was left behind
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "link")]) == 2  # was a FileExistsError
+    assert "is a broken link; expected a run folder" in capsys.readouterr().err

@@ -12,7 +12,9 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,14 +37,34 @@ _FILE_MODE = 0o666 & ~_umask()
 _FOLDER_MODE = 0o777 & ~_umask()
 
 
+def _fsync(path: Path, flags: int = 0) -> None:
+    descriptor = os.open(path, os.O_RDONLY | flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _fsync_folder(folder: Path) -> None:
     """Persist a rename (the folder's entry) where the system allows opening a folder."""
     if hasattr(os, "O_DIRECTORY"):
-        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        _fsync(folder, os.O_DIRECTORY)
+
+
+def _claim(temporary: str, path: Path) -> None:
+    """Move ``temporary`` to ``path`` only if no name ``path`` exists (a dangling link counts), else
+    ``FileExistsError``: a hard link, which the kernel refuses onto an existing name; where the file
+    system has no hard links, an exclusive create of ``path`` first (the name is then taken for this
+    file before it is filled by the rename)."""
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        raise
+    except OSError:  # EPERM/ENOTSUP: no hard links here (vfat, some network file systems)
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE))
+        os.replace(temporary, path)
+        return
+    os.unlink(temporary)
 
 
 @contextmanager
@@ -67,8 +89,7 @@ def atomic_write(
             os.fsync(handle.fileno())
         os.chmod(temporary, _FILE_MODE)
         if exclusive:
-            os.link(temporary, path)
-            os.unlink(temporary)
+            _claim(temporary, path)
         else:
             os.replace(temporary, path)
     except BaseException:
@@ -76,14 +97,6 @@ def atomic_write(
         Path(temporary).unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 @contextmanager
@@ -106,7 +119,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             raise FileNotFoundError(f"nothing was written to {temporary}")
         others = [file for file in folder.iterdir() if file != temporary]
         for file in [*others, temporary]:
-            _fsync_file(file)
+            _fsync(file)
             os.chmod(file, _FILE_MODE)
         for file in others:
             os.replace(file, path.parent / file.name)
@@ -148,7 +161,7 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     ``path`` (and at most a hidden ``.<name>.*`` folder beside it). ``path`` may be a link to a folder:
     the folder it names is replaced.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "." has no sibling to be swapped with
     if path.is_symlink() and path.is_dir():
         path = path.resolve()
     if os.path.lexists(path) and not path.is_dir():
@@ -159,10 +172,11 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield temporary
         for file in temporary.rglob("*"):
             if file.is_file() and not file.is_symlink():
-                _fsync_file(file)
+                _fsync(file)
         for folder in [*(f for f in temporary.rglob("*") if f.is_dir() and not f.is_symlink()), temporary]:
             _fsync_folder(folder)
-        os.chmod(temporary, _FOLDER_MODE)
+        # The replaced folder's mode (e.g. a group's setgid 2775), else what mkdir would give.
+        os.chmod(temporary, stat.S_IMODE(path.stat().st_mode) if path.is_dir() else _FOLDER_MODE)
         _swap_in(temporary, path)
         _fsync_folder(path.parent)
     finally:
@@ -196,7 +210,12 @@ def lock_folder(folder: str | os.PathLike[str], busy: str) -> int | None:
     handle = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # another process holds it
         os.close(handle)
         raise RunExistsError(busy) from None
+    except OSError as err:  # a file system without flock (Lustre without -o flock, some NFS mounts)
+        os.close(handle)
+        warnings.warn(f"{folder}: cannot lock the folder on this file system ({err.strerror}); a second "
+                      "command into it is not refused", stacklevel=2)  # fmt: skip
+        return None
     return handle

@@ -19,6 +19,7 @@ __all__ = [
     "GexError",
     "RunExistsError",
     "UnsafeFileError",
+    "describe",
     "one_line",
 ]
 
@@ -67,3 +68,10 @@ def one_line(error: BaseException) -> str:
         match = re.match(rf"^(?:[\w.]+\.)?{re.escape(type(error).__name__)}: (.*)$", last)
         text = match.group(1) if match else last
     return " ".join(text.split())
+
+
+def describe(error: BaseException, *, limit: int | None = None) -> str:
+    """``Type: message`` on one line (the message cut to ``limit`` characters), or the type's name where the
+    message is empty: what a "cannot be read (...)" error puts in its brackets, never empty."""
+    text = one_line(error)[:limit]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

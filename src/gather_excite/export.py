@@ -27,8 +27,6 @@ import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
-from ._atomic import atomic_path
-
 __all__ = [
     "check_sizes",
     "dynamic_shapes",
@@ -155,7 +153,7 @@ def export_onnx(
     opset_version: int | None = None,
 ) -> None:
     """Write ``model`` (in eval mode; its own mode is kept) to an ONNX file through the dynamo exporter
-    (``torch.onnx.export(dynamo=True)``); the file at ``path`` is replaced only by a complete one.
+    (``torch.onnx.export(dynamo=True)``).
 
     The input is named ``image`` and the output ``logits``; with ``dynamic`` their batch, height
     and width are symbolic.
@@ -172,9 +170,8 @@ def export_onnx(
             opset_version=opset_version,
             verbose=False,
         )
-    # ONNX's save takes a file name only: written under a temporary one beside ``path``, then renamed.
-    with atomic_path(path) as temporary:
-        program.save(os.fspath(temporary))
+    # Written in place: `gex export` passes a temporary name and renames it once the file is checked.
+    program.save(os.fspath(path))
 
 
 def max_difference(

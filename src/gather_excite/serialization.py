@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, DataError, UnsafeFileError, one_line
+from .errors import CheckpointError, DataError, UnsafeFileError, describe, one_line
 
 __all__ = ["load_json_file", "load_torch_file"]
 
@@ -75,7 +75,7 @@ def load_torch_file(
     except OSError as err:
         raise CheckpointError(f"{what} cannot be read ({err.strerror or one_line(err)})") from None
     except Exception as err:  # any failure to parse the bytes means a bad file: one line, not a traceback
-        detail = f"{type(err).__name__}: {one_line(err)[:200]}" if one_line(err) else type(err).__name__
         raise CheckpointError(
-            f"{what} is incomplete or corrupt (truncated while written or copied?), or not a torch.save file ({detail})"
+            f"{what} is incomplete or corrupt (truncated while written or copied?), or not a torch.save file "
+            f"({describe(err, limit=200)})"
         ) from None

@@ -94,7 +94,7 @@ def check_output_file(
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{flag} {path}: is a folder; expected the path of a {kind} to write")
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:
         raise RunExistsError(f"{flag} {path}: the file exists (an earlier result); pass --overwrite to replace it")
     _check_creatable(path, flag)
 
@@ -118,7 +118,7 @@ def check_output_folder(
 
 
 def next_free_path(path: Path) -> Path:
-    """``path`` if nothing is there, else the first free ``stem-2.suffix``, ``stem-3.suffix``, ..."""
-    if not path.exists():
+    """``path`` if no name is there (a dangling link counts), else the first free ``stem-2.suffix``, ..."""
+    if not os.path.lexists(path):
         return path
-    return next(p for n in count(2) if not (p := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists())
+    return next(p for n in count(2) if not os.path.lexists(p := path.with_name(f"{path.stem}-{n}{path.suffix}")))

@@ -108,15 +108,16 @@ def _fit_and_evaluate(cli: Any, out: Path) -> int:
     """``gex detect train``'s run: fit, then evaluate into ``out/eval.json`` (``_train`` reports what goes wrong)."""
     from ..detection import evaluate_detector
     from ..engine import TrainSpeed, write_eval_json
-    from .train import _resume_path, saved_last
+    from .train import _resume_path, finished_before, saved_last
 
     ckpt_path = _resume_path(cli.config["resume"], out)
-    if ckpt_path is not None:
-        _check_resumable(ckpt_path, cli.model)
+    resumed_step = _check_resumable(ckpt_path, cli.model) if ckpt_path is not None else None
     cpu_start = time.process_time()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
     cpu_seconds = time.process_time() - cpu_start
-    if cli.config["eval_after"] and not cli.trainer.interrupted:
+    if finished_before(cli, out, resumed_step, "gex detect train"):
+        pass
+    elif cli.config["eval_after"] and not cli.trainer.interrupted:
         # Every process evaluates its share; the predictions are gathered, rank 0 writes the file.
         result = evaluate_detector(cli.model, cli.datamodule, trainer=cli.trainer, checkpoint=saved_last(out))
         speed = next((c for c in cli.trainer.callbacks if isinstance(c, TrainSpeed)), None)
@@ -134,15 +135,17 @@ def _fit_and_evaluate(cli: Any, out: Path) -> int:
     return 0
 
 
-def _check_resumable(path: str, model: Any) -> None:
+def _check_resumable(path: str, model: Any) -> int:
     """Read the checkpoint now (weights-only, as ``gex train`` does) so that an empty, truncated or foreign
-    file, another detector's, or one without the optimizer and loop state fails in one line before any work.
+    file, another detector's, or one without the optimizer and loop state fails in one line before any work;
+    returns the training step it was saved at.
 
     The classifier's reader (``engine.read_checkpoint``) refuses detector checkpoints, so the file is read
     with the reader beneath it (:func:`~gather_excite.serialization.load_torch_file`) and checked by the
     module (:meth:`DetectionModule.check_checkpoint`: a detector's, of this architecture)."""
     from ..errors import UnsafeFileError
     from ..serialization import load_torch_file
+    from .train import require_training_state
 
     try:
         saved = load_torch_file(path, f"checkpoint {path!r}", mmap=True)
@@ -151,11 +154,8 @@ def _check_resumable(path: str, model: Any) -> None:
         model.check_checkpoint(saved)
     except (CheckpointError, UnsafeFileError) as err:
         raise type(err)(f"--resume {path}: {one_line(err)}") from None
-    if not all(key in saved for key in ("optimizer_states", "loops")):
-        raise CheckpointError(
-            f"--resume {path}: it holds weights only, no optimizer or loop state (saved with save_weights_only), "
-            "so no run can continue from it"
-        )
+    require_training_state(saved, path, "saved with save_weights_only")
+    return int(saved.get("global_step", -1))
 
 
 def _eval_parser() -> argparse.ArgumentParser:

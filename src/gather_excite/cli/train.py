@@ -301,13 +301,40 @@ def _check_resumable(path: str, model: ClassificationModule) -> int:
         model.check_checkpoint(saved)
     except CheckpointError as err:
         raise CheckpointError(f"--resume {path}: {err}") from None
-    if not all(key in saved for key in ("optimizer_states", "loops")):
+    require_training_state(saved, path, "a gex compare run's, or one saved with save_weights_only",
+                           f"; start a new run from its weights with --model.pretrained {path}")  # fmt: skip
+    # The optimizer's parameter groups follow these settings; torch refuses a state of other groups.
+    saved_hp, keys = saved.get("hyper_parameters", {}), ("norm_weight_decay", "bias_weight_decay")
+    differing = [f"{k} {saved_hp.get(k)} (this run {model.hparams.get(k)})" for k in keys
+                 if saved_hp.get(k) != model.hparams.get(k)]  # fmt: skip
+    if differing:
+        settings = " ".join(f"--model.{k} {'null' if saved_hp.get(k) is None else saved_hp.get(k)}" for k in keys)
         raise CheckpointError(
-            f"--resume {path}: it holds weights only, no optimizer or loop state (a gex compare run's, or one "
-            f"saved with save_weights_only), so no run can continue from it; start a new run from its weights "
-            f"with --model.pretrained {path}"
+            f"--resume {path}: the checkpoint's run had {', '.join(differing)}, which splits the optimizer's "
+            f"parameters into other groups; continue it with its own settings: {settings}"
         )
     return int(saved.get("global_step", -1))
+
+
+def require_training_state(saved: dict[str, Any], path: str, origin: str, advice: str = "") -> None:
+    """Refuse a checkpoint without the optimizer and loop state that continuing a run needs."""
+    if not all(key in saved for key in ("optimizer_states", "loops")):
+        raise CheckpointError(
+            f"--resume {path}: it holds weights only, no optimizer or loop state ({origin}), so no run can "
+            f"continue from it{advice}"
+        )
+
+
+def finished_before(cli: Any, out: Path, resumed_step: int | None, command: str) -> bool:
+    """Whether ``--resume`` continued a run that had finished its epochs (nothing trained, its ``eval.json``
+    is there), said on stdout: evaluating it again would only log its test row a second time."""
+    if resumed_step is None or resumed_step != cli.trainer.global_step or not (out / "eval.json").is_file():
+        return False
+    if cli.trainer.is_global_zero:
+        done = f"the run in {out} had finished its {cli.trainer.max_epochs} epochs"
+        print(f"{command}: {done}; nothing to continue ({out / 'eval.json'} is unchanged; raise "
+              "--trainer.max_epochs to train on)")  # fmt: skip
+    return True
 
 
 def _check_model_matches_data(model: ClassificationModule, data: ImageClassificationData) -> None:
@@ -393,12 +420,8 @@ def _train(cli: GexCLI, out: Path) -> int:
     for train in (True, False):
         cli.datamodule.per_device_batch_size(train=train, world_size=cli.trainer.world_size)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
-    if resumed_step == cli.trainer.global_step and (out / "eval.json").is_file():
-        # A finished run resumed with the same schedule: evaluating again would only log its test row twice.
-        if cli.trainer.is_global_zero:
-            done = f"the run in {out} had finished its {cli.trainer.max_epochs} epochs"
-            print(f"gex train: {done}; nothing to continue ({out / 'eval.json'} is unchanged; raise "
-                  "--trainer.max_epochs to train on)")  # fmt: skip
+    if finished_before(cli, out, resumed_step, "gex train"):
+        pass
     elif cli.config["eval_after"] and not cli.trainer.interrupted:
         # Every process takes part (torchmetrics syncs the counts); rank 0 writes the file.
         result = evaluate(cli.model, cli.datamodule, trainer=cli.trainer, checkpoint=saved_last(out))
@@ -414,20 +437,23 @@ def held_run_folder(out: Path, trainer: Any, command: str) -> Iterator[None]:
     run; the others start inside its hold): a second ``gex train`` or ``gex detect train`` into it (a
     resubmitted job while the first still runs) is refused in one line instead of mixing two runs' logs
     and checkpoints. A folder made only for the hold is removed again when the run fails before writing."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: is a file; expected a run folder (new, or the one to resume)")
+    if os.path.lexists(out) and not out.is_dir():
+        what = "a broken link" if out.is_symlink() else "a file"
+        raise ConfigError(f"--out {out}: is {what}; expected a run folder (new, or the one to resume)")
     check_writable_folder(out)
-    lock, created = None, False
+    lock, made = None, []
     if trainer.global_rank == 0:
-        created = not out.exists()
+        made = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
         busy = f"--out {out}: another {command} is writing into this folder now; wait for it to end (or stop it)"
         lock = lock_folder(out, busy + ", then continue it with --resume last")
     try:
         yield
     except BaseException:
-        if created:
-            with contextlib.suppress(OSError):  # only an empty folder: a run that wrote nothing
-                out.rmdir()
+        for folder in made:  # only empty folders, made for this run: a run that wrote nothing
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     finally:
         if lock is not None:

@@ -17,7 +17,7 @@ from torchvision.datasets import FashionMNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from .._atomic import atomic_write
-from ..errors import DataError, DataNotFoundError
+from ..errors import DataError, DataNotFoundError, describe
 from ._download import download_errors
 from .transforms import DATASET_STATS
 
@@ -108,8 +108,7 @@ def _reason(error: BaseException) -> str:
     """Why a file could not be read, never empty: torchvision's IDX reader checks the header with bare asserts."""
     if isinstance(error, AssertionError) and not str(error):
         return "not an IDX file (its header's magic number or dimensions are not an IDX file's)"
-    name = "zlib.error" if isinstance(error, zlib.error) else type(error).__name__
-    return f"{name}: {error}" if str(error) else name
+    return f"zlib.{describe(error)}" if isinstance(error, zlib.error) else describe(error)  # zlib's type is "error"
 
 
 def _read(path: Path, reader: Callable[[str], torch.Tensor]) -> torch.Tensor:
