@@ -33,7 +33,9 @@ DATASETS: dict[str, tuple[int | None, int, int, str]] = {
 
 
 def _run_seed() -> int:
-    """The run's seed: what ``seed_everything`` set (``gex train``'s ``seed_everything``), as Lightning reads it."""
+    """The run's seed: what ``seed_everything`` set (``gex train``'s ``seed_everything``), as Lightning reads it.
+    Without one (``seed_everything: false``) it is 0, as for Lightning's ``DistributedSampler``: the
+    training order is then the same in every run, not drawn anew."""
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
