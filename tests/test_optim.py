@@ -51,3 +51,20 @@ def test_default_is_one_group_decaying_everything() -> None:
 def test_a_negative_decay_is_one_line() -> None:
     with pytest.raises(ConfigError, match="norm_weight_decay must be >= 0 or None, got -1"):
         ClassificationModule("cifar_resnet20", norm_weight_decay=-1)
+
+
+def test_bn_momentum_sets_every_batchnorm_as_the_release() -> None:
+    """RN50-GEPP.prototxt: every CuDNNBatchNorm has momentum (decay) 0.95, PyTorch's momentum 0.05; the
+    backbone's BatchNorms default to PyTorch's 0.1 and the gathers' to 0.05."""
+    default = ClassificationModule("ge_theta_plus_cifar_resnet20", schedule="constant")
+    momenta = {name: m.momentum for name, m in default.net.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert momenta["bn1"] == 0.1 and momenta["stage1.0.context.gather.bn"] == 0.05
+    module = ClassificationModule("ge_theta_plus_cifar_resnet20", bn_momentum=0.05, schedule="constant")
+    assert {m.momentum for m in module.net.modules() if isinstance(m, nn.BatchNorm2d)} == {0.05}
+    # One training-mode step moves the running mean 5% of the way to the batch mean (0 -> 0.05 * mean).
+    bn, x = module.net.bn1, torch.randn(4, 3, 32, 32) + 2.0
+    module.net.train()(x)
+    batch_mean = module.net.conv1(x).mean((0, 2, 3))
+    torch.testing.assert_close(bn.running_mean, 0.05 * batch_mean, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"bn_momentum must be in \(0, 1\] or None, got 0"):
+        ClassificationModule("cifar_resnet20", bn_momentum=0)

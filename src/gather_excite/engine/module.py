@@ -195,6 +195,9 @@ class ClassificationModule(SGDModule):
         norm_weight_decay, bias_weight_decay: the weight decay of normalisation layers' scales and
             shifts and of biases (torchvision's options of these names; ``None``: ``weight_decay``).
             The ImageNet recipes set both to 0, as the authors' Caffe models do.
+        bn_momentum: the running-statistics momentum of every BatchNorm (``None``: each module's own,
+            PyTorch's 0.1 in the backbones, 0.05 in the gathers). The ImageNet recipes set 0.05: the
+            authors' Caffe BN averages with decay 0.95 everywhere.
         schedule: ``"plateau"`` divides the rate by ``1/gamma`` when ``plateau_monitor`` has not
             improved for ``plateau_patience`` epochs, at most ``plateau_drops`` times (the paper's
             ImageNet recipe); ``"step"`` every ``step_size`` epochs (Figure 4: 30); ``"multistep"``
@@ -222,6 +225,7 @@ class ClassificationModule(SGDModule):
         weight_decay: float = 1e-4,
         norm_weight_decay: float | None = None,
         bias_weight_decay: float | None = None,
+        bn_momentum: float | None = None,
         nesterov: bool = False,
         schedule: Schedule = "plateau",
         gamma: float = 0.1,
@@ -251,6 +255,8 @@ class ClassificationModule(SGDModule):
                 raise ConfigError(f"{flag} must be >= 0 or None, got {value!r}")
         if not 0 <= label_smoothing <= 1:
             raise ConfigError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+        if bn_momentum is not None and not 0 < bn_momentum <= 1:
+            raise ConfigError(f"bn_momentum must be in (0, 1] or None, got {bn_momentum!r}")
         if isinstance(input_size, list):
             input_size = tuple(input_size)  # type: ignore[assignment]
         self.save_hyperparameters()
@@ -268,6 +274,10 @@ class ClassificationModule(SGDModule):
             if isinstance(err, GexError):
                 raise
             raise ConfigError(f"arch_kwargs {dict(arch_kwargs or {})} for {arch}: {one_line(err)}") from None
+        if bn_momentum is not None:
+            for module in self.net.modules():
+                if isinstance(module, nn.BatchNorm2d):  # SyncBatchNorm, converted later, copies it
+                    module.momentum = bn_momentum
         top_k = min(5, num_classes)
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_top1", MulticlassAccuracy(num_classes, top_k=1, average="micro"))
