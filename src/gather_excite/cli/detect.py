@@ -65,10 +65,9 @@ def _ap(value: float | None) -> str:
 def _train(argv: list[str]) -> int:
     """Parse the recipe and overrides, train, then evaluate the final weights into OUT/eval.json."""
     from lightning.pytorch.cli import LightningArgumentParser
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from ..detection import CocoDetectionData, DetectionModule
-    from .train import GexCLI, _parse, held_run_folder, stopped_by_sigterm
+    from .train import GexCLI, _parse, run_held
 
     class DetectCLI(GexCLI):
         # Detection recipes validate every few epochs: last.ckpt still follows every epoch.
@@ -83,7 +82,6 @@ def _train(argv: list[str]) -> int:
             parser.link_arguments("data.categories", "model.categories", apply_on="instantiate")
 
     argv = _resolve_recipes(argv)
-    out = None
     try:
         cli = _parse(
             argv,
@@ -92,12 +90,7 @@ def _train(argv: list[str]) -> int:
             data_class=CocoDetectionData,
             prog="gex detect train",
         )
-        out = Path(cli.config["out"])
-        with held_run_folder(out, cli.trainer, "gex detect train"):
-            return _fit_and_evaluate(cli, out)
-    except SIGTERMException:
-        stopped_by_sigterm("gex detect train", out)
-        return 143
+        return run_held(cli, "gex detect train", _fit_and_evaluate)
     except SystemExit as exit_:
         return int(exit_.code or 0)
     except _ERRORS as err:

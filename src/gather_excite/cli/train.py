@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -393,15 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     stderr and exit status 2, before any training where it can be seen beforehand.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    out = None
     try:
-        cli = _parse(argv)
-        out = Path(cli.config["out"])
-        with held_run_folder(out, cli.trainer, "gex train"):
-            return _train(cli, out)
-    except SIGTERMException:
-        stopped_by_sigterm("gex train", out)
-        return 143
+        return run_held(_parse(argv), "gex train", _train)
     except SystemExit as exit_:
         return int(exit_.code or 0)
     # Lightning's own type for a Trainer setting it cannot honour (e.g. --trainer.accelerator gpu without one).
@@ -460,8 +453,15 @@ def held_run_folder(out: Path, trainer: Any, command: str) -> Iterator[None]:
             os.close(lock)
 
 
-def stopped_by_sigterm(command: str, out: Path | None) -> None:
-    """Say that SIGTERM stopped the run (Lightning ends it with status 0: a pre-empted job must not look finished)."""
-    last = out / "checkpoints" / LAST_CHECKPOINT if out is not None else None
-    resume = f"continue it with --resume last ({last})" if last is not None and last.is_file() else "no checkpoint yet"
-    print(f"{command}: stopped by SIGTERM before the run finished; {resume}", file=sys.stderr)
+def run_held(cli: Any, command: str, run: Callable[[Any, Path], int]) -> int:
+    """``run(cli, out)`` in its held run folder (:func:`held_run_folder`); a run stopped by SIGTERM is
+    said so and exits 143 (Lightning ends it with status 0: a pre-empted job must not look finished)."""
+    out = Path(cli.config["out"])
+    try:
+        with held_run_folder(out, cli.trainer, command):
+            return run(cli, out)
+    except SIGTERMException:
+        last = out / "checkpoints" / LAST_CHECKPOINT
+        resume = f"continue it with --resume last ({last})" if last.is_file() else "no checkpoint yet"
+        print(f"{command}: stopped by SIGTERM before the run finished; {resume}", file=sys.stderr)
+        return 143
