@@ -144,9 +144,9 @@ def test_lean_output_keeps_the_autocast_dtype_channels_last(spec):
     """Under CUDA bf16 autocast a unit's output is bf16 on both paths (CUDA's autocast runs
     interpolate in float32: a float32 gate factor had made the lean output float32, and every
     activation after it twice as large)."""
-    from gather_excite.layers import NormContext, create_context
+    from gather_excite.layers import BatchNorm2d, NormContext, create_context
 
-    bn, context = torch.nn.BatchNorm2d(32).cuda(), create_context(spec, 32, feature_size=14).cuda()
+    bn, context = BatchNorm2d(32).cuda(), create_context(spec, 32, feature_size=14).cuda()
     z = torch.randn(4, 32, 14, 14, device="cuda").contiguous(memory_format=torch.channels_last)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         z = z.to(torch.bfloat16).requires_grad_()

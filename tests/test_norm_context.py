@@ -14,8 +14,9 @@ from torch.autograd import forward_ad
 
 from gather_excite.layers import _reduce, create_context, list_context_specs
 from gather_excite.layers._broadcast import GateBroadcast
+from gather_excite.layers._hooks import has_hooks
 from gather_excite.layers._reduce import batch_stats, map_dot, map_weighted_sum
-from gather_excite.layers.norm_context import NormContext, lean_enabled, set_lean
+from gather_excite.layers.norm_context import BatchNorm2d, NormContext, lean_enabled, set_lean
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +33,7 @@ def norm_context(bn: nn.Module, context: nn.Module, z: torch.Tensor) -> torch.Te
 
 def _unit(spec: str, channels: int, size: int, *, dtype=torch.float64, seed: int = 0, **bn_kwargs):
     torch.manual_seed(seed)
-    bn = nn.BatchNorm2d(channels, **bn_kwargs).to(dtype)
+    bn = BatchNorm2d(channels, **bn_kwargs).to(dtype)
     nn.init.normal_(bn.weight)
     nn.init.normal_(bn.bias)
     if bn.running_mean is not None:
@@ -249,16 +250,13 @@ def _compare_with(bn, context):
     return plain, lean
 
 
-def test_hooks_run_where_the_lean_path_calls_the_module_and_everywhere_when_built_plain():
-    """PyTorch has no public query for a module's hooks, so hooks do not choose the path: the lean
-    path calls the gather (a windowed one whole, once more in backward) and the gate probe as
-    modules, so their hooks fire, but not the BN or the context module; a NormContext built with
-    lean=False runs every hook once."""
+def test_hooks_on_the_context_parts_run_on_the_lean_path_and_everywhere_when_built_plain():
+    """The lean path calls the gather (a windowed one whole, once more in backward) and the gate probe
+    as modules, so their hooks fire on it; a NormContext built with lean=False runs every hook once."""
     set_lean(True)
     bn, context = _unit("ge_theta_e2", 8, 8)
     calls = []
-    for name, module in (("bn", bn), ("context", context), ("gather", context.gather),
-                         ("first", context.gather.layers[0]), ("gate", context.gate)):  # fmt: skip
+    for name, module in (("gather", context.gather), ("first", context.gather.layers[0]), ("gate", context.gate)):
         module.register_forward_hook(lambda *_args, name=name: calls.append(name))
     z = torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
     out = NormContext(lean=True)(z, bn, context)
@@ -269,7 +267,59 @@ def test_hooks_run_where_the_lean_path_calls_the_module_and_everywhere_when_buil
     assert sorted(calls) == ["first", "gate", "gather"]
     calls.clear()
     assert not _lean_ran(NormContext(lean=False)(z, bn, context))
-    assert sorted(calls) == ["bn", "context", "first", "gate", "gather"]
+    assert sorted(calls) == ["first", "gate", "gather"]
+
+
+HOOKS = {  # registration -> the calls one forward + backward makes to it as a module (hook name, count)
+    "forward_pre": lambda m, log: m.register_forward_pre_hook(lambda *_: log.append("forward_pre")),
+    "forward": lambda m, log: m.register_forward_hook(lambda *_: log.append("forward")),
+    "forward_kwargs": lambda m, log: m.register_forward_hook(lambda *_: log.append("forward_kwargs"), with_kwargs=True),
+    "full_backward_pre": lambda m, log: m.register_full_backward_pre_hook(lambda *_: log.append("full_backward_pre")),
+    "full_backward": lambda m, log: m.register_full_backward_hook(lambda *_: log.append("full_backward")),
+}
+
+
+@pytest.mark.parametrize("where", ["bn", "context"])
+@pytest.mark.parametrize("kind", sorted(HOOKS))
+@pytest.mark.parametrize("spec", ["ge_theta_e2", "se"])
+def test_a_hook_on_the_norm_or_the_context_module_takes_the_plain_path_while_registered(where, kind, spec):
+    """The lean path does not call the norm or the context module, so while a hook is registered on
+    either the unit runs the plain composition: the hook fires once per forward (backward hooks once
+    per backward), the results equal a plain unit's; removed, the unit is lean again."""
+    set_lean(True)
+    bn, context = _unit(spec, 8, 8)
+    plain_bn, plain_context = copy.deepcopy(bn), copy.deepcopy(context)
+    log = []
+    handle = HOOKS[kind]({"bn": bn, "context": context}[where], log)
+    z = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    hooked, expected = _run(bn, context, z, lean=True), _run(plain_bn, plain_context, z, lean=False)
+    assert not _lean_ran(hooked[0])
+    assert log == [kind]  # one forward, one backward: the hook ran exactly once, as on a plain unit
+    for group in (0, 1):
+        torch.testing.assert_close(hooked[group], expected[group], atol=0, rtol=0)
+    handle.remove()
+    assert _lean_ran(_run(bn, context, z, lean=True)[0])
+    assert log == [kind]
+
+
+def test_hook_state_follows_the_handle_and_copies():
+    """``with handle:`` and ``remove()`` are seen at once; a deep copy carries its own registered hook
+    (removing the original's leaves the copy's); a norm that cannot report its hooks is plain."""
+    set_lean(True)
+    bn, context = _unit("ge_theta_minus_e4", 8, 8)
+    z = torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
+    with bn.register_forward_hook(lambda *_: None) as handle:
+        assert not _lean_ran(norm_context(bn, context, z))
+        copied = copy.deepcopy(bn)
+    assert _lean_ran(norm_context(bn, context, z))
+    assert not _lean_ran(norm_context(copied, context, z))  # the copy's hook is still registered
+    handle.remove()  # a second remove changes nothing
+    assert has_hooks(copied) is True and has_hooks(bn) is False
+    plain_bn = nn.BatchNorm2d(8).double()
+    plain_bn.load_state_dict(bn.state_dict())  # the same keys and buffers
+    assert has_hooks(plain_bn) is None
+    assert not _lean_ran(norm_context(plain_bn, context, z))
+    assert repr(plain_bn) == repr(bn) and isinstance(bn, nn.BatchNorm2d)
 
 
 @pytest.mark.parametrize("case", ["no_grad", "identity", "sync_bn", "disabled"])
@@ -297,7 +347,7 @@ def test_wrong_channels_raises_like_plain():
     """A map with the wrong channel count raises the context module's ValueError on the lean path too."""
     set_lean(True)
     _bn, context = _unit("ge_theta_minus", 8, 8)
-    bn6 = nn.BatchNorm2d(6).double()
+    bn6 = BatchNorm2d(6).double()
     with pytest.raises(ValueError, match="channels=8"):
         norm_context(bn6, context, torch.randn(2, 6, 8, 8, dtype=torch.float64, requires_grad=True))
 
@@ -506,7 +556,7 @@ def test_fuzz_lean_equals_plain(spec, n, height, width, channels_last, training,
     mode at float64: the lean unit gives the plain composition's output, gradients and buffers, or
     raises the same error type (e.g. one value per channel in training)."""
     torch.manual_seed(seed)
-    bn = nn.BatchNorm2d(4).double().train(training)
+    bn = BatchNorm2d(4).double().train(training)
     nn.init.normal_(bn.weight)
     nn.init.normal_(bn.bias)
     context = create_context(spec, 4, feature_size=(5, 5)).double().train(training)  # resampled kernel

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..layers import create_context
 from ..layers.context_spec import EXTENTS, GE_VARIANTS, ContextSpec
-from ..layers.norm_context import NormContext
+from ..layers.norm_context import BatchNorm2d, NormContext
 from .lean import lean_path
 from .memory import TrainStep, saved_bytes
 from .timing import paired_ratio, time_samples
@@ -77,7 +77,7 @@ def bench_op(
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             z = torch.randn(batch, channels, size, size).contiguous(memory_format=fmt).requires_grad_()
             grad = torch.randn_like(z)
-            bn = nn.BatchNorm2d(channels)
+            bn = BatchNorm2d(channels)
             context = create_context(spec, channels, feature_size=size)
             timm_context, timm_error = _timm_context(spec, channels, size)
             steps = {

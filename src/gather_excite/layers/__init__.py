@@ -4,9 +4,10 @@ from ._registry import CONTEXT_SPECS, create_context, get_context, list_context_
 from .context_spec import ContextSpec, context_specs
 from .gather import ConvGather, GatherSplit, GlobalConvGather, PoolGather, resample_kernel
 from .gather_excite import ExciteMLP, GateProbe, GatherExcite, SqueezeExcite
-from .norm_context import NormContext, lean_enabled, set_lean
+from .norm_context import BatchNorm2d, NormContext, lean_enabled, set_lean
 
 __all__ = [
+    "BatchNorm2d",
     "CONTEXT_SPECS",
     "ContextSpec",
     "ConvGather",

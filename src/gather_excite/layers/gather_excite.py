@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._hooks import HookRecord
 from ._validate import accumulate_dtype, check_extent, check_input, check_int, pair
 from .gather import ConvGather, Device, GatherSplit, GlobalConvGather, PoolGather
 
@@ -112,7 +113,7 @@ def _excite(x: torch.Tensor, logits: torch.Tensor, probe: GateProbe, *, resize: 
     return x * gate.to(x.dtype)
 
 
-class GatherExcite(nn.Module):
+class GatherExcite(HookRecord, nn.Module):
     """Gather-Excite operator: ``y = x * sigmoid(interp(excite(gather(x))))``.
 
     The paper's variants (Section 3):
@@ -221,7 +222,7 @@ class GatherExcite(nn.Module):
         )
 
 
-class SqueezeExcite(nn.Module):
+class SqueezeExcite(HookRecord, nn.Module):
     """Squeeze-and-Excitation block: ``x * sigmoid(fc2(relu(fc1(mean_hw(x)))))``.
 
     The Gather-Excite view: global average gather + MLP excite, i.e.

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.gather import Device
-from ..layers.norm_context import NormContext
+from ..layers.norm_context import BatchNorm2d, NormContext
 from ._backbone import Backbone, BackboneOptions, Stage
 from ._builder import UnitOptions, check_int, unit_context, unit_factory
 from ._features import feature
@@ -61,7 +61,7 @@ class BasicUnit(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_chs, **dd)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False, **dd)
-        self.bn2 = nn.BatchNorm2d(out_chs, **dd)
+        self.bn2 = BatchNorm2d(out_chs, **dd)
         self.context = unit_context(out_chs, options)
         self.norm_context = NormContext()  # context(bn2(x)), memory-lean in training
         self.shortcut = (

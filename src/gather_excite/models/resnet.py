@@ -13,7 +13,7 @@ from typing import Unpack
 import torch
 from torch import nn
 
-from ..layers.norm_context import NormContext
+from ..layers.norm_context import BatchNorm2d, NormContext
 from ._backbone import Backbone, BackboneOptions, Stage
 from ._builder import UnitOptions, check_int, conv_out_size, unit_context, unit_factory
 from ._features import feature
@@ -46,7 +46,7 @@ class Bottleneck(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride_3x3, padding=1, bias=False, **dd)
         self.bn2 = nn.BatchNorm2d(planes, **dd)
         self.conv3 = nn.Conv2d(planes, out_chs, 1, bias=False, **dd)
-        self.bn3 = nn.BatchNorm2d(out_chs, **dd)
+        self.bn3 = BatchNorm2d(out_chs, **dd)
         self.relu = nn.ReLU(inplace=True)
         self.downsample: nn.Module | None = None
         if stride != 1 or in_chs != out_chs:

@@ -13,7 +13,7 @@ from typing import Unpack
 import torch
 from torch import nn
 
-from ..layers.norm_context import NormContext
+from ..layers.norm_context import BatchNorm2d, NormContext
 from ._backbone import Backbone, BackboneOptions, Stage
 from ._builder import UnitOptions, conv_out_size, unit_context, unit_factory
 from ._features import feature
@@ -70,7 +70,7 @@ class ShuffleUnit(nn.Module):
         self.conv2 = nn.Conv2d(mid_chs, mid_chs, 3, stride=stride, padding=1, groups=mid_chs, bias=False, **dd)
         self.bn2 = nn.BatchNorm2d(mid_chs, **dd)
         self.conv3 = nn.Conv2d(mid_chs, branch_chs, 1, groups=groups, bias=False, **dd)
-        self.bn3 = nn.BatchNorm2d(branch_chs, **dd)
+        self.bn3 = BatchNorm2d(branch_chs, **dd)
         self.context = unit_context(branch_chs, options)
         self.norm_context = NormContext()  # context(bn3(x)), memory-lean in training
         self.shortcut = nn.AvgPool2d(3, stride=2, padding=1) if stride == 2 else nn.Identity()
