@@ -105,7 +105,10 @@ def _op_row(bn_context, spec: str, channels: int, size: int, repeats: int, layou
 
         return TrainStep(forward, lambda out: out.backward(grad))
 
-    steps = {"previous": step(lambda: bn_context(bn_previous, context, z)), "new": step(lambda: norm_context(z, bn, context))}
+    steps = {
+        "previous": step(lambda: bn_context(bn_previous, context, z)),
+        "new": step(lambda: norm_context(z, bn, context)),
+    }
     memory = {key: saved_bytes(s, exclude=(bn, bn_previous, context)) for key, s in steps.items()}
     samples = time_samples(steps, repeats=repeats, warmup=0, clock="cpu")
     return {

@@ -7,8 +7,8 @@ from .gather_excite import ExciteMLP, GateProbe, GatherExcite, SqueezeExcite
 from .norm_context import BatchNorm2d, NormContext, lean_enabled, set_lean
 
 __all__ = [
-    "BatchNorm2d",
     "CONTEXT_SPECS",
+    "BatchNorm2d",
     "ContextSpec",
     "ConvGather",
     "ExciteMLP",
