@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -249,6 +250,68 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_the_key_and_both
         detector.check_checkpoint({"hyper_parameters": dict(classifier.hparams)})
 
 
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (["--model.aspect_ratios", "[1.0]"], "aspect_ratios: checkpoint [0.5, 1.0, 2.0], this run [1.0]"),
+        (["--model.frozen_bn", "true"], "frozen_bn: checkpoint False, this run True"),
+        (["--model.trainable_layers", "2"], "trainable_layers: checkpoint 4, this run 2"),
+    ],
+    ids=["aspect-ratios", "frozen-bn", "trainable-layers"],
+)
+def test_resume_with_another_anchor_or_freezing_setting_is_one_line(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], change: list[str], key: str
+) -> None:
+    """Settings that change the detector's parameters are compared on --resume, as fpn_channels always was.
+
+    aspect_ratios sets the RPN head's anchor count (its conv shapes), frozen_bn the kind of the
+    BN modules (FrozenBatchNorm2d has no num_batches_tracked) and trainable_layers the optimizer's
+    parameter list: each gave a load_state_dict or optimizer traceback. Expected: one line naming
+    the key and both values, before any training. The checkpoint records the values used: the
+    default ratios, and trainable_layers 4 (cifar_resnet20 from scratch: stem and 3 stages, all).
+    """
+    out = tmp_path / "run"
+    shutil.copytree(trained["out"], out)
+    argv = ["train", "--config", str(trained["recipe"]), "--out", str(out), "--resume", "last", *change]
+    code, err = run(detect_cli.main, argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "checkpoint was saved for a different detector; it differs in " + key in err, err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            {"model": {"detector_kwargs": {"box_detections_per_imgs": 5}}},
+            "detector_kwargs key 'box_detections_per_imgs' is not an argument of torchvision's FasterRCNN; "
+            "did you mean 'box_detections_per_img'?",
+        ),
+        ({"model": {"detector_kwargs": {"max_size": 64}}}, "detector_kwargs key 'max_size' is set by the package"),
+        ({"model": {"aspect_ratios": [0.0, 1.0]}}, "aspect_ratios must be a non-empty list of finite numbers > 0"),
+        ({"data": {"val_subset": 0}}, "val_subset must be null or an int >= 1, got 0"),
+    ],
+    ids=["kwargs-typo", "kwargs-own-key", "ratio-zero", "subset-zero"],
+)
+def test_bad_model_and_data_settings_are_one_line_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], override: dict[str, Any], message: str
+) -> None:
+    """Before: a misspelt detector_kwargs key trained with torchvision's default (exit 0), a key the package
+    sets was a TypeError traceback, a 0 aspect ratio trained to NaN losses (exit 0), val_subset 0 meant all
+    images. Expected: exit 2, one line naming the setting, and no run folder written."""
+    root = write_coco(tmp_path / "coco", LAYOUTS[:1])
+    recipe = write_recipe(tmp_path / "r.yaml", root, epochs=1, model=override.get("model"), data=override.get("data"))
+    code, err = run(detect_cli.main, ["train", "--config", str(recipe), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("gex detect train: error: "), err
+    assert message in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_detect_eval_help_gives_the_invalid_boxes_default() -> None:
+    """``--invalid-boxes`` left out takes the checkpoint's own data setting (a COCO recipe's is drop), not refuse."""
+    text = " ".join(detect_cli._eval_parser().format_help().split())
+    assert "Default: the checkpoint's own data setting" in text and "refuse the data (default)" not in text
+
+
 def test_detect_eval_checks_out_before_reading_the_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -312,10 +375,14 @@ def test_invalid_boxes_drop_mode_counts_them(tmp_path: Path, capsys: pytest.Capt
     assert dropped == [101]
     data = one_json_data(root, invalid_boxes="drop")
     data.setup("fit")
-    assert "dropped 1 degenerate or out-of-image boxes" in capsys.readouterr().err
-    # image 10 kept its other box (annotation 100); the dropped one is gone from the targets
-    _, target = data.val_set[0]
+    err = capsys.readouterr().err
+    assert "dropped 1 degenerate or out-of-image boxes from training" in err
+    assert "kept 1 degenerate or out-of-image boxes in COCOeval's ground truth" in err
+    # image 10 kept its other box (annotation 100) for training; the dropped one is gone from its targets
+    _, target = data.train_set[0]
     assert target["boxes"].shape == (1, 4) and target["labels"].tolist() == [1]
+    # COCOeval's ground truth is the JSON as given (see test_detection's AP against pycocotools)
+    assert sorted(data.val_coco.anns) == [100, 101, 102]
 
 
 @pytest.mark.parametrize(

@@ -248,7 +248,22 @@ BAD_COCO = {
     ),
     "image-corrupt": (
         _image_file(lambda path: path.write_bytes(b"not a png")),
-        "image 'img1.png' (id 11) in {images}, listed in {json}, is not a readable image: cannot identify image file",
+        "image 'img1.png' (id 11) in {images}, listed in {json}, is not a readable image in an accepted format "
+        "(JPEG, PNG, BMP, TIFF, WEBP): cannot identify image file",
+    ),
+    # Pillow opens only the formats of COCO folders: a GIF (or an EPS, which Pillow would hand to
+    # Ghostscript) under a .png name is refused, naming the file; it used to be read
+    "image-other-format": (
+        _image_file(lambda path: Image.new("RGB", (128, 128)).save(path, format="GIF")),
+        "image 'img1.png' (id 11) in {images}, listed in {json}, is not a readable image in an accepted format "
+        "(JPEG, PNG, BMP, TIFF, WEBP): cannot identify image file",
+    ),
+    # within the 1 px border tolerance and 0.6 px wide, but clamped to the 128 px image (as the
+    # training transform does) it is [128, 10, 128, 30]: zero width, which FasterRCNN refused mid-run
+    "degenerate-once-clamped": (
+        _set("annotations", 1, "bbox", [128.2, 10, 0.6, 20]),
+        "annotation id 101 in {json}: box [128.2, 10, 0.6, 20] is degenerate once clamped to its 128x128 image "
+        "(data.invalid_boxes: drop",
     ),
     # the hint names both ways to drop such boxes: the training recipe's and gex detect eval's
     "degenerate-box-hint": (
@@ -356,3 +371,263 @@ def test_data_module_checks_each_json_once(tmp_path: Path, monkeypatch: pytest.M
     data.setup("fit")
     assert len(calls) == 1
     assert [c["id"] for c in data.categories] == [3, 7, 42] and len(data.train_set) == len(data.val_set) == 2
+
+
+def _edited_coco(tmp_path: Path, change: Callable[[dict[str, Any]], Any]) -> Path:
+    root = _small_coco(tmp_path)
+    coco = json.loads((root / "instances.json").read_text())
+    change(coco)
+    (root / "instances.json").write_text(json.dumps(coco))
+    return root
+
+
+def test_a_box_degenerate_once_clamped_is_dropped_before_training(tmp_path: Path) -> None:
+    """``[128.2, 10, 0.6, 20]`` on a 128 px image passes the border tolerance but clamps to zero width.
+
+    Expected under ``invalid_boxes="drop"``: annotation 101 in the drop list, and image 10's
+    training target holds only its valid box 100 (before, the clamped box reached FasterRCNN,
+    which raised "All bounding boxes should have positive height and width" mid-training).
+    """
+    root = _edited_coco(tmp_path, lambda coco: coco["annotations"][1].update(bbox=[128.2, 10, 0.6, 20]))
+    _, dropped = check_coco_instances(root / "instances.json", root / "images", invalid_boxes="drop")
+    assert dropped == [101]
+    data = one_json_data(root, num_workers=0, invalid_boxes="drop", hflip=0.0, min_size=128, max_size=128)
+    data.setup("fit")
+    _, target = data.train_set[0]
+    assert target["boxes"].tolist() == [[8.0, 10.0, 48.0, 40.0]]
+
+
+def test_the_image_loader_opens_only_coco_formats(tmp_path: Path) -> None:
+    """Training and evaluation load images with the same restricted ``Image.open`` as the check.
+
+    A file replaced after the check by a GIF (any format outside JPEG/PNG/BMP/TIFF/WebP, e.g. an
+    EPS that Pillow would run through Ghostscript) is expected to be refused naming the file;
+    torchvision's own ``CocoDetection`` loader opened any format Pillow knows.
+    """
+    root = _small_coco(tmp_path)
+    data = one_json_data(root, num_workers=0)
+    data.setup("validate")
+    assert data.val_set[1][0].shape == (3, 128, 128)  # a PNG loads
+    Image.new("RGB", (128, 128)).save(root / "images" / "img1.png", format="GIF")
+    with pytest.raises(DataError, match=re.escape(f"image {str(root / 'images' / 'img1.png')!r} is not a readable")):
+        data.val_set[1]
+
+
+def test_drop_leaves_the_evaluation_ground_truth_as_the_json_gives_it(tmp_path: Path) -> None:
+    """``invalid_boxes="drop"`` removes bad boxes from training only; COCOeval scores against the JSON as given.
+
+    Added: a zero-width box of category 7 in image 10 and a category-42 box of image 11 that ends
+    12 px past the border. Detections: exactly the three valid boxes. Category 3 has AP 1; 7 and
+    42 each find 1 of their 2 boxes, so precision 1 up to recall 0.5 (51 of COCO's 101 recall
+    points): AP = (1 + 2 * 51/101) / 3 = 0.6700, pycocotools' own AP on the JSON. Before, the
+    package evaluated against the JSON less the dropped boxes and reported 1.0.
+    """
+    from gather_excite.detection import coco_evaluate
+
+    extra = [
+        {"id": 103, "image_id": 10, "category_id": 7, "bbox": [30, 50, 0, 20], "area": 0, "iscrowd": 0},
+        {"id": 104, "image_id": 11, "category_id": 42, "bbox": [100, 10, 40, 20], "area": 800, "iscrowd": 0},
+    ]
+    root = _edited_coco(tmp_path, lambda coco: coco["annotations"].extend(extra))
+    data = one_json_data(root, num_workers=0, invalid_boxes="drop", hflip=0.0)
+    data.setup("fit")
+    assert sorted(data.val_coco.anns) == [100, 101, 102, 103, 104]  # the JSON's annotations, all of them
+    assert [len(data.train_set[i][1]["boxes"]) for i in range(2)] == [2, 1]  # training: 103 and 104 dropped
+    found = [
+        (a["image_id"], a["category_id"], a["bbox"])
+        for a in json.loads((root / "instances.json").read_text())["annotations"][:3]
+    ]
+    predictions = [
+        (image_id, [{"category_id": c, "bbox": b, "score": 0.9} for i, c, b in found if i == image_id])
+        for image_id in (10, 11)
+    ]
+    ours = coco_evaluate(data.val_coco, predictions, categories=data.categories)
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(root / "instances.json"))
+        evaluation = COCOeval(truth, truth.loadRes([{"image_id": i, **d} for i, ds in predictions for d in ds]), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    assert ours["AP"] == pytest.approx(float(evaluation.stats[0])) == pytest.approx((1 + 2 * 51 / 101) / 3)
+    assert ours["AR100"] == pytest.approx(float(evaluation.stats[8]))
+
+
+def test_no_detections_give_pycocotools_values_with_undefined_as_null() -> None:
+    """A detector that finds nothing: every statistic is COCOeval's own, 0 where defined and null where not.
+
+    Ground truth: a small (20x30) and a medium (100x60) box of two categories, a third category
+    without boxes, no large box. Expected: AP/AR of all areas, small and medium 0.0; APl and ARl
+    null (COCOeval's -1: no large ground truth); per-class AP 0.0, but null for 'bottle'. The
+    reference is pycocotools run on one useless detection (a 1 px 'person' box in the image without
+    objects: a false positive that changes no figure). Before, the package set every figure to 0.0.
+    """
+    from gather_excite.detection import STAT_NAMES, coco_evaluate
+
+    categories = [{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"}, {"id": 44, "name": "bottle"}]
+    dataset = {
+        "images": [
+            {"id": 7, "file_name": "a.png", "width": 200, "height": 100},
+            {"id": 11, "file_name": "b.png", "width": 64, "height": 64},
+        ],
+        "categories": categories,
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 90, "bbox": [10, 10, 20, 30], "area": 600, "iscrowd": 0},
+            {"id": 2, "image_id": 7, "category_id": 1, "bbox": [50, 20, 100, 60], "area": 6000, "iscrowd": 0},
+        ],
+    }
+
+    def truth() -> COCO:
+        coco = COCO()
+        coco.dataset = json.loads(json.dumps(dataset))
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return coco
+
+    ours = coco_evaluate(truth(), [(7, []), (11, [])], categories=categories)
+    expected = {name: 0.0 for name in STAT_NAMES} | {"APl": None, "ARl": None}
+    assert {name: ours[name] for name in STAT_NAMES} == expected
+    assert ours["per_class_AP"] == {"person": 0.0, "bottle": None, "toothbrush": 0.0}
+    assert ours["num_detections"] == 0 and ours["num_images"] == 2
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference = truth()
+        useless = reference.loadRes([{"image_id": 11, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.01}])
+        evaluation = COCOeval(reference, useless, "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    assert [None if v < 0 else float(v) for v in evaluation.stats] == [expected[name] for name in STAT_NAMES]
+
+
+def _frozen(model: torch.nn.Module) -> set[str]:
+    return {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
+
+
+def test_backbone_stages_freeze_as_torchvisions_trainable_backbone_layers(one_thread_private_cache: None) -> None:
+    """``trainable_layers`` counts stem and stages from the last, as torchvision's ``trainable_backbone_layers``.
+
+    Expected with backbone weights and the default (torchvision's 3): exactly conv1's, bn1's and
+    layer1's parameters frozen, in both layouts (BN trained here, so that bn1 has parameters);
+    without weights (default: all 5) none; 0 freezes the whole backbone but not the FPN or heads;
+    6 is outside ResNet-50's 0..5. Before, nothing was ever frozen.
+    """
+    from gather_excite.errors import ConfigError
+
+    weights = create_model("resnet50").state_dict()
+    for layout, prefix in (("c4", "backbone."), ("fpn", "backbone.body.")):
+        model = fasterrcnn_ge_resnet(
+            "resnet50", layout=layout, num_classes=3, frozen_bn=False, backbone_weights=weights
+        )
+        stem = tuple(f"{prefix}{unit}." for unit in ("conv1", "bn1", "layer1"))
+        expected = {name for name, _ in model.named_parameters() if name.startswith(stem)}
+        assert len(expected) == 3 + 3 * 9 + 3  # conv1, bn1 (2); layer1: 3 units of 3 convs + 3 BNs; downsample
+        assert _frozen(model) == expected, layout
+        assert model.backbone_trainable_layers == 3
+        assert _frozen(fasterrcnn_ge_resnet("resnet50", layout=layout, num_classes=3, frozen_bn=False)) == set()
+    none = fasterrcnn_ge_resnet("resnet50", layout="fpn", num_classes=3, trainable_layers=0)
+    assert _frozen(none) == {name for name, _ in none.named_parameters() if name.startswith("backbone.body.")}
+    with pytest.raises(
+        ConfigError, match=re.escape("trainable_layers must be in 0..5 (resnet50's stem and 4 stages), got 6")
+    ):
+        fasterrcnn_ge_resnet("resnet50", layout="fpn", trainable_layers=6)
+
+
+def test_detector_kwargs_refuse_unknown_keys_and_the_packages_own() -> None:
+    """torchvision's FasterRCNN passes unknown keys to its transform, which ignores them: a typo ran the default.
+
+    Expected: a misspelt key refused naming it and the close match; a key the package builds
+    (``box_head``) or the module sets (``min_size``: model.min_size) refused naming the setting to
+    use, where it was a ``TypeError`` traceback; the transform's real extras accepted and applied.
+    """
+    from gather_excite.detection import DetectionModule
+    from gather_excite.errors import ConfigError
+
+    small = dict(layout="fpn", feature_levels=["stage2", "stage3"], fpn_channels=8, representation_size=16)
+    small |= dict(backbone_kwargs={"width": 8}, min_size=64, max_size=64, categories=[{"id": 1, "name": "a"}])
+    cases = {
+        "rpn_post_nms_top_n_tset": "detector_kwargs key 'rpn_post_nms_top_n_tset' is not an argument of torchvision's "
+        "FasterRCNN; did you mean 'rpn_post_nms_top_n_test'?",
+        "min_size": "detector_kwargs key 'min_size' is set by the package; use model.min_size (gex detect train "
+        "links it to data.min_size) instead",
+        "num_classes": "detector_kwargs key 'num_classes' is set by the package; use categories (num_classes) instead",
+        "layout": "detector_kwargs key 'layout' is set by the package; use model.layout instead",
+    }
+    for key, message in cases.items():
+        with pytest.raises(ConfigError) as refused:
+            DetectionModule("cifar_resnet20", **small, detector_kwargs={key: 10})
+        assert str(refused.value) == message
+    with pytest.raises(ConfigError, match=r"^detector_kwargs key 'box_head' is set by the package; use layout and "):
+        fasterrcnn_ge_resnet("cifar_resnet20", layout="fpn", box_head=torch.nn.Identity())
+    module = DetectionModule(
+        "cifar_resnet20", **small, detector_kwargs={"size_divisible": 64, "box_detections_per_img": 5}
+    )
+    assert module.model.transform.size_divisible == 64 and module.model.roi_heads.detections_per_img == 5
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"aspect_ratios": [0.0]}, "aspect_ratios must be a non-empty list of finite numbers > 0, got [0.0]"),
+        ({"aspect_ratios": []}, "aspect_ratios must be a non-empty list of finite numbers > 0, got []"),
+        (
+            {"anchor_sizes": [[16], [32, float("inf")], [64]]},
+            "anchor_sizes must hold non-empty lists of finite sizes > 0 (pixels), got [[16], [32, inf], [64]]",
+        ),
+        ({"trainable_layers": 5}, "trainable_layers must be in 0..4 (cifar_resnet20's stem and 3 stages), got 5"),
+    ],
+    ids=["ratio-zero", "no-ratios", "size-inf", "trainable-layers"],
+)
+def test_bad_anchor_and_freezing_arguments_are_one_line_at_construction(
+    arguments: dict[str, Any], message: str
+) -> None:
+    """A zero aspect ratio gave zero-size anchors, NaN losses and exit 0: expected refused, naming it, when built."""
+    from gather_excite.detection import DetectionModule
+    from gather_excite.errors import ConfigError
+
+    small = dict(
+        layout="fpn", feature_levels=["stage2", "stage3"], backbone_kwargs={"width": 8}, min_size=64, max_size=64
+    )
+    with pytest.raises(ConfigError) as refused:
+        DetectionModule("cifar_resnet20", **small, categories=[{"id": 1, "name": "a"}], **arguments)
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"val_subset": -2}, "val_subset must be null or an int >= 1, got -2"),
+        ({"val_subset": 0}, "val_subset must be null or an int >= 1, got 0"),
+        ({"eval_batch_size": 0}, "eval_batch_size must be null or an int >= 1, got 0"),
+        ({"num_workers": -1}, "num_workers must be an int >= 0, got -1"),
+    ],
+    ids=["subset-negative", "subset-zero", "eval-batch-zero", "workers-negative"],
+)
+def test_bad_data_arguments_are_one_line_at_construction(
+    tmp_path: Path, arguments: dict[str, Any], message: str
+) -> None:
+    """``val_subset`` -2 failed after training, 0 meant "all" and ``eval_batch_size`` 0 meant ``batch_size``
+    silently; ``num_workers`` -1 was a DataLoader traceback. Expected: refused when the data module is built."""
+    from gather_excite.detection import CocoDetectionData
+    from gather_excite.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        CocoDetectionData(str(tmp_path), **arguments)
+    assert str(refused.value) == message
+
+
+def test_evaluation_size_is_torchvisions_resized_and_padded_batch(one_thread_private_cache: None) -> None:
+    """The size the backbone sees, read from the detector's own transform: torchvision floors and pads to 32.
+
+    A 500x333 image at min/max 600/1000: scale 600/333, width 500*600/333 = 900.9, which
+    torchvision's resize floors to 900 (the package's round() gave 901), padded to 608x928 (the
+    backbone ran on that batch while backbone_macs counted 600x901).
+    """
+    from gather_excite.detection import DetectionModule, evaluation_size
+
+    module = DetectionModule(
+        "cifar_resnet20", layout="fpn", feature_levels=["stage2", "stage3"], backbone_kwargs={"width": 8},
+        min_size=600, max_size=1000, categories=[{"id": 1, "name": "a"}],
+    )  # fmt: skip
+    batch, _ = module.model.transform.eval()([torch.zeros(3, 333, 500)])
+    assert batch.image_sizes == [(600, 900)]
+    assert evaluation_size(module, 500, 333) == (3, 608, 928)
+    assert evaluation_size(module, 96, 96) == (3, 608, 608)  # upscaled to 600, padded

@@ -165,7 +165,8 @@ def _eval_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--invalid-boxes", choices=("refuse", "drop"), default=None,
-        help="a degenerate or out-of-image ground-truth box: refuse the data (default) or drop the box",
+        help="a degenerate or out-of-image ground-truth box: refuse the data, or accept it (drop: left out of "
+        "training; COCOeval scores against the JSON as given). Default: the checkpoint's own data setting",
     )  # fmt: skip
     return parser
 

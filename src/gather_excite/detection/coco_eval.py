@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,22 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 def _value(number: float) -> float | None:
     # COCOeval writes -1 where a quantity is undefined (no ground truth in that area range).
     return None if number < 0 else float(number)
+
+
+def _no_detections(ground_truth: COCO) -> COCO:
+    """The result index of a model that found nothing, built as ``loadRes`` would (which refuses an empty list).
+
+    COCOeval then decides each figure as usual: 0 where ground truth exists, undefined (-1,
+    ``None`` here) where it does not (no large boxes, a category without boxes).
+    """
+    empty = COCO()
+    empty.dataset = {
+        "images": list(ground_truth.dataset["images"]),
+        "categories": copy.deepcopy(ground_truth.dataset["categories"]),
+        "annotations": [],
+    }
+    empty.createIndex()
+    return empty
 
 
 def coco_evaluate(
@@ -47,13 +64,8 @@ def coco_evaluate(
         "num_images": len(image_ids),
         "num_detections": len(results),
     }
-    if not results:
-        # loadRes cannot take an empty list; with ground truth present every AP is then 0.
-        has_truth = bool(ground_truth.getAnnIds(imgIds=image_ids, iscrowd=False))
-        zero = 0.0 if has_truth else None
-        return {**{k: zero for k in STAT_NAMES}, "per_class_AP": {n: zero for n in names.values()}, **summary}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and the table
-        detections = ground_truth.loadRes(results)
+        detections = ground_truth.loadRes(results) if results else _no_detections(ground_truth)
         evaluator = COCOeval(ground_truth, detections, iouType="bbox")
         evaluator.params.imgIds = image_ids
         evaluator.evaluate()

@@ -7,12 +7,14 @@ values have COCO's types (int ids, positive ``width``/``height``, a ``bbox`` of 
 a numeric ``area``, ``iscrowd`` 0/1), no image, annotation or category id is repeated
 (pycocotools indexes them by id, so a repeated annotation id would swap one image's boxes for
 another's), every annotation names a listed image and category, every box lies inside its image
-with a positive width and height, and every listed image file exists, opens, and has the JSON's
-size (read from its header, no pixels decoded; a mismatch means the folder belongs to another
-JSON, whose boxes would be clamped silently).
+with a positive width and height (also once clamped to the image), and every listed image file
+exists, opens as JPEG, PNG, BMP, TIFF or WebP (Pillow tries no other format: a data folder never
+runs code), and has the JSON's size (read from its header, no pixels decoded; a mismatch means
+the folder belongs to another JSON, whose boxes would be clamped silently).
 A bad box is refused naming its annotation id (``invalid_boxes="refuse"``, the default) or
-dropped with one printed count (``invalid_boxes="drop"``, as torchvision's references do on
-COCO, whose 2014 release has a few zero-size boxes). Crowd annotations are kept for the
+dropped from training with one printed count (``invalid_boxes="drop"``, as torchvision's
+references do on COCO, whose 2014 release has a few zero-size boxes); COCOeval's ground truth
+is the validation JSON as given either way. Crowd annotations are kept for the
 evaluation (COCO's protocol ignores detections matched to them) and dropped from training.
 Category ids may be any positive ints: they map to contiguous labels 1..K (0 is the
 background) in the order of the JSON's ``categories``.
@@ -53,6 +55,16 @@ _SINGULAR = {"images": "image", "annotations": "annotation", "categories": "cate
 # not an out-of-image box (the transforms clamp it).
 _BORDER_TOLERANCE = 1.0
 _DROP_HINT = "(data.invalid_boxes: drop, or gex detect eval --invalid-boxes drop, skips such boxes)"
+# The raster formats that COCO-format folders hold. Pillow otherwise tries every format it knows,
+# EPS among them (run through Ghostscript where installed): a data folder never runs code.
+# (Pillow raises KeyError for a format it was built without: those are left out.)
+Image.init()
+IMAGE_FORMATS = tuple(f for f in ("JPEG", "PNG", "BMP", "TIFF", "WEBP") if f in Image.OPEN)
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """``Image.open`` restricted to :data:`IMAGE_FORMATS` (lazy: reads the header only)."""
+    return Image.open(path, formats=IMAGE_FORMATS)
 
 
 def _missing(entry: Any, keys: tuple[str, ...]) -> list[str]:
@@ -103,10 +115,11 @@ def check_coco_instances(
       COCOeval's ground truth);
     - that every annotation names a listed image and category;
     - that every box (COCO ``[x, y, width, height]``) is non-degenerate and inside its image
-      (within ``_BORDER_TOLERANCE`` px): refused naming its annotation id, or returned in the
-      drop list with ``invalid_boxes="drop"``;
-    - that every image file exists under ``images``, can be opened, and has the JSON's
-      ``width`` x ``height`` (read from the file's header: no pixels are decoded).
+      (within ``_BORDER_TOLERANCE`` px), and still non-degenerate once clamped to the image as
+      the training transform does: refused naming its annotation id, or returned in the drop
+      list with ``invalid_boxes="drop"``;
+    - that every image file exists under ``images``, opens as one of :data:`IMAGE_FORMATS`, and
+      has the JSON's ``width`` x ``height`` (read from the file's header: no pixels are decoded).
     """
     annotations, images = Path(annotations), Path(images)
     if not annotations.is_file():
@@ -184,9 +197,14 @@ def check_coco_instances(
         degenerate = w <= 0 or h <= 0
         outside = x < -_BORDER_TOLERANCE or y < -_BORDER_TOLERANCE
         outside = outside or x + w > width + _BORDER_TOLERANCE or y + h > height + _BORDER_TOLERANCE
-        if degenerate or outside:
+        # The training transform clamps boxes to the image (the tolerance above): a box within it
+        # can still end with no width or height there, which FasterRCNN refuses mid-training.
+        clamped = min(x + w, width) <= max(x, 0) or min(y + h, height) <= max(y, 0)
+        if degenerate or outside or clamped:
             if invalid_boxes == "refuse":
                 what = "is degenerate" if degenerate else f"lies outside its {width:g}x{height:g} image"
+                if not (degenerate or outside):
+                    what = f"is degenerate once clamped to its {width:g}x{height:g} image"
                 raise DataError(f"annotation id {annotation['id']} in {name}: box {_short(box)} {what} {_DROP_HINT}")
             dropped.append(annotation["id"])
     for image in coco["images"]:
@@ -195,12 +213,13 @@ def check_coco_instances(
         if not path.is_file():
             raise DataNotFoundError(f"{listed} listed in {name} is missing from {str(images)!r}")
         try:
-            with Image.open(path) as opened:  # reads the header only
+            with open_image(path) as opened:  # reads the header only
                 real = opened.size
         except (OSError, Image.DecompressionBombError) as err:
             reason = " ".join(str(err).split())
             raise DataError(
-                f"{listed} in {str(images)!r}, listed in {name}, is not a readable image: {reason}"
+                f"{listed} in {str(images)!r}, listed in {name}, is not a readable image in an accepted format "
+                f"({', '.join(IMAGE_FORMATS)}): {reason}"
             ) from None
         width, height = sizes[image["id"]]
         if real != (width, height):
@@ -271,6 +290,18 @@ class _PlainTensors:
         }
 
 
+class _CocoImages(CocoDetection):
+    """``CocoDetection`` whose images open in :data:`IMAGE_FORMATS` only (torchvision's loader takes any format)."""
+
+    def _load_image(self, id: int) -> Image.Image:
+        path = Path(self.root) / self.coco.loadImgs(id)[0]["file_name"]
+        try:
+            with open_image(path) as image:
+                return image.convert("RGB")
+        except (OSError, Image.DecompressionBombError) as err:
+            raise DataError(f"image {str(path)!r} is not a readable image: {' '.join(str(err).split())}") from None
+
+
 def collate_detection(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
     """Detection batches are lists: images differ in size, targets in box count."""
     images, targets = zip(*batch, strict=True)
@@ -285,15 +316,16 @@ class CocoDetectionData(L.LightningDataModule):
         train_images, train_annotations, val_images, val_annotations: image folders and
             instances JSONs (COCO 2014: ``train2014``, ``annotations/instances_train2014.json``, ...).
         batch_size: global training batch size (split over the processes).
-        eval_batch_size: per-process evaluation batch size (default: ``batch_size``).
-        num_workers: data loader processes per training process.
+        eval_batch_size: per-process evaluation batch size (default: ``batch_size``), >= 1.
+        num_workers: data loader processes per training process (0: load in the process).
         min_size, max_size: training images are resized so that the shorter side is
             ``min_size`` unless the longer would exceed ``max_size`` (the detector resizes
             evaluation images the same way and maps the boxes back).
         hflip: probability of a horizontal flip of a training image (and its boxes).
         invalid_boxes: ``"refuse"`` a degenerate or out-of-image box (naming its annotation
-            id) or ``"drop"`` it (printing the count).
-        val_subset: evaluate on the first N validation images only.
+            id) or ``"drop"`` it from training (printing the count); COCOeval's ground truth is
+            the validation JSON as given either way.
+        val_subset: evaluate on the first N (>= 1) validation images only (default: all).
     """
 
     def __init__(
@@ -317,8 +349,14 @@ class CocoDetectionData(L.LightningDataModule):
         if invalid_boxes not in ("refuse", "drop"):
             raise ConfigError(f"invalid_boxes must be 'refuse' or 'drop', got {invalid_boxes!r}")
         for name, value in (("batch_size", batch_size), ("min_size", min_size), ("max_size", max_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        # None means "all images" / "batch_size": 0 must not mean the same silently.
+        for name, value in (("eval_batch_size", eval_batch_size), ("val_subset", val_subset)):
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ConfigError(f"{name} must be null or an int >= 1, got {value!r}")
+        if not _is_int(num_workers) or num_workers < 0:
+            raise ConfigError(f"num_workers must be an int >= 0, got {num_workers!r}")
         if not 0 <= hflip <= 1:
             raise ConfigError(f"hflip must be a probability in [0, 1], got {hflip!r}")
         self.save_hyperparameters()
@@ -357,13 +395,15 @@ class CocoDetectionData(L.LightningDataModule):
     def _dataset(self, split: str, categories: list[dict[str, Any]]) -> Dataset[Any]:
         images, annotations = self._paths(split)
         json_categories, dropped = self._check(split, self.hparams["invalid_boxes"])
+        train = split == "train"
         if dropped:
-            print(f"{annotations}: dropped {len(dropped)} degenerate or out-of-image boxes", file=sys.stderr)
+            count = f"{len(dropped)} degenerate or out-of-image boxes"
+            what = f"dropped {count} from training" if train else f"kept {count} in COCOeval's ground truth"
+            print(f"{annotations}: {what}", file=sys.stderr)
         label_of = {category["id"]: index + 1 for index, category in enumerate(categories)}
         unknown = sorted({int(c["id"]) for c in json_categories} - set(label_of))
         if unknown:
             raise DataError(f"{annotations}: category ids {unknown} are not among the model's {sorted(label_of)}")
-        train = split == "train"
         steps: list[Any] = [v2.ToImage(), _CocoTargets(label_of, train=train)]
         if train:
             steps += [
@@ -372,9 +412,10 @@ class CocoDetectionData(L.LightningDataModule):
             ]
         steps += [v2.ToDtype(torch.float32, scale=True), _PlainTensors()]
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its loading times
-            dataset = CocoDetection(str(images), str(annotations), transforms=v2.Compose(steps))
-            if dropped:
-                # One index without the dropped boxes serves training, evaluation and COCOeval.
+            dataset = _CocoImages(str(images), str(annotations), transforms=v2.Compose(steps))
+            if dropped and train:
+                # Dropped from what training sees only: the validation index is COCOeval's ground
+                # truth, which must be the JSON as given (torchvision's references do the same).
                 gone = set(dropped)
                 dataset.coco.dataset["annotations"] = [
                     a for a in dataset.coco.dataset["annotations"] if a["id"] not in gone

@@ -10,6 +10,9 @@ on the same backbone instead, on any registered backbone (its ``feature_info`` n
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,7 +29,7 @@ from ..errors import ConfigError
 from ..models import create_model, split_model_name
 from ..models._pretrained import Weights, load_weights_into
 
-__all__ = ["C4_BACKBONES", "LAYOUTS", "fasterrcnn_ge_resnet", "freeze_batchnorm"]
+__all__ = ["C4_BACKBONES", "DETECTOR_KWARGS", "LAYOUTS", "fasterrcnn_ge_resnet", "freeze_batchnorm"]
 
 LAYOUTS = ("c4", "fpn")
 
@@ -44,6 +47,28 @@ C4_BACKBONES = (
     "wrn16_8",
 )
 _CLASSIFIER_TAIL = ("avgpool", "fc")
+
+# FasterRCNN arguments that fasterrcnn_ge_resnet builds from its own settings (named here; the
+# RPN head follows the anchor generator's anchor count): a detector_kwargs entry would collide.
+_BUILT_HERE = {
+    "backbone": "backbone",
+    "num_classes": "categories (num_classes)",
+    "rpn_anchor_generator": "anchor_sizes and aspect_ratios",
+    "rpn_head": "anchor_sizes and aspect_ratios",
+    "box_roi_pool": "layout",
+    "box_head": "layout and representation_size",
+    "box_predictor": "categories (num_classes)",
+}
+# FasterRCNN forwards its **kwargs to GeneralizedRCNNTransform, which takes these two and
+# silently ignores any other key: a misspelt argument would run with torchvision's default.
+_TRANSFORM_EXTRAS = ("size_divisible", "fixed_size")
+# What detector_kwargs may hold: FasterRCNN's own arguments, less those built here, plus the
+# transform's. None of them changes a parameter's shape (the checkpoint check relies on that).
+DETECTOR_KWARGS = tuple(
+    name
+    for name in [*inspect.signature(FasterRCNN.__init__).parameters, *_TRANSFORM_EXTRAS]
+    if name not in ("self", "kwargs", *_BUILT_HERE)
+)
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
@@ -75,6 +100,79 @@ class _C4Trunk(nn.Sequential):
         self.out_channels = out_channels
 
 
+def check_detector_kwargs(detector_kwargs: Mapping[str, Any], reserved: Mapping[str, str] | None = None) -> None:
+    """Raise a one-line :class:`ConfigError` for a ``detector_kwargs`` key that FasterRCNN would drop or reject.
+
+    Torchvision ignores an unknown key silently (the run would use its default) and a key that
+    :func:`fasterrcnn_ge_resnet` builds itself collides with it in a ``TypeError``; ``reserved``
+    maps the further keys a caller sets itself to the setting to use instead.
+    """
+    reserved = {**_BUILT_HERE, **dict(reserved or {})}
+    for key in detector_kwargs:
+        if key in reserved:
+            raise ConfigError(f"detector_kwargs key {key!r} is set by the package; use {reserved[key]} instead")
+        if key not in DETECTOR_KWARGS:
+            close = difflib.get_close_matches(str(key), DETECTOR_KWARGS, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(DETECTOR_KWARGS)}"
+            raise ConfigError(f"detector_kwargs key {key!r} is not an argument of torchvision's FasterRCNN; {hint}")
+
+
+def check_anchors(anchor_sizes: Sequence[Sequence[Any]] | None, aspect_ratios: Sequence[Any]) -> None:
+    """Anchor sizes and ratios must be finite and positive: a 0 ratio gave zero-size anchors and NaN losses."""
+
+    def positive(value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return math.isfinite(value) and value > 0
+
+    if isinstance(aspect_ratios, (str, bytes)) or not aspect_ratios or not all(map(positive, aspect_ratios)):
+        raise ConfigError(f"aspect_ratios must be a non-empty list of finite numbers > 0, got {aspect_ratios!r}")
+    for sizes in anchor_sizes or ():
+        if isinstance(sizes, (str, bytes)) or not sizes or not all(map(positive, sizes)):
+            raise ConfigError(
+                f"anchor_sizes must hold non-empty lists of finite sizes > 0 (pixels), got {anchor_sizes!r}"
+            )
+
+
+def _stage_units(net: nn.Module) -> list[list[nn.Module]]:
+    """The backbone's children grouped as torchvision counts "trainable layers": the stem, then each stage.
+
+    Each ``feature_info`` entry closes a unit with its module (the stem ends at its activation,
+    as torchvision's conv1+bn1); children after the last stage (a pre-activation net's final
+    BN-ReLU, the classifier) join the last unit.
+    """
+    ends = [info["module"] for info in net.feature_info]
+    units: list[list[nn.Module]] = [[]]
+    for name, child in net.named_children():
+        units[-1].append(child)
+        if name == ends[len(units) - 1] and len(units) < len(ends):
+            units.append([])
+    return units
+
+
+def _freeze_stages(net: nn.Module, backbone: str, trainable_layers: int | None, pretrained: bool) -> int:
+    """Freeze all but the last ``trainable_layers`` units of the backbone (torchvision's ``trainable_backbone_layers``).
+
+    Default (``None``), torchvision's rule: 3 when the backbone starts from weights (ResNet-50:
+    conv1 and conv2_x frozen, as in torchvision's ``fasterrcnn_resnet50_fpn`` and Detectron's
+    C4), all otherwise (a random stem has nothing worth keeping fixed).
+    """
+    units = _stage_units(net)
+    if trainable_layers is None:
+        trainable_layers = min(3, len(units)) if pretrained else len(units)
+    if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int):
+        raise ConfigError(f"trainable_layers must be an int or null, got {trainable_layers!r}")
+    if not 0 <= trainable_layers <= len(units):
+        raise ConfigError(
+            f"trainable_layers must be in 0..{len(units)} ({backbone}'s stem and {len(units) - 1} stages), "
+            f"got {trainable_layers}"
+        )
+    for unit in units[: len(units) - trainable_layers]:
+        for module in unit:
+            module.requires_grad_(False)
+    return trainable_layers
+
+
 def _load_backbone_weights(net: nn.Module, backbone: str, weights: Mapping[str, torch.Tensor]) -> None:
     # The classifier (fc.*) of a classification checkpoint never fits a detector; the rest goes
     # through create_model(pretrained=...)'s loader, which names every key that does not fit and
@@ -95,6 +193,7 @@ def fasterrcnn_ge_resnet(
     num_classes: int = 91,
     layout: str = "c4",
     frozen_bn: bool = True,
+    trainable_layers: int | None = None,
     backbone_weights: Mapping[str, torch.Tensor] | None = None,
     backbone_kwargs: Mapping[str, Any] | None = None,
     feature_levels: Sequence[str] | None = None,
@@ -113,6 +212,11 @@ def fasterrcnn_ge_resnet(
         num_classes: detector classes including background (COCO: 91).
         layout: ``"c4"`` (the paper's setting: the last stage is the RoI head) or ``"fpn"``.
         frozen_bn: freeze every BatchNorm (see :func:`freeze_batchnorm`).
+        trainable_layers: how many backbone units train, counted from the last, torchvision's
+            ``trainable_backbone_layers``: the units are the stem (conv1) and the stages (ResNet-50:
+            5 units; 3 freezes conv1 and conv2_x, 0 the whole backbone). Default: 3 with
+            ``backbone_weights``, all without (torchvision's rule). The detector records the value
+            used as ``backbone_trainable_layers``.
         backbone_weights: a classification state dict of the same backbone to start from
             (``fc.*`` keys are ignored): a ``gex train`` network or a torchvision ResNet.
         backbone_kwargs: passed to :func:`~gather_excite.create_model` (``input_size`` sizes the
@@ -126,8 +230,11 @@ def fasterrcnn_ge_resnet(
             per level plus the pooled one). Default: ``c4`` 32..512 as in the ResNet paper,
             ``fpn`` 8x each level's stride as in torchvision.
         aspect_ratios: anchor aspect ratios, the same on every map.
-        detector_kwargs: passed to torchvision's ``FasterRCNN`` (``min_size``, ``max_size``, ...).
+        detector_kwargs: passed to torchvision's ``FasterRCNN`` (``min_size``, ``max_size``, ...);
+            any other key (:data:`DETECTOR_KWARGS` lists them) is refused, naming it.
     """
+    check_detector_kwargs(detector_kwargs)
+    check_anchors(anchor_sizes, aspect_ratios)
     if layout not in LAYOUTS:
         raise ConfigError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     base, _ = split_model_name(backbone)
@@ -141,6 +248,7 @@ def fasterrcnn_ge_resnet(
         _load_backbone_weights(net, backbone, backbone_weights)
     if frozen_bn:
         freeze_batchnorm(net)
+    trainable_layers = _freeze_stages(net, backbone, trainable_layers, pretrained=backbone_weights is not None)
     ratios = tuple(float(r) for r in aspect_ratios)
     infos = list(net.feature_info)
 
@@ -171,7 +279,7 @@ def fasterrcnn_ge_resnet(
         roi_align = MultiScaleRoIAlign(
             featmap_names=[str(i) for i in range(len(levels))], output_size=7, sampling_ratio=2
         )
-        return FasterRCNN(
+        detector = FasterRCNN(
             trunk,
             num_classes=None,
             rpn_anchor_generator=AnchorGenerator(sizes=sizes, aspect_ratios=(ratios,) * len(sizes)),
@@ -180,6 +288,8 @@ def fasterrcnn_ge_resnet(
             box_predictor=FastRCNNPredictor(representation_size, num_classes),
             **detector_kwargs,
         )
+        detector.backbone_trainable_layers = trainable_layers
+        return detector
 
     children = OrderedDict(net.named_children())
     last_stage = infos[-1]["module"]
@@ -196,7 +306,7 @@ def fasterrcnn_ge_resnet(
     # 14x14 RoIAlign crops; the last stage's stride 2 makes them 7x7, the size the ResNet-50
     # global GE kernels of conv5_x were built for at a 224 px input.
     roi_align = MultiScaleRoIAlign(featmap_names=["0"], output_size=14, sampling_ratio=2)
-    return FasterRCNN(
+    detector = FasterRCNN(
         trunk,
         num_classes=None,
         rpn_anchor_generator=AnchorGenerator(sizes=sizes, aspect_ratios=(ratios,)),
@@ -205,3 +315,5 @@ def fasterrcnn_ge_resnet(
         box_predictor=FastRCNNPredictor(infos[-1]["num_chs"], num_classes),
         **detector_kwargs,
     )
+    detector.backbone_trainable_layers = trainable_layers
+    return detector

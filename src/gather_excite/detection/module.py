@@ -18,7 +18,7 @@ from ..models._pretrained import read_weights
 from ..serialization import load_torch_file
 from .coco_eval import coco_evaluate
 from .evaluation import evaluation_size
-from .model import fasterrcnn_ge_resnet
+from .model import check_anchors, check_detector_kwargs, fasterrcnn_ge_resnet
 
 __all__ = ["DETECTOR_KEYS", "DetectionModule", "is_detector_checkpoint", "load_backbone_state"]
 
@@ -31,6 +31,7 @@ DETECTOR_KEYS = ("backbone", "layout", "categories")
 _DETECTOR_ARGUMENTS = (
     "layout",
     "frozen_bn",
+    "trainable_layers",
     "backbone_kwargs",
     "feature_levels",
     "fpn_channels",
@@ -39,6 +40,14 @@ _DETECTOR_ARGUMENTS = (
     "min_size",
     "max_size",
 )
+# detector_kwargs keys that the module sets from its own arguments, and the setting to use instead.
+_RESERVED_KWARGS = {
+    **{key: f"model.{key}" for key in _DETECTOR_ARGUMENTS if key not in ("min_size", "max_size")},
+    "min_size": "model.min_size (gex detect train links it to data.min_size)",
+    "max_size": "model.max_size (gex detect train links it to data.max_size)",
+    "aspect_ratios": "model.aspect_ratios",
+    "backbone_weights": "model.backbone_init",
+}
 
 
 def is_detector_checkpoint(checkpoint: dict[str, Any]) -> bool:
@@ -110,24 +119,35 @@ class DetectionModule(SGDModule):
         backbone_init: a ``gex train`` checkpoint or a ResNet state dict to start the backbone
             from (read once when the module is built; ``None``: random initialisation).
         frozen_bn: freeze every BatchNorm of the backbone (``False`` trains them).
+        trainable_layers: backbone units (stem, stages) that train, counted from the last, as
+            torchvision's ``trainable_backbone_layers`` (ResNet-50: 0..5); default 3 with
+            ``backbone_init`` (conv1 and conv2_x frozen), all without. The checkpoint records the
+            value used.
         backbone_kwargs, feature_levels, fpn_channels, representation_size, anchor_sizes,
             aspect_ratios: see :func:`~gather_excite.detection.fasterrcnn_ge_resnet`.
         min_size, max_size: the detector's resize (linked to the data's by ``gex detect train``).
-        detector_kwargs: further ``FasterRCNN`` arguments (RPN/RoI sampling, ``image_mean``, ...).
+        detector_kwargs: further ``FasterRCNN`` arguments (RPN/RoI sampling, ``image_mean``, ...);
+            an unknown key, or one that another argument sets, is refused naming it.
         lr, momentum, weight_decay: SGD, lr for the global batch.
         warmup_steps: linear warm-up from ``lr * warmup_factor`` over this many steps.
         schedule: ``"multistep"`` divides by ``1/gamma`` at the ``milestones`` (epochs),
             ``"cosine"`` decays to zero over the run, ``"constant"``.
     """
 
-    # The hyperparameters that decide the detector's architecture: a checkpoint must agree on them.
+    # The hyperparameters that decide the detector's parameters, their shapes (aspect_ratios: the
+    # RPN head's anchor count), their kind (frozen_bn: FrozenBatchNorm2d has no num_batches_tracked)
+    # or the optimizer's parameter list (trainable_layers): a checkpoint must agree on them.
+    # detector_kwargs holds none such (model.DETECTOR_KWARGS: thresholds, sampling, sizes).
     architecture_keys = (
         *DETECTOR_KEYS,
+        "frozen_bn",
+        "trainable_layers",
         "backbone_kwargs",
         "feature_levels",
         "fpn_channels",
         "representation_size",
         "anchor_sizes",
+        "aspect_ratios",
     )
     architecture_noun = "detector"
 
@@ -139,6 +159,7 @@ class DetectionModule(SGDModule):
         categories: list[dict[str, Any]] | None = None,
         backbone_init: str | None = None,
         frozen_bn: bool = True,
+        trainable_layers: int | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
         feature_levels: list[str] | None = None,
         fpn_channels: int = 256,
@@ -175,16 +196,23 @@ class DetectionModule(SGDModule):
             raise ConfigError(f"momentum and weight_decay must be >= 0, got {momentum!r} and {weight_decay!r}")
         if categories is None or not categories:
             raise ConfigError("categories must list the data's categories ([{'id': ..., 'name': ...}]), got none")
+        check_detector_kwargs(detector_kwargs or {}, reserved=_RESERVED_KWARGS)
+        ratios = (0.5, 1.0, 2.0) if aspect_ratios is None else aspect_ratios
+        check_anchors(anchor_sizes, ratios)  # before backbone_init is read
         self.save_hyperparameters()
         weights = load_backbone_state(backbone_init, backbone, backbone_kwargs) if backbone_init else None
         self.model = fasterrcnn_ge_resnet(
             backbone,
             num_classes=len(categories) + 1,
             backbone_weights=weights,
-            aspect_ratios=tuple(aspect_ratios or (0.5, 1.0, 2.0)),
+            aspect_ratios=tuple(ratios),
             **{key: self.hparams[key] for key in _DETECTOR_ARGUMENTS},
             **dict(detector_kwargs or {}),
         )
+        # The values used, not null, for --resume to compare: the trainable_layers default depends
+        # on backbone_init, which a resumed run or gex detect eval (backbone_init: null) may not repeat.
+        self.hparams["trainable_layers"] = self.model.backbone_trainable_layers
+        self.hparams["aspect_ratios"] = [float(r) for r in ratios]
         self._predictions: list[tuple[int, list[dict[str, Any]]]] = []
         self.coco_result: dict[str, Any] | None = None
 
@@ -238,17 +266,20 @@ class DetectionModule(SGDModule):
     def evaluation_report(self, datamodule: Any, metrics: dict[str, Any], *, checkpoint: str | None) -> dict[str, Any]:
         """COCO bbox AP/AR (fractions), per-class AP, the category map, params and MACs of the detector.
 
-        MACs are counted (:func:`gather_excite.complexity`) for one forward pass at the size the
-        detector gives the first validation image: ``backbone_macs`` for the backbone (and FPN),
-        ``macs`` for the whole detector on a blank image of that size, whose RoI head runs on the
-        proposals that the RPN keeps there (at most ``rpn_post_nms_top_n_test``).
+        MACs are counted (:func:`gather_excite.complexity`) for one forward pass on the first
+        validation image's size: ``macs`` for the whole detector on a blank image of that size
+        (it resizes the image itself; its RoI head runs on the proposals that the RPN keeps there,
+        at most ``rpn_post_nms_top_n_test``), ``backbone_macs`` for the backbone (and FPN) on the
+        batch the detector gives it, ``eval_size``: resized and padded to a multiple of 32
+        (:func:`~gather_excite.detection.evaluation_size`).
         """
         result = self.coco_result
         if result is None:
             raise DataError("the evaluation produced no COCO result (empty validation split?)")
         first = datamodule.val_coco.imgs[min(datamodule.val_coco.imgs)]
-        size = evaluation_size(self, int(first["width"]), int(first["height"]))
-        counts = complexity(self.model, input_size=size)
+        width, height = int(first["width"]), int(first["height"])
+        size = evaluation_size(self, width, height)
+        counts = complexity(self.model, input_size=(3, height, width))
         backbone = complexity(self.model.backbone, input_size=size)
         hp = self.hparams
         return {
