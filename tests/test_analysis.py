@@ -110,6 +110,17 @@ def test_selectivity_index_known_answers():
     torch.testing.assert_close(selectivity_index(class_means), expected)
 
 
+def test_report_median_of_an_even_channel_count_is_the_mean_of_the_middle_two():
+    """torch.median gives the lower middle value: indices 0, 0.2, 0.6, 1 had median 0.2; it is (0.2 + 0.6) / 2."""
+    accumulator = SelectivityAccumulator(2)
+    # Class means (1, 1), (1, 1.5), (4, 1), (1, 0) per channel: indices 0, 0.2, 0.6, 1.
+    accumulator.update(torch.tensor([[1.0, 1.0, 4.0, 1.0], [1.0, 1.5, 1.0, 0.0]]), torch.tensor([0, 1]))
+    report = selectivity_report([({"label": "m"}, {"u": ("p", accumulator)})], stage="s", num_classes=2)
+    (row,) = report["models"][0]["units"]
+    assert row["index"] == pytest.approx([0.0, 0.2, 0.6, 1.0])
+    assert row["median"] == pytest.approx(0.4) and row["mean"] == pytest.approx(0.45)
+
+
 def test_accumulator_averages_space_then_images_per_class():
     # Channel 0: class 0 images have spatial means 1 and 3 (mean 2), class 1 and 2 images mean 1
     # -> index 1/3 as above. Channel 1 is zero everywhere -> 0. Class 3 never appears and is left out.
@@ -307,6 +318,26 @@ def test_stage_units_and_residual_units_walk_the_same_units():
         stage_units(resnet, "conv9_x")
 
 
+def test_a_stage_is_refused_unless_its_children_are_residual_units():
+    """``stage3.0`` (a unit's path) was accepted: its layers (conv1, bn1, ..., shortcut) were analysed as
+    units, pre-ReLU maps included, giving selectivity indices < 0. A stage's children must be units, which
+    every backbone marks with a ``context`` module; a leaf (``fc``) and ``""`` (which get_submodule reads
+    as the whole model) are refused too, as ``ConfigError`` (one line in gex, not a traceback)."""
+    from gather_excite.errors import ConfigError
+
+    model = models.create_model("cifar_resnet20", num_classes=3, width=4)
+    assert list(stage_units(model, "stage3")) == ["stage3_1", "stage3_2", "stage3_3"]
+    unit_path = r"'stage3\.0'.* not a stage of residual units: its child 'conv1' \(Conv2d\)"
+    with pytest.raises(ConfigError, match=unit_path):
+        stage_units(model, "stage3.0")
+    with pytest.raises(ConfigError, match=r"'fc' .* has no child units"):
+        stage_units(model, "fc")
+    with pytest.raises(ConfigError, match=r"stage must be one of the model's stages .* got ''"):
+        stage_units(model, "")
+    with pytest.raises(ValueError, match="unit '' is neither a paper label"):
+        resolve_unit(model, "")
+
+
 # --------------------------------------------------------------------------------------- pruning
 
 
@@ -476,6 +507,39 @@ def test_extent_report_orders_extents_and_uses_eval_json(tmp_path):
     assert model_extent("se_resnet50") == ("se", "global") and model_extent("resnet50") == (None, None)
 
 
+def test_extent_points_average_the_runs_of_a_model_and_split_backbones(tmp_path):
+    """Two runs of one model (seeds) were two points, both ticked "E2" and joined by a zig-zag; runs of
+    another backbone joined the same line. Runs of a model are one point, the mean over all their seeds
+    (a results.json's too), and each backbone is its own panel, with its own references."""
+    runs = [
+        fake_run(tmp_path, "e2a", "ge_theta_minus_e2_cifar_resnet20", [(9.0, 11.0)], final=10.0),
+        fake_run(tmp_path, "e2b", "ge_theta_minus_e2_cifar_resnet20", [(9.0, 11.0)], final=12.0),
+        fake_run(tmp_path, "g", "ge_theta_minus_cifar_resnet20", [(9.0, 9.0)], final=8.0),
+        fake_run(tmp_path, "b", "cifar_resnet20", [(9.0, 13.0)], final=13.0),
+        fake_run(tmp_path, "w2", "ge_theta_minus_e2_wrn16_8", [(5.0, 6.0)], final=6.0),
+        fake_run(tmp_path, "wb", "wrn16_8", [(5.0, 7.0)], final=7.0),
+    ]
+    # Two more E2 seeds, 13 and 17: the E2 point is (10 + 12 + 13 + 17) / 4 = 13 over 4 seeds.
+    results = compare_results(
+        tmp_path / "results.json", {"ge_theta_minus_e2_cifar_resnet20": [[(5.0, 13.0)], [(5.0, 17.0)]]}
+    )
+    report = extent_report([*runs, results])
+    resnet, wrn = report["variants"]
+    assert (resnet["backbone"], resnet["label"]) == ("cifar_resnet20", "GE-θ−, cifar_resnet20")
+    assert [(p["extent"], p["top1_err"], p["seeds"]) for p in resnet["points"]] == [(2, 13.0, 4), ("global", 8.0, 1)]
+    assert resnet["points"][0]["runs"] == [str(runs[0]), str(runs[1]), str(results)]
+    assert (wrn["backbone"], [(p["extent"], p["top1_err"]) for p in wrn["points"]]) == ("wrn16_8", [(2, 6.0)])
+    assert [(r["backbone"], r["top1_err"]) for r in report["references"]] == [
+        ("cifar_resnet20", 13.0),
+        ("wrn16_8", 7.0),
+    ]
+    figure = plot_curves(report)
+    assert len(figure.axes) == 2
+    for ax, ticks, references in zip(figure.axes, (["E2", "global"], ["E2"]), ("b (13.00)", "wb (7.00)"), strict=True):
+        assert [t.get_text() for t in ax.get_xticklabels()] == ticks
+        assert [t.get_text() for t in ax.get_legend().get_texts()][1:] == [references]
+
+
 def test_epoch_curves_from_compare_results_average_seeds(tmp_path):
     results = compare_results(
         tmp_path / "results.json",
@@ -565,7 +629,7 @@ def write_idx(root, split: str, images: np.ndarray, labels: np.ndarray) -> None:
         handle.write(np.array([0x801, n], dtype=">i4").tobytes() + labels.astype(np.uint8).tobytes())
 
 
-def write_checkpoint(path, arch: str, data_root, seed: int):
+def write_checkpoint(path, arch: str, data_root, seed: int, *, in_chans: int = 1, input_size: int = 28):
     """A checkpoint as gex train writes it: the module's weights and hyperparameters plus the datamodule's."""
     import lightning
 
@@ -573,7 +637,9 @@ def write_checkpoint(path, arch: str, data_root, seed: int):
     from gather_excite.engine import ClassificationModule
 
     torch.manual_seed(seed)
-    module = ClassificationModule(arch, num_classes=10, in_chans=1, input_size=28, arch_kwargs={"width": 4})
+    module = ClassificationModule(
+        arch, num_classes=10, in_chans=in_chans, input_size=input_size, arch_kwargs={"width": 4}
+    )
     datamodule = ImageClassificationData("fashion_mnist", str(data_root), batch_size=16, num_workers=0)
     torch.save(
         {
@@ -740,3 +806,59 @@ def test_curves_inputs_of_the_wrong_kind_are_one_line(tmp_path, capsys):
     assert gex(argv) == 2
     assert f"is the run {str(results)!r} itself" in _one_error_line(capsys)
     assert results.read_bytes() == before
+
+
+def test_bad_stages_units_and_other_checkpoints_are_one_line(tmp_path, capsys):
+    """Each was a traceback (or, for --stage "", silently the default stage): a leaf as --stage (a ValueError
+    raised outside analysis/), --units "" (TypeError), and a second checkpoint or --baseline built for
+    other inputs (conv2d's RuntimeError: only the number of classes was compared)."""
+    from gather_excite.cli import main as gex
+
+    rng = np.random.default_rng(0)
+    data_root = tmp_path / "fashion"
+    data_root.mkdir()
+    for split in ("train", "t10k"):
+        write_idx(data_root, split, rng.integers(0, 256, size=(10, 28, 28)), np.arange(10))
+    base = write_checkpoint(tmp_path / "base.ckpt", "cifar_resnet20", data_root, seed=0)
+    ge = write_checkpoint(tmp_path / "ge.ckpt", "ge_theta_cifar_resnet20", data_root, seed=1)
+    rgb = write_checkpoint(tmp_path / "rgb.ckpt", "cifar_resnet20", data_root, seed=2, in_chans=3)
+    px32 = write_checkpoint(tmp_path / "px32.ckpt", "ge_theta_cifar_resnet20", data_root, seed=3, input_size=32)
+    common = ["--out", str(tmp_path / "out"), "--no-progress", "--accelerator", "cpu", "--batch-size", "8"]
+    stages = "['stage1', 'stage2', 'stage3']"
+    cases = {
+        ("selectivity", base, "--stage", "stage3.0"): "stage 'stage3.0' (module 'stage3.0') is not a stage of "
+        "residual units: its child 'conv1' (Conv2d) has no context module",
+        ("selectivity", base, "--stage", "fc"): "stage 'fc' (module 'fc') has no child units",
+        (
+            "selectivity",
+            base,
+            "--stage",
+            "",
+        ): f"stage must be one of the model's stages {stages} or a module path, got ''",
+        ("prune", ge, "--units", ""): "unit '' is neither a paper label of this model's units",
+        ("selectivity", base, rgb): f"checkpoint {str(rgb)!r} takes 3x28x28 (channels x height x width) inputs "
+        "but the data, the first checkpoint's, are 1x28x28",
+        ("prune", ge, "--baseline", px32, "--units", "stage3_1"): f"--baseline {str(px32)!r} takes 1x32x32",
+    }
+    for argv, expected in cases.items():
+        assert gex(["analyze", *map(str, argv), *common]) == 2, argv
+        line = _one_error_line(capsys)
+        assert line.startswith(f"gex analyze {argv[0]}: error: {expected}"), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_prune_units_are_units_with_a_gate():
+    """Table 1's GE-θ models gate one stage (``stages=['conv4_x']``): the defaults were conv3_1, conv4_1,
+    conv5_1 whatever the model, and pruning refused conv3_1 ("pruning needs a GE or SE model"). They are
+    the first gated unit of each of the last three stages that have one; a model without gates keeps the
+    paper's units, so that prune_curves refuses it with the reason."""
+    from gather_excite.cli.analyze import _default_units
+
+    with torch.device("meta"):
+        table1 = models.create_model("ge_theta_resnet50", stages=["conv4_x"])
+        early = models.create_model("ge_theta_resnet50", stages=["conv2_x", "conv3_x"])
+        full = models.create_model("ge_theta_resnet50")
+        baseline = models.create_model("resnet50")
+    assert _default_units(table1) == ["conv4_1"]
+    assert _default_units(early) == ["conv2_1", "conv3_1"]
+    assert _default_units(full) == _default_units(baseline) == ["conv3_1", "conv4_1", "conv5_1"]

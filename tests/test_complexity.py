@@ -115,7 +115,8 @@ def test_package_export() -> None:
 # ---------------------------------------------------------------------------------------------
 # The paper's tables. Measured on the meta device: nothing is allocated or computed.
 
-# Rows where the paper disagrees with its own other rows (see README, "Complexity vs the paper").
+# Rows more than 0.1 M (PyTorch parameters) or 0.01 G from the paper (see README, "Complexity vs the
+# paper"); counting BN running statistics as Caffe does, both give the printed parameter figure.
 PAPER_INCONSISTENT = {
     (3, "ResNet-152"): "params",
     (3, "GE-θ"): "params and macs",
@@ -194,7 +195,7 @@ def test_cli_json_rows(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.M
     assert complexity_cli.main(["--json", "--table", "4"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 7
-    keys = {"table", "row", "model", "params", "macs", "paper_params_m", "paper_gflops"}
+    keys = {"table", "row", "model", "params", "bn_stats", "macs", "paper_params_m", "paper_gflops"}
     assert all(keys <= set(row) for row in rows)
     first = rows[0]
     assert (first["table"], first["row"], first["model"]) == (4, "ShuffleNet (baseline)", "shufflenet_g3")
@@ -210,7 +211,52 @@ def test_cli_text(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Monkey
     out = capsys.readouterr().out
     assert "ge_theta_resnet50(stages=['conv2_x'])" in out
     assert "31.11 M (paper 31.2 M, -0.09)" in out
-    assert len(out.strip().splitlines()) == 1 + 5
+    assert len(out.strip().splitlines()) == 1 + 5 + 2  # title, rows, blank line, rows reproduced
+
+
+# ResNet-50's BatchNorm channels: the stem's 64, then per bottleneck unit planes + planes + 4 planes,
+# plus the projection shortcut's 4 planes in each stage's first unit.
+_R50_STAGES = ((64, 3), (128, 4), (256, 6), (512, 3))  # (planes, units)
+R50_BN_CHANNELS = 64 + sum(6 * planes * units + 4 * planes for planes, units in _R50_STAGES)
+
+
+def test_bn_running_statistics_counted_as_caffe_does() -> None:
+    """The paper's parameter counts look like Caffe's, which stores each BN layer's running mean and
+    variance as parameters: ResNet-50's 26,560 BN channels add 2 x 26,560 = 53,120 to its 25,557,032
+    parameters, 25,610,152 = 25.6 M as printed (the README once said this convention gave 25.66 M)."""
+    with torch.device("meta"):
+        model = create_model("resnet50")
+    counts = complexity(model, bn_stats=True)
+    assert R50_BN_CHANNELS == 26_560
+    assert counts["params"] == 25_557_032
+    assert counts["bn_stats"] == 2 * R50_BN_CHANNELS == 53_120
+    assert f"{(counts['params'] + counts['bn_stats']) / M:.1f}" == "25.6"
+    assert "bn_stats" not in complexity(model)  # the default keys are unchanged
+    # num_batches_tracked (a step counter) and the running statistics of nothing else are counted.
+    assert complexity(nn.BatchNorm2d(5), (5, 2, 2), bn_stats=True)["bn_stats"] == 10
+    assert complexity(nn.BatchNorm2d(5, track_running_stats=False), (5, 2, 2), bn_stats=True)["bn_stats"] == 0
+
+
+def test_cli_count_bn_stats_reproduces_more_printed_rows(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tables 1-4 print 24 parameter figures (one decimal, M). PyTorch's parameters give 10 of them; with
+    the BN running statistics 18 (README, "Complexity vs the paper"), e.g. Table 1's GE-θ (all): 31,106,600
+    + 83,328 = 31.19 M -> 31.2 as printed, where 31.11 M -> 31.1 is not."""
+    monkeypatch.setattr(complexity_cli, "measure_paper_row", _measured)
+    tables = ["--table", "1", "--table", "2", "--table", "3", "--table", "4"]
+    assert complexity_cli.main(tables) == 0
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .endswith("10 of 24 rows give the paper's printed parameter figure (parameters only)")
+    )
+    assert complexity_cli.main(["--count-bn-stats", *tables]) == 0
+    out = capsys.readouterr().out
+    assert "25.61 M (paper 25.6 M, +0.01)" in out and "31.19 M (paper 31.2 M, -0.01)" in out
+    assert out.strip().endswith(
+        "18 of 24 rows give the paper's printed parameter figure (parameters + BN running statistics)"
+    )
 
 
 def test_default_input_size_is_the_models_own() -> None:

@@ -5,6 +5,9 @@
 
 * ``params``: ``sum(p.numel() for p in model.parameters())`` (BatchNorm running statistics,
   which are buffers, are not counted);
+* ``bn_stats`` (with ``bn_stats=True``): the elements of the BatchNorm running means and variances.
+  Caffe stores them as layer parameters and counts them so; ``params + bn_stats`` reproduces more of
+  the paper's printed parameter counts than ``params`` alone (README, "Complexity vs the paper");
 * ``macs``: half the FLOPs that ``FlopCounterMode`` counts, i.e. the multiply-accumulates of
   ``aten.convolution`` (every conv: stems, 1x1/3x3 convs, grouped and depthwise convs, the GE-θ
   depthwise gathers and the SE/GE-θ+ MLPs, which are 1x1 convs) and of ``aten.mm``/``addmm``/
@@ -64,12 +67,19 @@ def _model_input_size(model: nn.Module) -> Sequence[int]:
     return tuple(size) if isinstance(size, (list, tuple)) else (3, 224, 224)
 
 
-def complexity(model: nn.Module, input_size: Sequence[int] | None = None) -> dict[str, int]:
+def _bn_stats(model: nn.Module) -> int:
+    """Elements of the BatchNorm running means and variances (``num_batches_tracked`` is a step counter)."""
+    names = ("running_mean", "running_var")
+    return sum(buffer.numel() for name, buffer in model.named_buffers() if name.rsplit(".", 1)[-1] in names)
+
+
+def complexity(model: nn.Module, input_size: Sequence[int] | None = None, *, bn_stats: bool = False) -> dict[str, int]:
     """``params``, ``macs`` (convs and linear layers) and ``gate_mults`` of one batch-1 forward pass.
 
     ``input_size`` is ``(channels, height, width)``; by default the model's own (its
     ``pretrained_cfg["input_size"]``, as timm's ``resolve_data_config`` reads it), else
-    ``(3, 224, 224)``. See the module docstring for exactly what each count includes.
+    ``(3, 224, 224)``. ``bn_stats=True`` adds ``bn_stats``, the BatchNorm running statistics
+    that Caffe counts as parameters. See the module docstring for exactly what each count includes.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -96,11 +106,14 @@ def complexity(model: nn.Module, input_size: Sequence[int] | None = None) -> dic
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return {
+    counts = {
         "params": sum(p.numel() for p in model.parameters()),
         "macs": counter.get_total_flops() // 2,
         "gate_mults": gate_mults,
     }
+    if bn_stats:
+        counts["bn_stats"] = _bn_stats(model)
+    return counts
 
 
 @dataclass(frozen=True)
@@ -175,7 +188,7 @@ def measure_paper_row(row: PaperRow, *, device: str | torch.device = "meta") -> 
     """Build the row's model (on the ``meta`` device by default: nothing is allocated) and count it.
 
     Returns the keys of ``gex complexity --json``: ``table``, ``row``, ``model``, ``params``,
-    ``macs``, ``gate_mults``, ``paper_params_m``, ``paper_gflops``.
+    ``bn_stats``, ``macs``, ``gate_mults``, ``paper_params_m``, ``paper_gflops``.
     """
     from .models import create_model
 
@@ -183,12 +196,13 @@ def measure_paper_row(row: PaperRow, *, device: str | torch.device = "meta") -> 
     num_classes = kwargs.pop("num_classes", 1000)
     with torch.device(device):
         model = create_model(row.model, num_classes=num_classes, **kwargs)
-    counts = complexity(model, row.input_size)
+    counts = complexity(model, row.input_size, bn_stats=True)
     return {
         "table": row.table,
         "row": row.row,
         "model": row.label,
         "params": counts["params"],
+        "bn_stats": counts["bn_stats"],
         "macs": counts["macs"],
         "gate_mults": counts["gate_mults"],
         "paper_params_m": row.paper_params_m,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,8 @@ def stage_units(model: nn.Module, stage: str) -> dict[str, tuple[str, nn.Module]
     """The units of a stage by paper label, each with its module path, in forward order.
 
     ``stage`` is a key of ``model.stage_names`` (e.g. ``"conv4_x"``, ``"stage3"``) or the
-    path of an ``nn.Sequential`` whose children are the units (see :func:`residual_units`).
+    path of an ``nn.Sequential`` whose children are the units, each with a ``context`` module
+    (see :func:`residual_units`, which refuses any other path with a ``ConfigError``).
     """
     units = residual_units(model, stage)
     return {unit_label(stage, index): unit for index, unit in enumerate(units, start=1)}
@@ -41,8 +43,8 @@ def stage_units(model: nn.Module, stage: str) -> dict[str, tuple[str, nn.Module]
 
 def resolve_unit(model: nn.Module, unit: str) -> tuple[str, nn.Module]:
     """Module path and module of a unit named by paper label ("conv5_1", "conv5-1") or path."""
-    if not isinstance(unit, str) or not unit:
-        raise TypeError(f"unit must be a non-empty str, got {unit!r}")
+    if not isinstance(unit, str):
+        raise TypeError(f"unit must be a str, got {unit!r}")
     names = _stage_names(model)
     match = _UNIT_LABEL.match(unit)
     if match:
@@ -53,13 +55,12 @@ def resolve_unit(model: nn.Module, unit: str) -> tuple[str, nn.Module]:
                 if not 1 <= index <= len(units):
                     raise ValueError(f"unit {unit!r}: stage {stage!r} has units 1..{len(units)}, got {index}")
                 return units[index - 1]
-    try:
-        return unit, model.get_submodule(unit)
-    except AttributeError:
-        labels = [label for stage in names for label in stage_units(model, stage)]
-        raise ValueError(
-            f"unit {unit!r} is neither a paper label of this model's units {labels} nor a module path"
-        ) from None
+    # "" is a user's mistake like any unknown name (get_submodule("") would give the whole model).
+    if unit:
+        with contextlib.suppress(AttributeError):
+            return unit, model.get_submodule(unit)
+    labels = [label for stage in names for label in stage_units(model, stage)]
+    raise ValueError(f"unit {unit!r} is neither a paper label of this model's units {labels} nor a module path")
 
 
 @dataclass(frozen=True)

@@ -235,24 +235,27 @@ def _compare_errors(path: Path) -> list[dict[str, Any]]:
     rows = []
     for entry in _compare_variants(path):
         errors = entry.get("top1_err", entry.get("test_top1_err"))
-        errors = errors if isinstance(errors, list) else [errors]
+        errors = _numbers(errors if isinstance(errors, list) else [errors])
         rows.append(
             {
                 "path": str(path),
                 "label": entry.get("label", entry["model"]),
                 "model": entry["model"],
-                "top1_err": _mean_or_none(errors),
+                "top1_err": sum(errors) / len(errors) if errors else None,
+                "top1_errs": errors,  # one per seed
             }
         )
     return rows
 
 
 def extent_report(runs: Sequence[str | Path]) -> dict[str, Any]:
-    """Figure 2 data: final top-1 error of each run against its extent ratio, a line per context variant.
+    """Figure 2 data: final top-1 error against extent ratio, a line per context variant and backbone.
 
     ``runs`` are ``gex train`` run folders (model from ``eval.json`` or the checkpoint) or
-    ``gex compare`` ``results.json`` files (mean over seeds). Runs without an extent ratio
-    (the baseline, SE) become horizontal reference lines.
+    ``gex compare`` ``results.json`` files. Runs of one model (seeds; a model name fixes the
+    variant, backbone and extent) are one point, the mean over all their seeds: two points at
+    one extent would be two x positions with one label. Runs without an extent ratio (the
+    baseline, SE) become horizontal reference lines, drawn with the variants of their backbone.
     """
     if not runs:
         raise ValueError("runs must name at least one run folder or results.json")
@@ -260,20 +263,36 @@ def extent_report(runs: Sequence[str | Path]) -> dict[str, Any]:
     for run in runs:
         path = Path(run)
         entries += _compare_errors(path) if _is_results_json(path) else [read_run(path)]
-    variants: dict[str, dict[str, Any]] = {}
-    references = []
+    by_model: dict[str, dict[str, Any]] = {}
     for entry in entries:
         if not entry.get("model"):
             raise ValueError(f"run {entry['path']!r}: cannot tell its model (no eval.json or checkpoint)")
         if entry.get("top1_err") is None:
             raise ValueError(f"run {entry['path']!r}: no top-1 error (no eval.json and no val/top1_err logged)")
-        variant, extent = model_extent(entry["model"])
-        point = {"extent": extent, "top1_err": entry["top1_err"], "model": entry["model"], "run": entry["path"]}
+        seen = by_model.setdefault(entry["model"], {"labels": [], "errors": [], "runs": []})
+        seen["labels"].append(entry["label"])
+        seen["errors"] += entry.get("top1_errs", [entry["top1_err"]])
+        seen["runs"].append(entry["path"])
+    variants: dict[tuple[str, str], dict[str, Any]] = {}
+    references = []
+    for model, seen in by_model.items():
+        backbone, _ = split_model_name(model)
+        variant, extent = model_extent(model)
+        errors = seen["errors"]
+        mean = sum(errors) / len(errors)
+        point = {"extent": extent, "top1_err": mean, "seeds": len(errors), "model": model, "runs": seen["runs"]}
         if variant is None or variant == "se":
-            references.append({"label": entry["label"], **point})
+            label = seen["labels"][0] if len(set(seen["labels"])) == 1 else model
+            references.append({"label": label, "backbone": backbone, **point})
             continue
-        group = variants.setdefault(variant, {"variant": variant, "label": ContextSpec(variant).label, "points": []})
+        group = variants.setdefault(
+            (variant, backbone),
+            {"variant": variant, "backbone": backbone, "label": ContextSpec(variant).label, "points": []},
+        )
         group["points"].append(point)
+    if len({backbone for _, backbone in variants}) > 1:
+        for group in variants.values():
+            group["label"] += f", {group['backbone']}"
     for group in variants.values():
         group["points"].sort(key=lambda p: math.inf if p["extent"] == "global" else p["extent"])
     return {"analysis": "curves", "kind": "extent", "variants": list(variants.values()), "references": references}
@@ -311,7 +330,9 @@ def _plot_extent(report: Mapping[str, Any]) -> Figure:
     for ax, group in zip(axes, variants, strict=True):
         ticks = [str(p["extent"]) if p["extent"] == "global" else f"E{p['extent']}" for p in group["points"]]
         ax.plot(range(len(ticks)), [p["top1_err"] for p in group["points"]], "-o", label=group["label"])
-        for index, reference in enumerate(report["references"]):
+        # A panel is one backbone (a report written before backbones were told apart has no "backbone").
+        same_backbone = [r for r in report["references"] if r.get("backbone") in (None, group.get("backbone"))]
+        for index, reference in enumerate(same_backbone):
             ax.axhline(
                 reference["top1_err"],
                 color=f"C{index + 1}",

@@ -191,7 +191,8 @@ def selectivity_report(
                     "channels": int(index.numel()),
                     "images": accumulator.images,
                     "mean": float(index.mean()),
-                    "median": float(index.median()),
+                    # The mean of the two middle values of an even count (torch.median takes the lower one).
+                    "median": float(index.quantile(0.5)),
                     "index": [round(float(v), 6) for v in index],
                 }
             )

@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     selectivity.add_argument(
         "--stage",
         default=None,
-        help="stage label (default: the penultimate stage, conv4_x for ImageNet ResNets as in the paper)",
+        help="stage label or the module path of a stage of residual units "
+        "(default: the penultimate stage, conv4_x for ImageNet ResNets as in the paper)",
     )
     _add_data_flags(selectivity)
     _add_output_flags(selectivity, "selectivity")
@@ -79,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
         "--units",
         nargs="+",
         default=None,
-        help="units by paper label (conv5_1, stage3_2) or module path (default: first unit of the last 3 stages)",
+        help="units by paper label (conv5_1, stage3_2) or module path "
+        "(default: the first gated unit of each of the last 3 stages that have one)",
     )
     prune.add_argument("--steps", type=int, default=10, help="ratios 0, 1/steps, ..., 1 (default 10)")
     prune.add_argument("--ratios", type=float, nargs="+", default=None, help="explicit prune ratios in [0, 1]")
@@ -125,13 +127,20 @@ def _load(checkpoint: str, args: argparse.Namespace):
     return module, datamodule.val_dataloader(), data
 
 
-def _load_other(checkpoint: str, num_classes: int, what: str):
+def _load_other(checkpoint: str, first: Any, num_classes: int, what: str):
+    """Another checkpoint's module, which must take the first one's data: its classes and its
+    (channels, height, width) (the images are the first checkpoint's; the global gathers fix the size)."""
     from ..engine import load_model
 
     module = load_model(checkpoint)
     if module.hparams["num_classes"] != num_classes:
         raise ConfigError(
             f"{what} {checkpoint!r} has {module.hparams['num_classes']} classes but the data has {num_classes}"
+        )
+    if module.image_size != first.image_size:
+        raise ConfigError(
+            f"{what} {checkpoint!r} takes {'x'.join(map(str, module.image_size))} (channels x height x width) "
+            f"inputs but the data, the first checkpoint's, are {'x'.join(map(str, first.image_size))}"
         )
     return module
 
@@ -154,8 +163,9 @@ def _selectivity(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         raise ConfigError(f"--labels needs one label per checkpoint ({len(args.checkpoints)}), got {len(args.labels)}")
     device = _device(args.accelerator)
     first, loader, data = _load(args.checkpoints[0], args)
-    modules = [first] + [_load_other(c, data["num_classes"], "checkpoint") for c in args.checkpoints[1:]]
-    stage = args.stage or _default_stage(first.net)
+    modules = [first] + [_load_other(c, first, data["num_classes"], "checkpoint") for c in args.checkpoints[1:]]
+    # "is not None": --stage "" is refused as an unknown stage, not read as the default.
+    stage = args.stage if args.stage is not None else _default_stage(first.net)
     results = []
     for index, (module, checkpoint) in enumerate(zip(modules, args.checkpoints, strict=True)):
         info = _info(module, checkpoint, args.labels[index] if args.labels else None)
@@ -177,13 +187,32 @@ def _selectivity(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     return report, plot_selectivity
 
 
+def _has_gate(unit: torch.nn.Module) -> bool:
+    from ..analysis import find_gate_probe
+
+    try:
+        find_gate_probe(unit)
+    except ValueError:
+        return False
+    return True
+
+
 def _default_units(net: torch.nn.Module) -> list[str]:
+    """The first gated unit of each of the last three stages that have one (the paper's conv3_1,
+    conv4_1, conv5_1 for ResNet-50). Table 1's models gate one stage only: its first unit is the
+    default. A model with no gate keeps the first unit of each of its last three stages, which
+    prune_curves refuses with the reason (pruning needs a GE or SE model)."""
     from ..analysis import stage_units
 
     stages = list(getattr(net, "stage_names", {}) or {})
     if not stages:
         raise ConfigError(f"model {type(net).__name__} exposes no stage_names; pass --units")
-    return [next(iter(stage_units(net, stage))) for stage in stages[-3:]]
+    gated = []
+    for stage in stages:
+        gated += [label for label, (_, unit) in stage_units(net, stage).items() if _has_gate(unit)][:1]
+    if not gated:
+        return [next(iter(stage_units(net, stage))) for stage in stages[-3:]]
+    return gated[-3:]
 
 
 def _prune(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
@@ -197,11 +226,11 @@ def _prune(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         ratios = [step / args.steps for step in range(args.steps + 1)]
     device = _device(args.accelerator)
     module, loader, data = _load(args.checkpoint, args)
-    labels = args.units or _default_units(module.net)
+    labels = args.units if args.units is not None else _default_units(module.net)
     units = {label: resolve_unit(module.net, label) for label in labels}
     baseline = baseline_units = None
     if args.baseline is not None:
-        baseline = _load_other(args.baseline, data["num_classes"], "--baseline")
+        baseline = _load_other(args.baseline, module, data["num_classes"], "--baseline")
         baseline_units = {label: resolve_unit(baseline.net, label) for label in labels}
     report = prune_curves(
         module.net,

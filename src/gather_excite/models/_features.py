@@ -38,28 +38,40 @@ def residual_units(model: nn.Module, stage: str | None = None) -> Iterator[tuple
 
     ``stage`` is a key of ``model.stage_names`` (e.g. ``"conv4_x"``) or the module path of an
     ``nn.Sequential`` whose children are the units. Each unit of a backbone has a ``context``
-    attribute (``nn.Identity`` when the model has no context module).
+    submodule (``nn.Identity`` when the model has no context module), which is how a named stage's
+    children are recognised as units: the path of a unit or a layer would otherwise walk its layers
+    (convs, BNs, the pre-ReLU maps) as if they were units.
     """
     stage_names: dict[str, str] | None = getattr(model, "stage_names", None)
     if stage is None:
         if not isinstance(stage_names, dict):
             raise TypeError(f"model must expose stage_names (a dict), got {type(model).__name__}")
         paths = list(stage_names.values())
-    elif not isinstance(stage, str) or not stage:
-        raise TypeError(f"stage must be a non-empty str, got {stage!r}")
+    elif not isinstance(stage, str):
+        raise TypeError(f"stage must be a str, got {stage!r}")
     elif stage_names and stage in stage_names:
         paths = [stage_names[stage]]
     else:
         try:
-            model.get_submodule(stage)
+            module = model.get_submodule(stage)
         except AttributeError:
+            module = None
+        if module is None or module is model:  # get_submodule("") is the model itself
             raise ConfigError(
                 f"stage must be one of the model's stages {sorted(stage_names or ())} or a module path, got {stage!r}"
-            ) from None
+            )
         paths = [stage]
     for path in paths:
         children = list(model.get_submodule(path).named_children())
-        if stage is not None and not children:
-            raise ValueError(f"stage {stage!r} (module {path!r}) has no child units")
+        if stage is not None:
+            if not children:
+                raise ConfigError(f"stage {stage!r} (module {path!r}) has no child units")
+            other = next(((n, c) for n, c in children if not isinstance(c._modules.get("context"), nn.Module)), None)
+            if other is not None:
+                raise ConfigError(
+                    f"stage {stage!r} (module {path!r}) is not a stage of residual units: its child {other[0]!r} "
+                    f"({type(other[1]).__name__}) has no context module; expected one of the model's stages "
+                    f"{sorted(stage_names or ())} or the module path of the nn.Sequential holding a stage's units"
+                )
         for child, unit in children:
             yield f"{path}.{child}", unit
