@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import re
 import struct
@@ -184,6 +185,30 @@ def test_corrupt_image_names_the_file(tmp_path: Path) -> None:
     index = dataset.samples.index((str(broken), 1))
     with pytest.raises(CorruptImageError, match=re.escape(str(broken))):
         dataset[index]
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n0 0 moveto 32 32 lineto stroke\nshowpage\n"
+
+
+def test_an_eps_named_jpg_is_refused_without_running_ghostscript(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow hands an EPS file to Ghostscript whatever its name; a data folder never runs code, so
+    the folder's images open in raster formats only. A stand-in ``gs`` on PATH records any call."""
+    fakebin, marker = tmp_path / "bin", tmp_path / "gs-ran"
+    fakebin.mkdir()
+    gs = fakebin / "gs"
+    gs.write_text(f'#!/bin/sh\nif [ "$1" = "--version" ]; then echo 10.02.1; exit 0; fi\ntouch {marker}\nexit 1\n')
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fakebin}{os.pathsep}{os.environ['PATH']}")
+    root = write_image_folder(tmp_path / "data", per_class=2, splits=("train",))
+    disguised = root / "train" / "a" / "a0.jpg"
+    disguised.write_bytes(EPS)
+    dataset = CheckedImageFolder(root / "train")
+    index = [path for path, _ in dataset.samples].index(str(disguised))
+    with pytest.raises(CorruptImageError, match=re.escape(str(disguised))):
+        dataset[index]
+    assert not marker.exists()
 
 
 def test_batch_larger_than_the_data_is_refused(tmp_path: Path) -> None:

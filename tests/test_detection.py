@@ -249,14 +249,14 @@ BAD_COCO = {
     "image-corrupt": (
         _image_file(lambda path: path.write_bytes(b"not a png")),
         "image 'img1.png' (id 11) in {images}, listed in {json}, is not a readable image in an accepted format "
-        "(JPEG, PNG, BMP, TIFF, WEBP): cannot identify image file",
+        "(JPEG, PNG, PPM, BMP, TIFF, WEBP): cannot identify image file",
     ),
     # Pillow opens only the formats of COCO folders: a GIF (or an EPS, which Pillow would hand to
     # Ghostscript) under a .png name is refused, naming the file; it used to be read
     "image-other-format": (
         _image_file(lambda path: Image.new("RGB", (128, 128)).save(path, format="GIF")),
         "image 'img1.png' (id 11) in {images}, listed in {json}, is not a readable image in an accepted format "
-        "(JPEG, PNG, BMP, TIFF, WEBP): cannot identify image file",
+        "(JPEG, PNG, PPM, BMP, TIFF, WEBP): cannot identify image file",
     ),
     # within the 1 px border tolerance and 0.6 px wide, but clamped to the 128 px image (as the
     # training transform does) it is [128, 10, 128, 30]: zero width, which FasterRCNN refused mid-run

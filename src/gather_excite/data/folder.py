@@ -11,6 +11,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import DataError, DataNotFoundError
+from .images import IMAGE_FORMATS, open_image
 
 __all__ = ["CheckedImageFolder", "CorruptImageError"]
 
@@ -22,10 +23,12 @@ class CorruptImageError(DataError):
 def _load_rgb(path: str) -> Image.Image:
     try:
         with open(path, "rb") as handle:
-            image = Image.open(handle)
+            image = open_image(handle)
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise CorruptImageError(f"corrupt or unreadable image file {path!r}: {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise CorruptImageError(
+            f"corrupt or unreadable image file {path!r} (expected one of {', '.join(IMAGE_FORMATS)}): {err}"
+        ) from err
 
 
 class CheckedImageFolder(ImageFolder):

@@ -39,6 +39,7 @@ from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
+from ..data.images import IMAGE_FORMATS, open_image
 from ..errors import ConfigError, DataError, DataNotFoundError
 
 __all__ = ["CocoDetectionData", "check_coco_instances", "collate_detection"]
@@ -55,16 +56,6 @@ _SINGULAR = {"images": "image", "annotations": "annotation", "categories": "cate
 # not an out-of-image box (the transforms clamp it).
 _BORDER_TOLERANCE = 1.0
 _DROP_HINT = "(data.invalid_boxes: drop, or gex detect eval --invalid-boxes drop, skips such boxes)"
-# The raster formats that COCO-format folders hold. Pillow otherwise tries every format it knows,
-# EPS among them (run through Ghostscript where installed): a data folder never runs code.
-# (Pillow raises KeyError for a format it was built without: those are left out.)
-Image.init()
-IMAGE_FORMATS = tuple(f for f in ("JPEG", "PNG", "BMP", "TIFF", "WEBP") if f in Image.OPEN)
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """``Image.open`` restricted to :data:`IMAGE_FORMATS` (lazy: reads the header only)."""
-    return Image.open(path, formats=IMAGE_FORMATS)
 
 
 def _missing(entry: Any, keys: tuple[str, ...]) -> list[str]:
