@@ -501,3 +501,168 @@ def test_timm_classifier_conventions(tmp_path: Path) -> None:
     imagenet = timm_data.resolve_data_config(model=create_model("resnet50", num_classes=0))
     assert imagenet["crop_pct"] == 224 / 256 and tuple(imagenet["input_size"]) == (3, 224, 224)
     assert create_model("resnet50", num_classes=0).default_cfg["resize_size"] == 256
+
+
+def test_every_model_carries_a_pretrained_cfg_that_timm_reads(http_root: tuple[Path, str], tmp_path: Path) -> None:
+    """Weights without a config.json (a bare file, a URL, hf-hub with pretrained_file) and a backbone built
+    directly had ``pretrained_cfg = None``, on which ``timm.data.resolve_data_config(model=...)`` crashed; they
+    carry their recipe's: a 1-channel 28 px CIFAR-style net is fed as Fashion-MNIST at 28 px, as ours says."""
+    from safetensors.torch import save_file
+
+    from gather_excite.models.cifar_resnet import cifar_resnet20
+
+    timm_data = pytest.importorskip("timm.data")
+    root, address = http_root
+    source = create_model("ge_theta_cifar_resnet20", **TINY)
+    save_file(source.state_dict(), str(root / "weights.safetensors"))
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    models = {
+        "safetensors": create_model("ge_theta_cifar_resnet20", pretrained=root / "weights.safetensors", **TINY),
+        "pth": create_model("ge_theta_cifar_resnet20", pretrained=tmp_path / "weights.pth", **TINY),
+        "url": create_model("ge_theta_cifar_resnet20", pretrained=f"{address}/weights.safetensors", **TINY),
+        "hf-hub file": create_model(
+            "ge_theta_cifar_resnet20",
+            pretrained="hf-hub:someone/tiny",
+            pretrained_file=tmp_path / "weights.pth",
+            **TINY,
+        ),
+        "direct": cifar_resnet20(width=4, in_chans=1, input_size=28),
+    }
+    mean, std = DATASET_STATS["fashion_mnist"]
+    for label, model in models.items():
+        ours = resolve_data_config(model)
+        timm = timm_data.resolve_data_config(model=model)
+        assert (ours.input_size, ours.mean, ours.std) == ((1, 28, 28), mean, std), label
+        assert (tuple(timm["input_size"]), tuple(timm["mean"]), tuple(timm["std"])) == (ours.input_size, mean, std)
+        assert timm["crop_pct"] == 1.0 and model.default_cfg == model.pretrained_cfg, label
+
+
+def test_weights_of_another_architecture_are_refused_in_one_line(tmp_path: Path) -> None:
+    """GE-θ− has no parameters, so the state-dict keys of its variants and of the baseline coincide: an export
+    of ge_theta_minus_e8 loaded silently into ge_theta_minus, ge_theta_minus_max_e2 and cifar_resnet20 (other
+    logits). config.json's architecture must be the one asked for; only a baseline's weights may go into a
+    network with context modules (the retrofit)."""
+    from gather_excite.errors import CheckpointError
+    from gather_excite.hub import save_pretrained
+
+    x = torch.randn(2, 1, 28, 28)
+    source = create_model("ge_theta_minus_e8_cifar_resnet20", **TINY)
+    out = save_pretrained(source, tmp_path / "gem", architecture="ge_theta_minus_e8_cifar_resnet20", model_args=TINY)
+    assert torch.equal(logits(create_model("ge_theta_minus_e8_cifar_resnet20", pretrained=out), x), logits(source, x))
+    for name in ("ge_theta_minus_cifar_resnet20", "ge_theta_minus_max_e2_cifar_resnet20", "cifar_resnet20"):
+        with pytest.raises(CheckpointError) as failure:
+            create_model(name, pretrained=out)
+        message = str(failure.value)
+        assert f"were made for ge_theta_minus_e8_cifar_resnet20, not {name}:" in message and "\n" not in message
+    baseline = create_model("cifar_resnet20", **TINY)
+    out = save_pretrained(baseline, tmp_path / "base", architecture="cifar_resnet20", model_args=TINY)
+    create_model("ge_theta_minus_e8_cifar_resnet20", pretrained=out)  # the retrofit direction loads
+    retrofit = create_model("ge_theta_cifar_resnet20", pretrained=out, context_init="identity")
+    torch.testing.assert_close(logits(retrofit, x), logits(baseline, x), atol=1e-4, rtol=0)
+    with pytest.raises(CheckpointError, match="were made for cifar_resnet20, not cifar_resnet56:"):
+        create_model("cifar_resnet56", pretrained=out)
+
+
+def test_an_image_folder_export_is_not_published_as_imagenet(tmp_path: Path) -> None:
+    """An image-folder run is normalised with ImageNet's mean/std but is not ImageNet: its config.json and card
+    said ``dataset: imagenet`` with an "ImageNet" top-1 in the model-index. The dataset stays ``imagefolder``,
+    which is no Hub dataset, so the card names none; local paths of the evaluation are published as names."""
+    import yaml
+
+    from gather_excite.data_config import data_config_from_datamodule
+    from gather_excite.hub import save_pretrained
+
+    data_config = data_config_from_datamodule({"dataset": "imagefolder", "crop_size": 16})
+    assert data_config.dataset == "imagefolder" and data_config.mean == DATASET_STATS["imagenet"][0]
+    model = create_model("cifar_resnet20", width=4, num_classes=2, input_size=16)
+    figures = {"checkpoint": "/home/me/runs/a/checkpoints/last.ckpt", "data_root": "/home/me/data", "top1_err": 50.0}
+    args = {"num_classes": 2, "input_size": 16, "width": 4}
+    out = save_pretrained(
+        model,
+        tmp_path / "folder",
+        architecture="cifar_resnet20",
+        model_args=args,
+        data_config=data_config,
+        eval_results=figures,
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["pretrained_cfg"]["dataset"] == "imagefolder"
+    assert config["eval"] == {"checkpoint": "last.ckpt", "data_root": "data", "top1_err": 50.0}
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert "datasets" not in meta and "model-index" not in meta and "/home/me" not in card
+    assert "| trained on | imagefolder |" in card
+    # A Hub dataset keeps its entry and its model-index result.
+    fashion = data_config_from_datamodule({"dataset": "fashion_mnist"})
+    out = save_pretrained(
+        create_model("cifar_resnet20", **TINY),
+        tmp_path / "fm",
+        architecture="cifar_resnet20",
+        model_args=TINY,
+        data_config=fashion,
+        eval_results={"top1_err": 10.0},
+    )
+    meta = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert meta["datasets"] == ["fashion_mnist"]
+    assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == 90.0
+
+
+def test_weights_without_a_classifier_load_with_a_new_one(tmp_path: Path) -> None:
+    """Weights saved with num_classes=0 (no fc.*, timm's features-only convention) loaded into a model with a
+    classifier reported fc.weight and fc.bias missing; as for another class count, the head is new and a
+    warning says so, and everything else is the weights'."""
+    from gather_excite.hub import save_pretrained
+
+    headless = create_model("ge_theta_e8_cifar_resnet20", **{**TINY, "num_classes": 0})
+    args = {**TINY, "num_classes": 0}
+    out = save_pretrained(headless, tmp_path / "headless", architecture="ge_theta_e8_cifar_resnet20", model_args=args)
+    x = torch.randn(2, 1, 28, 28)
+    for source in (out, out / "model.safetensors"):
+        with pytest.warns(UserWarning, match="classify 0 classes, the model 10; the classifier 'fc' is newly init"):
+            model = create_model("ge_theta_e8_cifar_resnet20", pretrained=source, **TINY)
+        assert model.fc.out_features == 10
+        with torch.no_grad():
+            assert torch.equal(
+                model.eval().forward_head(model.forward_features(x), pre_logits=True), logits(headless, x)
+            )
+
+
+def test_wrapper_prefixes_are_removed_from_safetensors_files_too(tmp_path: Path) -> None:
+    """A torch.compile'd model saves ``_orig_mod.``-prefixed keys, DataParallel/DDP ``module.``: removed for
+    torch files, but a safetensors file of the same state dict failed with every key missing."""
+    from safetensors.torch import save_file
+
+    model = create_model("ge_theta_e8_cifar_resnet20", **TINY)
+    x = torch.randn(2, 1, 28, 28)
+    compiled = torch.compile(model).state_dict()
+    assert next(iter(compiled)).startswith("_orig_mod.")
+    for label, state in (("compiled", compiled), ("ddp", {f"module.{k}": v for k, v in model.state_dict().items()})):
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / f"{label}.safetensors"))
+        loaded = create_model("ge_theta_e8_cifar_resnet20", pretrained=tmp_path / f"{label}.safetensors", **TINY)
+        assert torch.equal(logits(loaded, x), logits(model, x)), label
+
+
+def test_reset_classifier_drops_the_old_class_names(tmp_path: Path) -> None:
+    """reset_classifier(3) on Fashion-MNIST weights kept the 10 class names in pretrained_cfg (resolve_data_config
+    named 10 classes for a 3-class head); create_model(..., num_classes=3) drops them, and so does it now. A
+    timm-style ``num_classes`` entry follows the head."""
+    from gather_excite.data_config import data_config_from_datamodule
+    from gather_excite.hub import save_pretrained
+
+    fashion = data_config_from_datamodule({"dataset": "fashion_mnist"})
+    source = create_model("ge_theta_cifar_resnet20", **TINY)
+    out = save_pretrained(
+        source, tmp_path / "fm", architecture="ge_theta_cifar_resnet20", model_args=TINY, data_config=fashion
+    )
+    with pytest.warns(UserWarning, match="newly initialised"):
+        assert (
+            resolve_data_config(create_model("ge_theta_cifar_resnet20", pretrained=out, num_classes=3)).label_names
+            is None
+        )
+    model = create_model("ge_theta_cifar_resnet20", pretrained=out)
+    model.reset_classifier(10)  # the same classes: their names stay
+    assert resolve_data_config(model).label_names == FASHION_MNIST_CLASSES
+    model.pretrained_cfg = {**model.pretrained_cfg, "num_classes": 10}
+    model.reset_classifier(3)
+    assert resolve_data_config(model).label_names is None and model.pretrained_cfg["num_classes"] == 3
+    assert resolve_data_config(model).input_size == (1, 28, 28)  # the rest of the configuration stays

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["DataConfig", "data_config_from_datamodule", "resolve_data_config"]
+__all__ = ["DataConfig", "data_config_from_datamodule", "recipe_config", "resolve_data_config"]
 
 # Backbones built for 224-pixel ImageNet crops; the others are the 32/28-pixel CIFAR-style networks.
 _IMAGENET_BACKBONES = ("ResNet", "ShuffleNet")
@@ -152,12 +152,13 @@ def data_config_from_datamodule(arguments: dict[str, Any]) -> DataConfig:
         mean=mean,
         std=std,
         resize_size=resize,
-        dataset="imagenet" if dataset == "imagefolder" else dataset,
+        dataset=dataset,  # an image folder is not ImageNet, though it is normalised with ImageNet's mean/std
         label_names=_label_names(dataset, arguments.get("root"), str(arguments.get("train_split", "train"))),
     )
 
 
-def _default_config(model: nn.Module) -> DataConfig:
+def recipe_config(model: nn.Module) -> DataConfig:
+    """The :class:`DataConfig` of the recipe ``model``'s backbone is made for, whatever weights it holds."""
     from .data import DATASET_STATS
 
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
@@ -190,4 +191,4 @@ def resolve_data_config(model: nn.Module) -> DataConfig:
     cfg = getattr(model, "pretrained_cfg", None)
     if cfg:
         return DataConfig.from_dict(cfg, label_names=getattr(model, "label_names", None))
-    return _default_config(model)
+    return recipe_config(model)

@@ -188,6 +188,10 @@ def max_difference(
     return result
 
 
+# onnxruntime's names of the input types a network takes -> torch's dtypes.
+_ONNX_DTYPES = {"tensor(float16)": torch.float16, "tensor(float)": torch.float32, "tensor(double)": torch.float64}
+
+
 def onnx_max_difference(
     path: str | os.PathLike[str], model: nn.Module, sizes: Sequence[tuple[int, int]], *, batch: int = 2
 ) -> dict[str, float]:
@@ -195,9 +199,11 @@ def onnx_max_difference(
     import onnxruntime  # the `export` extra; imported here so the package does not need it
 
     session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    declared = session.get_inputs()[0]
+    # The input in the dtype the graph declares (a float16 export takes float16, not float32).
+    dtype = _ONNX_DTYPES.get(declared.type, torch.float32)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: x.detach().cpu().float().numpy()})[0])
+        return torch.from_numpy(session.run(None, {declared.name: x.detach().cpu().to(dtype).numpy()})[0])
 
     return max_difference(run, model, sizes, batch=batch)

@@ -31,6 +31,16 @@ __all__ = ["CARD_FILE", "EXPORT_FILES", "check_export_folder", "export_pretraine
 
 CARD_FILE = "README.md"
 EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)
+# Datasets a gex export may name -> their Hub dataset ids (model card ``datasets:``, model-index). Others (an
+# image folder) are not published as a Hub dataset.
+_HUB_DATASETS = {
+    "cifar10": "cifar10",
+    "cifar100": "cifar100",
+    "fashion_mnist": "fashion_mnist",
+    "imagenet": "imagenet-1k",
+}
+# Evaluation entries holding local paths: published as the file's name only (a path names the exporter's machine).
+_PATH_FIGURES = ("checkpoint", "data_root")
 _PAPER = (
     "Hu, Shen, Albanie, Sun, Vedaldi. *Gather-Excite: Exploiting Feature Context in Convolutional Neural "
     "Networks*. NeurIPS 2018. [arXiv:1810.12348](https://arxiv.org/abs/1810.12348)"
@@ -45,12 +55,13 @@ def _model_card(config: dict[str, Any], repo_id: str | None) -> str:
     cfg = config.get("pretrained_cfg") or {}
     figures = config.get("eval") or {}
     dataset = cfg.get("dataset")
+    hub_dataset = _HUB_DATASETS.get(dataset)
     results = []
-    if dataset and "top1_err" in figures:
+    if hub_dataset and "top1_err" in figures:
         results.append(
             EvalResult(
                 task_type="image-classification",
-                dataset_type=dataset,
+                dataset_type=hub_dataset,
                 dataset_name=dataset,
                 dataset_split=figures.get("split"),
                 metric_type="accuracy",
@@ -62,7 +73,7 @@ def _model_card(config: dict[str, Any], repo_id: str | None) -> str:
         library_name="gather-excite",
         pipeline_tag="image-classification",
         tags=["image-classification", "gather-excite", "pytorch", "safetensors", architecture],
-        datasets=[dataset] if dataset else None,
+        datasets=[hub_dataset] if hub_dataset else None,
         model_name=repo_id or architecture,
         eval_results=results or None,
     )
@@ -152,6 +163,10 @@ def save_pretrained(
     data_config = data_config or resolve_data_config(model)
     cfg = data_config.to_dict()
     label_names = cfg.pop("label_names")
+    figures = dict(eval_results or {})
+    for key in _PATH_FIGURES:
+        if isinstance(figures.get(key), str):
+            figures[key] = Path(figures[key]).name
     config: dict[str, Any] = {
         "architecture": architecture,
         "num_classes": model_args.get("num_classes"),
@@ -159,7 +174,7 @@ def save_pretrained(
         "model_args": {key: list(v) if isinstance(v, tuple) else v for key, v in model_args.items()},
         "pretrained_cfg": cfg,
         "label_names": label_names,
-        "eval": eval_results or {},
+        "eval": figures,
         "library_name": "gather-excite",
         "library_version": __version__,
     }

@@ -145,10 +145,24 @@ class Backbone(nn.Module):
 
     # timm's classifier API (``get_classifier``/``reset_classifier``, ``default_cfg``), so that code written
     # for timm models fine-tunes, probes and transforms these the same way.
-    pretrained_cfg: Any = None  # a dict: the weights' data configuration, or the recipe's (see create_model)
+    _pretrained_cfg: dict[str, Any] | None = None
 
     @property
-    def default_cfg(self) -> dict[str, Any] | None:
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The weights' data configuration, or the recipe's (also for a backbone built directly, so that
+        ``timm.data.resolve_data_config(model=model)`` works on every model; see create_model)."""
+        if self._pretrained_cfg is None:  # kept, so that edits to the dict stay, as on timm's models
+            from ..data_config import recipe_config
+
+            self._pretrained_cfg = recipe_config(self).to_dict()
+        return self._pretrained_cfg
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, cfg: dict[str, Any] | None) -> None:
+        self._pretrained_cfg = cfg
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
         """timm's older name of :attr:`pretrained_cfg`."""
         return self.pretrained_cfg
 
@@ -163,6 +177,13 @@ class Backbone(nn.Module):
         factory = {"device": placed.device, "dtype": placed.dtype}
         # PyTorch's default Linear init, as add_head gives (init_backbone initialises convs and norms only)
         self.fc = nn.Linear(self.num_features, num_classes, **factory) if num_classes else nn.Identity()
+        if self._pretrained_cfg is not None:
+            cfg = dict(self._pretrained_cfg)
+            if cfg.get("label_names") and len(cfg["label_names"]) != num_classes:
+                cfg["label_names"] = None  # the old classes' names, as create_model(num_classes=...) drops them
+            if "num_classes" in cfg:  # timm's pretrained_cfg states it
+                cfg["num_classes"] = num_classes
+            self.pretrained_cfg = cfg
 
     def finish(self, options: BackboneOptions) -> None:
         """Initialise the weights (see :func:`init_backbone`), then place the network as ``options`` ask."""

@@ -71,6 +71,11 @@ def _strip_prefix(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
     return state_dict
 
 
+def _unwrapped(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Keys without the prefix that DataParallel/DDP (``module.``) and torch.compile (``_orig_mod.``) add."""
+    return _strip_prefix(_strip_prefix(dict(state_dict), "module."), "_orig_mod.")
+
+
 def _checkpoint_config(saved: dict[str, Any]) -> dict[str, Any]:
     """``config.json``-style metadata from a ``gex train`` checkpoint's saved hyperparameters."""
     from ..data_config import data_config_from_datamodule
@@ -111,8 +116,7 @@ def _read_torch_file(path: Path, source: str) -> Weights:
                 break
     if not isinstance(state_dict, dict) or not state_dict:
         raise CheckpointError(f"pretrained={source!r}: the file holds no state dict (a dict of tensors)")
-    # DataParallel/DDP and torch.compile wrappers prefix every key.
-    state_dict = _strip_prefix(_strip_prefix(dict(state_dict), "module."), "_orig_mod.")
+    state_dict = _unwrapped(state_dict)
     not_tensors = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(f"pretrained={source!r}: entries that are not tensors: {', '.join(not_tensors[:5])}")
@@ -125,7 +129,7 @@ def _read_file(path: Path, source: str) -> Weights:
         from safetensors.torch import load_file
 
         try:
-            return Weights(load_file(str(path)), source)
+            return Weights(_unwrapped(load_file(str(path))), source)
         except SafetensorError as err:
             raise CheckpointError(f"pretrained={source!r}: not a readable safetensors file ({err})") from None
     return _read_torch_file(path, source)
@@ -311,6 +315,10 @@ def _listed(title: str, lines: list[str]) -> list[str]:
     return [f"  {title} ({len(lines)}):", *(f"    {line}" for line in lines[:_MAX_LISTED]), *more]
 
 
+def _without_head(state_dict: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in state_dict.items() if key.split(".")[0] != CLASSIFIER}
+
+
 def _in_context(key: str) -> bool:
     return "context" in key.split(".")[:-1]
 
@@ -318,25 +326,30 @@ def _in_context(key: str) -> bool:
 def load_weights_into(model: nn.Module, weights: Weights, *, model_name: str) -> set[str]:
     """Copy ``weights`` into ``model``; returns the names of the units whose context module was not in them.
 
-    The classifier (``fc``) is replaced, with a warning, when its class count differs (as timm
-    does). Context-module entries may be absent when the weights have none at all (a baseline's
-    weights retrofitted into a GE network). Anything else that does not fit raises a
+    The classifier (``fc``) is replaced, with a warning, when its class count differs or the
+    weights have none (saved with ``num_classes=0``), as timm does. Context-module entries may be
+    absent when the weights have none at all (a baseline's weights retrofitted into a GE
+    network). Anything else that does not fit raises a
     ``ValueError`` that names every differing key.
     """
     state_dict = dict(weights.state_dict)
     own = model.state_dict()
     head = f"{CLASSIFIER}.weight"
     if head not in own and getattr(model, "num_classes", None) == 0:  # features only, as timm's num_classes=0
-        state_dict = {key: value for key, value in state_dict.items() if key.split(".")[0] != CLASSIFIER}
-    if head in state_dict and head in own and state_dict[head].shape[0] != own[head].shape[0]:
+        state_dict = _without_head(state_dict)
+    classes = None
+    if head in own and not any(key.split(".")[0] == CLASSIFIER for key in state_dict):
+        classes = 0  # weights saved without a classifier (num_classes=0): the model's is new
+    elif head in state_dict and head in own and state_dict[head].shape[0] != own[head].shape[0]:
+        classes = state_dict[head].shape[0]
+    if classes is not None:
         warnings.warn(
-            f"pretrained {weights.source}: the weights classify {state_dict[head].shape[0]} classes, the model "
+            f"pretrained {weights.source}: the weights classify {classes} classes, the model "
             f"{own[head].shape[0]}; the classifier {CLASSIFIER!r} is newly initialised",
             UserWarning,
             stacklevel=3,
         )
-        state_dict = {key: value for key, value in state_dict.items() if key.split(".")[0] != CLASSIFIER}
-        own = {key: value for key, value in own.items() if key.split(".")[0] != CLASSIFIER}
+        state_dict, own = _without_head(state_dict), _without_head(own)
     retrofit = not any(_in_context(key) for key in state_dict)
     # A BatchNorm's step count may be absent (weights saved before PyTorch 0.4.1, converted ones); BatchNorm's
     # own loader fills it in, as in torchvision and timm.
@@ -388,6 +401,29 @@ def _model_arguments(weights: Weights, *, backbone: str, context: str | None) ->
     return {key: value for key, value in arguments.items() if value is not None}
 
 
+def _check_architecture(weights: Weights, *, name: str, backbone: str, context_layer: Any) -> None:
+    """Refuse weights recorded as another network than ``name``; a baseline's weights may go into a network
+    with context modules (the retrofit, see ``context_init``). Weights that name no registered model (a bare
+    state dict, another library's) are checked key by key only."""
+    from ._registry import MODELS
+
+    architecture = weights.config.get("architecture")
+    if architecture not in MODELS:
+        return
+    recorded_backbone, recorded_context = MODELS[architecture]
+    # A baseline name trained with a context_layer argument (gex train --model.arch_kwargs) has that context.
+    recorded_context = recorded_context or (weights.config.get("model_args") or {}).get("context_layer")
+    if recorded_backbone == backbone and recorded_context in (None, context_layer):
+        return
+    recorded = architecture
+    if recorded_context != MODELS[architecture][1]:
+        recorded += f" with context_layer={recorded_context!r}"
+    raise CheckpointError(
+        f"pretrained weights {weights.source} were made for {recorded}, not {name}: load them with "
+        f"create_model({architecture!r}, ...) (only a baseline's weights go into a network with context modules)"
+    )
+
+
 def create_pretrained(
     name: str,
     factory: Any,
@@ -411,6 +447,7 @@ def create_pretrained(
             "pass stride_in_1x1=False, not True"
         )
     arguments.update(kwargs)
+    _check_architecture(weights, name=name, backbone=backbone, context_layer=arguments.get("context_layer"))
     if num_classes is not None:
         arguments["num_classes"] = num_classes
     arguments.setdefault("num_classes", 1000)
@@ -437,5 +474,11 @@ def create_pretrained(
         cfg["label_names"] = list(weights.config["label_names"])
     if cfg.get("label_names") and len(cfg["label_names"]) != arguments["num_classes"]:
         cfg["label_names"] = None  # a replaced classifier: the names belong to the old classes
-    model.pretrained_cfg = cfg or None
+    if "num_classes" in cfg:  # timm's pretrained_cfg states it
+        cfg["num_classes"] = arguments["num_classes"]
+    if not cfg:  # weights without a configuration: the recipe's, as create_model gives without weights
+        from ..data_config import recipe_config
+
+        cfg = recipe_config(model).to_dict()
+    model.pretrained_cfg = cfg
     return model
