@@ -711,7 +711,7 @@ def test_remove_branch_zeroes_the_branch_with_gradients_on(ge_model, data):
     try:
         with remove_branch(unit):
             ge_model(data[0])
-        assert unit.norm_context.lean and seen["out"].requires_grad  # built lean, restored after the block
+        assert unit.norm_context.lean and seen["out"].requires_grad  # built lean: the hook chose the plain path
         expected = torch.relu(unit.shortcut(seen["x"]))
         torch.testing.assert_close(seen["out"], expected)
     finally:

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..layers import GateProbe, NormContext
+from ..layers import GateProbe
 from ._units import find_gate_probe
 from .plotting import new_figure
 from .selectivity import _batch_inputs
@@ -108,25 +108,14 @@ class GatePruner:
 
 @contextlib.contextmanager
 def remove_branch(unit: nn.Module) -> Iterator[None]:
-    """Within the block, ``unit``'s residual branch outputs zeros (a hook on ``unit.context``).
-
-    The unit's :class:`~gather_excite.layers.NormContext` takes the plain path meanwhile: the
-    memory-lean path does not call ``context`` as a module, so with gradients on the hook would not run.
-    """
+    """Within the block, ``unit``'s residual branch outputs zeros (a hook on ``unit.context``; while it
+    is registered the unit's :class:`~gather_excite.layers.NormContext` runs the context as a module,
+    also with gradients on)."""
     context = getattr(unit, "context", None)
     if not isinstance(context, nn.Module):
         raise ValueError(f"unit {type(unit).__name__} has no `context` module: not a residual unit")
-    norm_context = getattr(unit, "norm_context", None)
-    lean = norm_context.lean if isinstance(norm_context, NormContext) else None
-    handle = context.register_forward_hook(lambda module, args, output: torch.zeros_like(output))
-    try:
-        if lean is not None:
-            norm_context.lean = False
+    with context.register_forward_hook(lambda module, args, output: torch.zeros_like(output)):
         yield
-    finally:
-        handle.remove()
-        if lean is not None:
-            norm_context.lean = lean
 
 
 def _gate_channels(unit: nn.Module, probe: GateProbe, label: str) -> int:
