@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +278,27 @@ def test_resume_with_another_anchor_or_freezing_setting_is_one_line(
     code, err = run(detect_cli.main, argv, capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "checkpoint was saved for a different detector; it differs in " + key in err, err
+
+
+def test_a_resumed_checkpoint_never_removes_a_file_outside_its_run(trained: dict[str, Path], tmp_path: Path) -> None:
+    """gex detect train resumes through gex train's checkpoint I/O: a handed checkpoint whose ModelCheckpoint
+    state names a folder outside --out as its previous file had Lightning remove that folder (rm -r)."""
+    out, victim = tmp_path / "run", tmp_path / "victim"
+    victim.mkdir()
+    (victim / "eval.json").write_text("precious")
+    saved = torch.load(trained["out"] / "checkpoints" / "last.ckpt", weights_only=True)
+    for state in saved["callbacks"].values():
+        state["best_model_path"] = f"{out}/checkpoints/" + "../" * 30 + str(victim).lstrip("/")
+    handed = tmp_path / "handed.ckpt"
+    torch.save(saved, handed)
+    argv = ["train", "--config", str(trained["recipe"]), "--out", str(out), "--resume", str(handed)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert detect_cli.main([*argv, "--trainer.max_epochs", "16", "--eval_after", "false"]) == 0
+    assert (victim / "eval.json").is_file() and (victim / "eval.json").read_text() == "precious"
+    said = r"its ModelCheckpoint state names best_model_path .*victim.* not restored"
+    assert any(re.search(said, str(warning.message)) for warning in caught)
+    assert (out / "checkpoints" / "last.ckpt").is_file()
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,10 @@ import json
 import os
 import pickle
 import re
+import shutil
+import sys
+import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -13,13 +17,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from jsonargparse import ArgumentParser, Namespace
 
 from gather_excite import create_model
+from gather_excite.cli import detect as detect_cli
 from gather_excite.cli import evaluate as eval_cli
 from gather_excite.cli import train as train_cli
+from gather_excite.cli._config_guard import check_parsed_config
 from gather_excite.data import cifar_dataset
-from gather_excite.engine import ClassificationModule, load_model, write_eval_json
-from gather_excite.errors import CheckpointError, DataError, GexError, UnsafeFileError
+from gather_excite.detection import DetectionModule
+from gather_excite.engine import AtomicCheckpointIO, ClassificationModule, load_model, write_eval_json
+from gather_excite.errors import CheckpointError, ConfigError, DataError, GexError, UnsafeFileError
 from test_data import write_cifar10, write_fashion_idx, write_image_folder
 from test_train import TINY_FASHION_MODEL, write_config
 
@@ -362,28 +370,31 @@ def test_a_config_names_only_allowlisted_classes_and_no_function(
     config = _with_trainer(tiny_config, {"callbacks": outside}, tmp_path / "outside.yaml")
     assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 2
     assert _error_line(capsys, "gex train") == (
-        f"gex train: error: --config {config}: trainer.callbacks[0].class_path = 'handed_callbacks.Cb' names a "
-        "class outside lightning, torch, gather_excite; refused before importing it (a config a user was handed "
-        "must not run code: build such a Trainer in Python)"
+        f"gex train: error: --config {config}: trainer.callbacks[0].class_path = 'handed_callbacks.Cb' is not a "
+        "class a config may build (Lightning's callbacks, loggers, profilers, plugins and strategies); refused "
+        "before importing it (a config a user was handed must not run code: build such a Trainer in Python)"
     )
-    # A function by its import path (an allowlisted class's callable argument): refused before its module
-    # is imported (importing it runs its top level) and before the hook runs.
+    # A function by its import path: refused before its module is imported (importing it runs its top
+    # level). LambdaCallback, which calls what it is given, is no class a config may build.
     (tmp_path / "handed_hooks.py").write_text(
         f"open({str(marker)!r}, 'w').close()\ndef touch(*args):\n    open({str(marker)!r}, 'w').close()\n"
     )
     lambda_callback = "lightning.pytorch.callbacks.LambdaCallback"
-    hook = [{"class_path": lambda_callback, "init_args": {"on_fit_start": "handed_hooks.touch"}}]
-    config = _with_trainer(tiny_config, {"callbacks": hook}, tmp_path / "hook.yaml")
+    for hook_function in ("handed_hooks.touch", "torch.save"):
+        hook = [{"class_path": lambda_callback, "init_args": {"on_fit_start": hook_function}}]
+        config = _with_trainer(tiny_config, {"callbacks": hook}, tmp_path / "hook.yaml")
+        assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 2
+        assert f"trainer.callbacks[0].class_path = {lambda_callback!r} is not a class" in _error_line(
+            capsys, "gex train"
+        )
+    config = _with_trainer(tiny_config, {"default_root_dir": "handed_hooks.touch"}, tmp_path / "value.yaml")
     assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 2
-    line = _error_line(capsys, "gex train")
-    assert "trainer.callbacks[0].init_args.on_fit_start = 'handed_hooks.touch' names an import path outside" in line
-    # An allowlisted package's function is no class either: refused in the parsed config, never called.
-    hook = [{"class_path": lambda_callback, "init_args": {"on_fit_start": "torch.save"}}]
-    config = _with_trainer(tiny_config, {"callbacks": hook}, tmp_path / "torch_hook.yaml")
-    assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 2
-    assert "trainer.callbacks[0].init_args.on_fit_start = torch.serialization.save is a function" in _error_line(
+    assert "trainer.default_root_dir = 'handed_hooks.touch' names an import path outside" in _error_line(
         capsys, "gex train"
     )
+    # A function or class that reached the parsed config anyhow is refused before anything is built.
+    with pytest.raises(ConfigError, match=r"trainer.x = torch.serialization.save is a function"):
+        check_parsed_config(Namespace(trainer=Namespace(x=torch.save)))
     # Every other way a YAML text reaches jsonargparse was imported before the check (a review found them):
     # a bare class path (no class_path key), a file the config names for a group, --trainer FILE, and a
     # command-line value.
@@ -398,23 +409,201 @@ def test_a_config_names_only_allowlisted_classes_and_no_function(
         ["--config", str(tiny_config), "--trainer.logger", "handed_callbacks.Cb"],
     ):
         assert train_cli.main([*argv, "--out", str(tmp_path / "run")]) == 2, argv
-        assert "handed_callbacks.Cb' names a" in _error_line(capsys, "gex train"), argv
+        assert "handed_callbacks.Cb' is not a class a config may build" in _error_line(capsys, "gex train"), argv
     assert not marker.exists() and not (tmp_path / "run").exists()
     # Lightning's classes, by full or short name, are built as before.
     # (They reach the Trainer beside the run's own callbacks and checkpoint plugin.)
     allowed = [{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}, {"class_path": "ModelSummary"}]
     double = {"class_path": "lightning.pytorch.plugins.precision.DoublePrecision"}
-    csv = {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "mine")}}
+    csv = {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "run" / "mine")}}
     trainer_config = {"callbacks": allowed, "plugins": [double], "logger": csv}
     config = _with_trainer(tiny_config, trainer_config, tmp_path / "allowed.yaml")
     trainer = train_cli._parse(["--config", str(config), "--out", str(tmp_path / "run")]).trainer
     assert {"LearningRateMonitor", "ModelSummary", "ModelCheckpoint"} <= {type(c).__name__ for c in trainer.callbacks}
     assert type(trainer.precision_plugin).__name__ == "DoublePrecision"
     assert type(trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
-    assert [(type(log).__name__, log.save_dir) for log in trainer.loggers] == [("CSVLogger", str(tmp_path / "mine"))]
+    mine = str(tmp_path / "run" / "mine")
+    assert [(type(log).__name__, log.save_dir) for log in trainer.loggers] == [("CSVLogger", mine)]
+    assert Path(trainer.log_dir).is_relative_to(tmp_path / "run")  # where the run's config.yaml is saved
     # No logger named: the run's own TensorBoard and CSV logs in --out.
     trainer = train_cli._parse(["--config", str(tiny_config), "--out", str(tmp_path / "run")]).trainer
     assert [type(log).__name__ for log in trainer.loggers] == ["TensorBoardLogger", "ResumableCSVLogger"]
+
+
+# A class of an allowlisted package whose constructor starts a process: a config ran code with it (review).
+GADGET = "torch.distributed.elastic.multiprocessing.subprocess_handler.SubprocessHandler"
+
+
+def _gadget(marker: Path) -> dict[str, object]:
+    start = {"entrypoint": sys.executable, "args": ["-c", f"open({str(marker)!r}, 'w').close()"], "env": {}}
+    return {"class_path": GADGET, "init_args": {**start, "stdout": None, "stderr": None, "local_rank_id": 0,
+                                                "numa_options": None}}  # fmt: skip
+
+
+def test_a_config_builds_a_class_only_at_a_trainers_places(
+    tmp_path: Path, tiny_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker, run = tmp_path / "pwned", tmp_path / "run"
+    gadget = {"x": _gadget(marker)}
+    recipe = yaml.safe_load(tiny_config.read_text())
+    recipe["model"]["arch_kwargs"] = gadget
+    handed = tmp_path / "handed.yaml"
+    handed.write_text(yaml.safe_dump(recipe))
+    outer = tmp_path / "outer.yaml"  # a config that names the handed one (jsonargparse reads it as its part)
+    outer.write_text(yaml.safe_dump({"config": handed.name}))
+    where = f"model.arch_kwargs.x.class_path = {GADGET!r}: a config builds a class only for trainer.callbacks"
+    for argv, source in (
+        (["--config", str(handed)], f"--config {handed}"),
+        (["--config", str(outer)], f"--config {handed}"),
+        (["--config", str(tiny_config), "--model.arch_kwargs", json.dumps(gadget)], "--model.arch_kwargs"),
+        (["--config", str(tiny_config), f"--model.arch_kwargs={json.dumps(gadget)}"], "--model.arch_kwargs"),
+    ):
+        assert train_cli.main([*argv, "--out", str(run)]) == 2, argv
+        assert _error_line(capsys, "gex train").startswith(f"gex train: error: {source}: {where}"), argv
+    # An allowlisted class is refused there too, and the gadget is refused at a Trainer's place.
+    checkpoint = {"x": {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"}}
+    assert train_cli.main(["--config", str(tiny_config), "--model.arch_kwargs", json.dumps(checkpoint)]) == 2
+    assert "model.arch_kwargs.x.class_path = 'lightning.pytorch.callbacks.ModelCheckpoint': a config builds" in (
+        _error_line(capsys, "gex train")
+    )
+    config = _with_trainer(tiny_config, {"callbacks": [_gadget(marker)]}, tmp_path / "callback.yaml")
+    assert train_cli.main(["--config", str(config), "--out", str(run)]) == 2
+    assert f"trainer.callbacks[0].class_path = {GADGET!r} is not a class a config may build" in _error_line(
+        capsys, "gex train"
+    )
+    # gex detect train's keyword arguments (the data are never read: refused while parsing).
+    detector = {"model": {"backbone": "cifar_resnet20", "detector_kwargs": gadget},
+                "data": {"root": str(tmp_path / "coco")}, "trainer": {"max_epochs": 0}}  # fmt: skip
+    config = tmp_path / "detect.yaml"
+    config.write_text(yaml.safe_dump(detector))
+    assert detect_cli.main(["train", "--config", str(config), "--out", str(run)]) == 2
+    line = _error_line(capsys, "gex detect train")
+    assert f"--config {config}: model.detector_kwargs.x.class_path = {GADGET!r}: a config builds" in line
+    time.sleep(1)  # the process the gadget would have started
+    assert not marker.exists() and not run.exists()
+
+
+def test_keyword_arguments_are_plain_json_that_jsonargparse_never_imports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Typed Any, a class_path in them was imported while parsing and built with the model (guard aside).
+    marker = tmp_path / "imported"
+    (tmp_path / "handed_gadget.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass G:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    value = {"x": {"class_path": "handed_gadget.G", "init_args": {"a": [1, {"b": None}]}}}
+    arguments = [(ClassificationModule, "arch_kwargs", value), (DetectionModule, "backbone_kwargs", value),
+                 (DetectionModule, "detector_kwargs", value), (DetectionModule, "categories", [value])]  # fmt: skip
+    for module, key, given in arguments:
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(module, "model")
+        parsed = parser.parse_object({"model": {key: given}})
+        assert parsed.model[key] == given and not isinstance(parsed.model[key], Namespace), key
+    assert not marker.exists()
+
+
+def test_a_config_writes_only_inside_out(tmp_path: Path, tiny_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    victim, run = tmp_path / "victim", tmp_path / "run"
+    for name in ("checkpoints/last.ckpt", "csv/metrics.csv", "fit-notes.txt"):
+        (victim / name).parent.mkdir(parents=True, exist_ok=True)
+        (victim / name).write_text("ORIGINAL")
+    before = _snapshot(victim)
+    callback = "lightning.pytorch.callbacks.ModelCheckpoint"
+    csv, profiler = "lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.profilers.SimpleProfiler"
+    cases = [
+        ({"callbacks": [{"class_path": callback, "init_args": {"dirpath": str(victim / "checkpoints"),
+                                                               "filename": "last", "every_n_train_steps": 1}}]},
+         f"trainer.callbacks ModelCheckpoint's dirpath = {str(victim / 'checkpoints')!r} is outside --out {run}"),
+        ({"callbacks": [{"class_path": callback, "init_args": {"filename": "../../victim/checkpoints/last",
+                                                               "every_n_train_steps": 1}}]},
+         "ModelCheckpoint's filename = '../../victim/checkpoints/last': a file name, not a path"),
+        ({"logger": [{"class_path": csv, "init_args": {"save_dir": str(victim), "name": "", "version": "csv"}}]},
+         f"trainer.logger CSVLogger's save_dir = {str(victim)!r} is outside --out {run}"),
+        ({"logger": {"class_path": csv, "init_args": {"save_dir": str(run), "name": "../victim", "version": "csv"}}},
+         f"trainer.logger CSVLogger's log_dir = {str(run / '../victim/csv')!r} is outside --out {run}"),
+        ({"profiler": {"class_path": profiler, "init_args": {"dirpath": str(victim), "filename": "notes"}}},
+         f"trainer.profiler SimpleProfiler's dirpath = {str(victim)!r} is outside --out {run}"),
+    ]  # fmt: skip
+    for trainer, message in cases:
+        config = _with_trainer(tiny_config, trainer, tmp_path / "handed.yaml")
+        assert train_cli.main(["--config", str(config), "--out", str(run), "--eval_after", "false"]) == 2, message
+        assert message in _error_line(capsys, "gex train")
+    assert _snapshot(victim) == before and not run.exists()
+
+
+def test_a_resumed_checkpoint_never_removes_a_file_outside_its_run(
+    tmp_path: Path, tiny_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, run, victim = tmp_path / "base", tmp_path / "run", tmp_path / "victim"
+    _train(tiny_config, base)
+    (victim / "runs").mkdir(parents=True)
+    (victim / "runs" / "eval.json").write_text("precious")
+    # A weights-only checkpoint whose ModelCheckpoint states name the victim as the file they wrote last:
+    # Lightning removed it (rm -r) as superseded after the next epoch.
+    saved = torch.load(base / "checkpoints" / "last.ckpt", weights_only=True)
+    for state in saved["callbacks"].values():
+        state["best_model_path"] = f"{run}/checkpoints/" + "../" * 30 + str(victim).lstrip("/")
+    handed = tmp_path / "model.ckpt"
+    torch.save(saved, handed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(tiny_config, run, "--resume", str(handed), "--trainer.max_epochs", "2")
+    assert (victim / "runs" / "eval.json").is_file() and (victim / "runs" / "eval.json").read_text() == "precious"
+    said = r"its ModelCheckpoint state names best_model_path .*victim.* not restored"
+    assert any(re.search(said, str(warning.message)) for warning in caught)
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    # A config never chooses the checkpoint to restore: only the command line does.
+    config = tmp_path / "handed.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load(tiny_config.read_text()), "resume": str(handed)}))
+    assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "other")]) == 2
+    assert _error_line(capsys, "gex train") == (
+        f"gex train: error: --config {config}: resume = {str(handed)!r}: a config does not choose the checkpoint "
+        "a run continues from (it restores its optimizer and callbacks); pass --resume on the command line"
+    )
+
+
+def test_the_checkpoint_io_removes_only_a_checkpoint_file_of_its_run(tmp_path: Path) -> None:
+    folder, victim = tmp_path / "run" / "checkpoints", tmp_path / "victim"
+    folder.mkdir(parents=True)
+    victim.mkdir()
+    (victim / "eval.json").write_text("precious")
+    (folder / "folder.ckpt").mkdir()
+    (folder / "link.ckpt").symlink_to(victim / "eval.json")
+    checkpoint_io = AtomicCheckpointIO(folder)
+    for path in (f"{folder}/../../victim", victim / "eval.json", folder / "folder.ckpt", folder / "link.ckpt"):
+        with pytest.warns(UserWarning, match="not removed as a superseded checkpoint"):
+            checkpoint_io.remove_checkpoint(path)
+    assert (victim / "eval.json").read_text() == "precious"
+    assert (folder / "folder.ckpt").is_dir() and (folder / "link.ckpt").is_symlink()
+    (folder / "epoch=0.ckpt").write_bytes(b"superseded")
+    checkpoint_io.remove_checkpoint(folder / "epoch=0.ckpt")
+    assert not (folder / "epoch=0.ckpt").exists()
+
+
+def test_a_handed_run_folder_with_a_link_out_of_it_is_refused(
+    tmp_path: Path, tiny_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, handed, victim = tmp_path / "base", tmp_path / "handed_run", tmp_path / "victim2" / "csv"
+    _train(tiny_config, base)
+    victim.mkdir(parents=True)
+    rows = "epoch,step,val/top1_err\n0,10,40.0\n1,20,30.0\n2,30,20.0\n3,40,10.0\n"
+    (victim / "metrics.csv").write_text(rows)
+    handed.mkdir()
+    shutil.copytree(base / "checkpoints", handed / "checkpoints")
+    (handed / "csv").symlink_to("../victim2/csv")
+    argv = ["--config", str(tiny_config), "--out", str(handed), "--resume", "last", "--trainer.max_epochs", "2"]
+    assert train_cli.main(argv) == 2
+    assert _error_line(capsys, "gex train") == (
+        f"gex train: error: --out {handed}: {handed / 'csv'} is a link to {os.path.realpath(victim)}, outside the "
+        "run folder; the run would write through it: remove the link or choose another --out (nothing was written)"
+    )
+    assert (victim / "metrics.csv").read_text() == rows
+    # A link to a file of the run itself, and --out itself a link (one the user made), are fine.
+    (handed / "csv").unlink()
+    (handed / "checkpoints" / "latest.ckpt").symlink_to("last.ckpt")
+    (tmp_path / "mine").symlink_to(handed)
+    from gather_excite.cli._outputs import check_no_links_out  # (here: the test fails, not its module, without it)
+
+    check_no_links_out(tmp_path / "mine")
 
 
 # ---------------------------------------------------------------- nothing a user made is lost

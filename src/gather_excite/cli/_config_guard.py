@@ -1,13 +1,20 @@
-"""What a ``gex train``/``gex detect train`` config may name: classes of the allowlisted packages, and
-no function. LightningCLI builds ``trainer.callbacks``/``logger``/``plugins``/``strategy`` from a class
-path (importing its module while parsing: ``class_path: pkg.Cls``, or the bare string ``pkg.Cls``) and
-imports a dotted path given for a callable argument (``LambdaCallback(on_fit_start=...)``).
+"""What a ``gex train``/``gex detect train`` config may name: a few Lightning classes, each only where a
+Trainer takes such an object, and no function. LightningCLI builds ``trainer.callbacks``/``logger``/
+``plugins``/``strategy``/``profiler`` from a class path (importing its module while parsing:
+``class_path: pkg.Cls``, or the bare string ``pkg.Cls``), builds a ``class_path`` it finds in any
+argument typed ``Any`` (a gadget class whose constructor starts a process ran that way, from
+``model.arch_kwargs``), and imports a dotted path given for a callable argument
+(``LambdaCallback(on_fit_start=...)``).
 
-Every YAML text jsonargparse reads goes through one loader (:func:`install_loader`): the ``--config``
-file, a file it names for a group (``trainer: other.yaml``), a file given as ``--trainer FILE`` and each
-command-line value. The loader refuses a class path outside :data:`ALLOWED_PACKAGES` before
-jsonargparse can import it; the parsed config is checked again before anything in it is built or
-called (:func:`check_parsed_config`)."""
+So a ``class_path`` must name one of :data:`ALLOWED_CLASSES` (exact import paths, not packages) and
+stand at one of the Trainer's places (:data:`OBJECT_PLACES`); anywhere else it is refused. Every YAML
+text jsonargparse reads goes through one loader (:func:`install_loader`): the ``--config`` file, a file
+it names (``config: other.yaml``, ``trainer: other.yaml``), a file given as ``--trainer FILE`` and each
+command-line value. The loader does not know where its text goes, so it refuses a class outside the
+allowlist before jsonargparse can import it; the ``--config`` file (with the files its ``config:`` key
+names) and the command line are checked with their key paths before parsing
+(:func:`check_config_file`, :func:`check_command_line`), and the parsed config, whatever route its
+values took, before anything in it is built or called (:func:`check_parsed_config`)."""
 
 from __future__ import annotations
 
@@ -21,15 +28,52 @@ from typing import Any
 
 import yaml
 from jsonargparse import Namespace, get_loader, set_loader
+from jsonargparse.typing import get_import_path, import_object
 
 from ..errors import ConfigError
 
-__all__ = ["ALLOWED_PACKAGES", "check_config_file", "check_loaded", "check_parsed_config", "install_loader"]
+__all__ = [
+    "ALLOWED_CLASSES",
+    "OBJECT_PLACES",
+    "check_command_line",
+    "check_config_file",
+    "check_loaded",
+    "check_parsed_config",
+    "install_loader",
+]
 
-# Top-level packages whose classes a config may name (Lightning's callbacks, loggers, strategies,
-# plugins and profilers; PyTorch's; this project's). A short name (``class_path: ModelCheckpoint``)
-# is resolved by jsonargparse among the classes these have already defined.
-ALLOWED_PACKAGES = ("lightning", "torch", "gather_excite")
+# The classes a config may build, by the import path jsonargparse records for them: Lightning's callbacks,
+# loggers, profilers, precision plugins, cluster environments and strategies that take only values. Not
+# LambdaCallback (it calls what it is given) nor loggers that send data elsewhere; where these write is
+# checked against --out when the Trainer is built (cli/train.py).
+_CALLBACKS = (
+    "DeviceStatsMonitor", "EarlyStopping", "GradientAccumulationScheduler", "LearningRateMonitor", "ModelCheckpoint",
+    "ModelSummary", "RichModelSummary", "RichProgressBar", "TQDMProgressBar", "Timer",
+)  # fmt: skip
+ALLOWED_CLASSES = frozenset(
+    {
+        *(f"lightning.pytorch.callbacks.{name}" for name in _CALLBACKS),
+        "lightning.pytorch.loggers.CSVLogger",
+        "lightning.pytorch.loggers.TensorBoardLogger",
+        "lightning.pytorch.profilers.AdvancedProfiler",
+        "lightning.pytorch.profilers.PyTorchProfiler",
+        "lightning.pytorch.profilers.SimpleProfiler",
+        "lightning.pytorch.plugins.DoublePrecision",
+        "lightning.pytorch.plugins.HalfPrecision",
+        "lightning.pytorch.plugins.MixedPrecision",
+        "lightning.fabric.plugins.environments.LightningEnvironment",
+        "lightning.fabric.plugins.environments.SLURMEnvironment",
+        "lightning.fabric.plugins.environments.TorchElasticEnvironment",
+        "lightning.pytorch.strategies.DDPStrategy",
+        "lightning.pytorch.strategies.SingleDeviceStrategy",
+    }
+)
+_SHORT_NAMES = {path.rsplit(".", 1)[1] for path in ALLOWED_CLASSES}
+
+# The key paths at which a Trainer takes an object built from a class path (one, or one of a list).
+OBJECT_PLACES = re.compile(r"trainer\.(callbacks|logger|plugins)(\[\d+\])?|trainer\.(strategy|profiler)")
+
+_REFUSED = "refused before importing it (a config a user was handed must not run code: build such a Trainer in Python)"
 
 
 def _items(node: Any, where: str = "") -> Iterator[tuple[str, Any, Any]]:
@@ -46,11 +90,39 @@ def _items(node: Any, where: str = "") -> Iterator[tuple[str, Any, Any]]:
             yield from _items(value, f"{where}[{index}]")
 
 
-def _refuse_class_path(where: str, value: str, source: str) -> None:
-    if "." in value and value.split(".", 1)[0] not in ALLOWED_PACKAGES:
+def _allowed_name(value: str) -> bool:
+    """Whether a class path as a config writes it may be an allowlisted class: its full path, the short
+    name jsonargparse resolves among the classes already imported, or another Lightning module's path to
+    it (``lightning.pytorch.plugins.precision.DoublePrecision``); the parsed config then holds the class's
+    own path, which must be in :data:`ALLOWED_CLASSES` exactly."""
+    short = value.rsplit(".", 1)[-1]
+    return value in ALLOWED_CLASSES or (short in _SHORT_NAMES and (value == short or value.startswith("lightning.")))
+
+
+def _resolves_to_allowed(value: str) -> bool:
+    """Whether a parsed config's class path is an allowlisted class: jsonargparse has imported it by now,
+    and keeps some as they were written (``plugins``), so an alias is resolved to the class's own path."""
+    if value in ALLOWED_CLASSES:
+        return True
+    try:
+        return _allowed_name(value) and get_import_path(import_object(value)) in ALLOWED_CLASSES
+    except (ImportError, AttributeError, ValueError):
+        return False
+
+
+def _check_class_path(where: str, value: str, source: str, *, located: bool, parsed: bool = False) -> None:
+    """Refuse ``value``, given for the ``class_path`` at ``where``, unless it stands (``located``: ``where``
+    is the key path from the top of the config) at one of :data:`OBJECT_PLACES` and is an allowlisted class."""
+    place = where.removesuffix(".class_path")
+    if located and not OBJECT_PLACES.fullmatch(place):
         raise ConfigError(
-            f"{source}: {where} = {value!r} names a class outside {', '.join(ALLOWED_PACKAGES)}; refused before "
-            "importing it (a config a user was handed must not run code: build such a Trainer in Python)"
+            f"{source}: {where} = {value!r}: a config builds a class only for trainer.callbacks, logger, plugins, "
+            f"strategy or profiler, not under {place or 'the top level'}; {_REFUSED}"
+        )
+    if not (_resolves_to_allowed(value) if parsed else _allowed_name(value)):
+        raise ConfigError(
+            f"{source}: {where or 'class_path'} = {value!r} is not a class a config may build "
+            f"(Lightning's callbacks, loggers, profilers, plugins and strategies); {_REFUSED}"
         )
 
 
@@ -58,10 +130,10 @@ _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
 def _names_outside_module(value: str) -> bool:
-    """Whether a bare string is an import path of a module outside the allowlist: dotted identifiers whose
-    first one is an installed top-level module (``find_spec`` locates it without importing it), so that
-    file names (``imagenet.yaml``) and numbers pass."""
-    if not _DOTTED.fullmatch(value) or value.split(".", 1)[0] in ALLOWED_PACKAGES:
+    """Whether a bare string is an import path of a module outside Lightning, PyTorch and this package:
+    dotted identifiers whose first one is an installed top-level module (``find_spec`` locates it without
+    importing it), so that file names (``imagenet.yaml``) and numbers pass."""
+    if not _DOTTED.fullmatch(value) or value.split(".", 1)[0] in ("lightning", "torch", "gather_excite"):
         return False
     try:
         return importlib.util.find_spec(value.split(".", 1)[0]) is not None
@@ -69,29 +141,36 @@ def _names_outside_module(value: str) -> bool:
         return False
 
 
-def check_loaded(data: Any, source: str) -> Any:
-    """Refuse ``data`` (a loaded YAML value) if it names a class or function outside the allowlist; returns it."""
-    entries = [("", None, data), *_items(data)]
-    for where, key, value in entries:
+def check_loaded(data: Any, source: str, prefix: str | None = None) -> Any:
+    """Refuse ``data`` (a loaded YAML value) if it names a class or function a config may not; returns it.
+
+    ``prefix``: the key path of ``data`` in the config (``""`` for a whole config, ``"model.arch_kwargs"``
+    for that option's value), or ``None`` where it is not known (the loader), in which case only the class
+    itself is checked, not its place."""
+    for where, key, value in [(prefix or "", None, data), *_items(data, prefix or "")]:
         if not isinstance(value, str):
             continue
         if key == "class_path":
-            _refuse_class_path(where, value, source)
+            _check_class_path(where, value, source, located=prefix is not None)
+        elif prefix is not None and OBJECT_PLACES.fullmatch(where) and _DOTTED.fullmatch(value):
+            _check_class_path(where, value, source, located=True)  # a bare class path: callbacks: [pkg.Cls]
         elif _names_outside_module(value):
             raise ConfigError(
-                f"{source}: {where or 'a value'} = {value!r} names an import path outside "
-                f"{', '.join(ALLOWED_PACKAGES)}; refused before importing it (a config a user was handed must "
-                f"not run code: build such a Trainer in Python; a file name? write it as ./{value})"
+                f"{source}: {where or 'a value'} = {value!r} names an import path outside lightning, torch, "
+                f"gather_excite; {_REFUSED.removesuffix(')')}; a file name? write it as ./{value})"
             )
     return data
 
 
-def check_config_file(path: str | Path) -> None:
-    """:func:`check_loaded` of a YAML file, naming it (the loader checks it again, as "the config"); a file
-    that is not YAML, is empty or holds something other than a mapping of settings is refused here,
-    naming it (jsonargparse's messages name neither the file nor the problem's place in it)."""
+def check_config_file(path: str | Path, *, seen: frozenset[Path] = frozenset()) -> None:
+    """:func:`check_loaded` of a YAML file with its key paths, and of the files its ``config:`` key names
+    (jsonargparse reads them as part of it, relative to its folder); a file that is not YAML, is empty or
+    holds something other than a mapping of settings is refused here, naming it (jsonargparse's messages
+    name neither the file nor the problem's place in it). A config may not set ``resume``: which checkpoint
+    a run restores (its optimizer and callbacks' state) is said on the command line, never by a handed file."""
+    path = Path(path).expanduser()
     try:
-        data = yaml.safe_load(Path(path).expanduser().read_text())
+        data = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.constructor.ConstructorError):
         return  # jsonargparse reads the file next and reports what is wrong with it (tags: gex train's message)
     except yaml.YAMLError as err:
@@ -103,11 +182,39 @@ def check_config_file(path: str | Path) -> None:
         found = "an empty file" if data is None else f"a {type(data).__name__}"
         raise ConfigError(f"--config {path}: expected a YAML mapping of settings (model:, data:, trainer:, ...), "
                           f"found {found}")  # fmt: skip
-    check_loaded(data, f"--config {path}")
+    check_loaded(data, f"--config {path}", prefix="")
+    if data.get("resume") is not None:
+        raise ConfigError(
+            f"--config {path}: resume = {data['resume']!r}: a config does not choose the checkpoint a run "
+            "continues from (it restores its optimizer and callbacks); pass --resume on the command line"
+        )
+    nested = data.get("config")
+    for name in nested if isinstance(nested, list) else [nested]:
+        if isinstance(name, str) and (path.parent / name).resolve() not in seen:
+            check_config_file(path.parent / name, seen=seen | {path.resolve()})
+
+
+def check_command_line(argv: list[str]) -> None:
+    """:func:`check_loaded` of each command-line value with its option's key path (``--model.arch_kwargs
+    '{x: {class_path: ...}}'``), before jsonargparse parses it."""
+    for index, argument in enumerate(argv):
+        if not argument.startswith("--") or argument in ("--config", "--"):
+            continue
+        key, equals, value = argument[2:].partition("=")
+        if not equals:
+            following = argv[index + 1] if index + 1 < len(argv) else None
+            if following is None or following.startswith("--"):
+                continue
+            value = following
+        try:
+            data = yaml.safe_load(value)
+        except yaml.YAMLError:
+            continue  # not YAML: a plain string, which jsonargparse checks against the option's type
+        check_loaded(data, f"--{key}", prefix=key.removesuffix("+"))
 
 
 def install_loader() -> None:
-    """Make jsonargparse's YAML loader refuse, while loading, any text that names an outside class."""
+    """Make jsonargparse's YAML loader refuse, while loading, any text that names a class outside the allowlist."""
     base = get_loader("yaml")
     if getattr(base, "guarded", False):
         return
@@ -120,10 +227,11 @@ def install_loader() -> None:
 
 
 def check_parsed_config(config: Any) -> None:
-    """Refuse a parsed config that names an outside class or holds any function, before it is built."""
+    """Refuse a parsed config that builds a class other than an allowlisted one at a Trainer's place, or
+    holds any function, before anything is built: the last check, whichever file or option a value came from."""
     for where, key, value in _items(config):
         if key == "class_path" and isinstance(value, str):
-            _refuse_class_path(where, value, "the config")
+            _check_class_path(where, value, "the config", located=True, parsed=True)
         elif inspect.isroutine(value) or inspect.isclass(value) or isinstance(value, functools.partial):
             name = f"{getattr(value, '__module__', None) or '?'}.{getattr(value, '__qualname__', repr(value))}"
             raise ConfigError(

@@ -5,7 +5,9 @@ names it; ``--overwrite`` replaces it. ``gex eval``'s default file (``eval.json`
 checkpoint) steps to the next free name instead: ``eval-2.json``, ...
 Training runs and ``gex compare`` sweeps keep their own rule (``--resume``), with the same check that
 their folder can be written (:func:`check_writable_folder`). An output that is one of the command's
-own inputs is refused whatever ``--overwrite`` says (:func:`check_not_an_input`).
+own inputs is refused whatever ``--overwrite`` says (:func:`check_not_an_input`). A run writes only inside
+its folder: a config-built logger, callback or profiler that would write elsewhere (:func:`check_inside`),
+and a run folder holding a link that leads out of it (:func:`check_no_links_out`), are refused.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from ..errors import ConfigError, RunExistsError
 
 __all__ = [
     "add_overwrite_argument",
+    "check_inside",
+    "check_no_links_out",
     "check_not_an_input",
     "check_output_file",
     "check_output_folder",
@@ -61,6 +65,37 @@ def _same(first: Path, second: Path) -> bool:
         return os.path.samefile(first, second)
     except OSError:  # one of them does not exist (yet)
         return first.resolve() == second.resolve()
+
+
+def _leaves(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """Whether ``path``, its links and ``..`` resolved (a relative one against the working directory, as
+    the file system does), lies outside ``folder`` resolved the same way."""
+    root = os.path.realpath(folder)
+    return os.path.commonpath([os.path.realpath(path), root]) != root
+
+
+def check_inside(path: str | os.PathLike[str], folder: str | os.PathLike[str], what: str, flag: str = "--out") -> None:
+    """Refuse ``path``, where ``what`` (a config's setting) would write, unless it lies inside ``folder``:
+    a handed config must not write over another run's checkpoints or logs."""
+    if _leaves(path, folder):
+        raise ConfigError(
+            f"{what} = {str(path)!r} is outside {flag} {folder}; a run writes only into its own folder: set it "
+            f"to a path inside {folder}, or remove it (nothing was written)"
+        )
+
+
+def check_no_links_out(folder: str | os.PathLike[str], flag: str = "--out") -> None:
+    """Refuse a run folder that holds a symbolic link (at any depth) leading out of it: the run writes
+    through its entries (``csv/metrics.csv``, ``checkpoints/last.ckpt``), so a handed folder with
+    ``csv -> ../other/csv`` would rewrite another run's files. ``folder`` itself may be a link."""
+    for parent, folders, files in os.walk(folder):  # a linked folder is listed, never entered
+        for name in folders + files:
+            entry = os.path.join(parent, name)
+            if os.path.islink(entry) and _leaves(entry, folder):
+                raise ConfigError(
+                    f"{flag} {folder}: {entry} is a link to {os.path.realpath(entry)}, outside the run folder; "
+                    "the run would write through it: remove the link or choose another --out (nothing was written)"
+                )
 
 
 def check_not_an_input(

@@ -16,6 +16,7 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentError
 from lightning.fabric.plugins.environments import TorchElasticEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import ParallelStrategy
@@ -37,8 +38,8 @@ from ..engine import (
     write_eval_json,
 )
 from ..errors import CheckpointError, ConfigError, DataNotFoundError, GexError, RunExistsError, one_line
-from ._config_guard import check_config_file, check_parsed_config, install_loader
-from ._outputs import check_writable_folder
+from ._config_guard import check_command_line, check_config_file, check_parsed_config, install_loader
+from ._outputs import check_inside, check_no_links_out, check_writable_folder
 
 __all__ = ["GexCLI", "main"]
 
@@ -204,15 +205,36 @@ class GexCLI(LightningCLI):
                 ResumableCSVLogger(str(out), name="", version="csv"),
             ]
         plugins = _as_list(kwargs.pop("plugins", None) or configured.get("plugins"))
-        plugins.append(AtomicCheckpointIO())
+        plugins.append(AtomicCheckpointIO(out / "checkpoints"))
         try:
             trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
         # Lightning's words for an unknown accelerator, strategy or precision name (ValueError) and for one
         # this machine cannot honour (MisconfigurationException, e.g. accelerator gpu without one)
         except (ValueError, MisconfigurationException) as err:
             raise ConfigError(f"trainer: {one_line(err)}") from None
+        _check_writes_inside(trainer, out)
         _check_processes(trainer, sync_batchnorm=bool((self.config.get("trainer") or {}).get("sync_batchnorm")))
         return trainer
+
+
+def _check_writes_inside(trainer: Any, out: Path) -> None:
+    """Refuse, before anything is written, a config-built logger, ModelCheckpoint or profiler that would write
+    outside ``out``: a handed config overwrote another run's ``last.ckpt`` and ``metrics.csv`` that way. The
+    first logger's folder also receives the saved ``config.yaml``. A file name must be a name, not a path."""
+    check_no_links_out(out)  # first, to name the link rather than the logger writing through it
+    check_inside(trainer.default_root_dir, out, "trainer.default_root_dir")
+    for logger in trainer.loggers:
+        for key in ("save_dir", "log_dir"):
+            if getattr(logger, key, None) is not None:
+                check_inside(getattr(logger, key), out, f"trainer.logger {type(logger).__name__}'s {key}")
+    writers = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)] + [trainer.profiler]
+    for writer in writers:
+        what = f"trainer.{'profiler' if writer is trainer.profiler else 'callbacks'} {type(writer).__name__}'s"
+        if getattr(writer, "dirpath", None) is not None:
+            check_inside(writer.dirpath, out, f"{what} dirpath")
+        filename = getattr(writer, "filename", None)
+        if filename and ("/" in filename or os.sep in filename):
+            raise ConfigError(f"{what} filename = {filename!r}: a file name, not a path (the folder is dirpath)")
 
 
 def _check_processes(trainer: Any, *, sync_batchnorm: bool) -> None:
@@ -358,6 +380,7 @@ def _parse(
 ) -> GexCLI:
     """The parsed config with the model, data and trainer built (nothing run yet)."""
     install_loader()  # every YAML text read below is checked for class paths before anything is imported
+    check_command_line(argv)  # with each option's key path: a class is built only at a Trainer's places
     saved_argv, sys.argv = sys.argv, [prog]  # LightningCLI warns when sys.argv and args differ
     # "Seed set to N" would precede a one-line error about the arguments; the seed is in the config.
     seed_log = logging.getLogger("lightning.fabric.utilities.seed")
@@ -434,6 +457,7 @@ def held_run_folder(out: Path, trainer: Any, command: str) -> Iterator[None]:
         what = "a broken link" if out.is_symlink() else "a file"
         raise ConfigError(f"--out {out}: is {what}; expected a run folder (new, or the one to resume)")
     check_writable_folder(out)
+    check_no_links_out(out)  # a handed run folder's csv -> ../other/csv would rewrite that run's log
     lock, made = None, []
     if trainer.global_rank == 0:
         made = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first

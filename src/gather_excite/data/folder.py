@@ -27,7 +27,7 @@ def _load_rgb(path: str) -> Image.Image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise CorruptImageError(
-            f"corrupt or unreadable image file {path!r} (expected one of {', '.join(IMAGE_FORMATS)}): {err}"
+            f"corrupt or unreadable image file {path!r}: {err} (images open as {', '.join(IMAGE_FORMATS)})"
         ) from err
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..complexity import complexity
-from ..engine.module import SGDModule
+from ..engine.module import JSONValue, SGDModule
 from ..errors import CheckpointError, ConfigError, DataError, GexError
 from ..models import split_model_name
 from ..models._pretrained import read_weights
@@ -156,11 +156,11 @@ class DetectionModule(SGDModule):
         backbone: str = "ge_theta_e8_resnet50",
         *,
         layout: str = "c4",
-        categories: list[dict[str, Any]] | None = None,
+        categories: list[dict[str, JSONValue]] | None = None,
         backbone_init: str | None = None,
         frozen_bn: bool = True,
         trainable_layers: int | None = None,
-        backbone_kwargs: dict[str, Any] | None = None,
+        backbone_kwargs: dict[str, JSONValue] | None = None,
         feature_levels: list[str] | None = None,
         fpn_channels: int = 256,
         representation_size: int = 1024,
@@ -168,7 +168,7 @@ class DetectionModule(SGDModule):
         aspect_ratios: list[float] | None = None,
         min_size: int = 800,
         max_size: int = 1333,
-        detector_kwargs: dict[str, Any] | None = None,
+        detector_kwargs: dict[str, JSONValue] | None = None,
         lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +67,29 @@ def read_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint I/O for local paths that writes every checkpoint with :func:`atomic_torch_save`."""
+    """Lightning checkpoint I/O for local paths that writes every checkpoint with :func:`atomic_torch_save`,
+    and touches no file outside the run's checkpoint folder ``checkpoints``.
+
+    A checkpoint's ModelCheckpoint state names the files Lightning later removes as superseded (the
+    previous best, last, top-k); a handed checkpoint naming ``OUT/checkpoints/../../victim`` made Lightning
+    ``rm -r`` that folder (it does not resolve ``..``, and removes recursively). So names outside
+    ``checkpoints`` are dropped from the state on loading (:meth:`load_checkpoint`; a checkpoint of another
+    run continued in a new folder names that run's files, so this is said and not refused), and only a
+    regular ``*.ckpt`` file directly in ``checkpoints`` is ever removed (:meth:`remove_checkpoint`).
+    """
+
+    def __init__(self, checkpoints: str | os.PathLike[str] | None = None) -> None:
+        super().__init__()
+        self.checkpoints = None if checkpoints is None else Path(checkpoints)
+
+    def _own(self, path: Any) -> bool:
+        """Whether ``path`` names a ``*.ckpt`` file directly in ``checkpoints``, links and ``..`` resolved."""
+        if not isinstance(path, str | os.PathLike) or "://" in str(path):
+            return False
+        real = Path(os.path.realpath(path))
+        return real.suffix == ".ckpt" and (
+            self.checkpoints is None or real.parent == Path(os.path.realpath(self.checkpoints))
+        )
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -74,6 +98,46 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path)
             return
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(path, *args, **kwargs)
+        if self.checkpoints is None:
+            return checkpoint
+        dropped = []
+        for state in (checkpoint.get("callbacks") or {}).values():
+            if not isinstance(state, dict) or "best_model_path" not in state:  # not a ModelCheckpoint's
+                continue
+            for key in ("best_model_path", "last_model_path", "kth_best_model_path"):
+                if state.get(key) and not self._own(state[key]):
+                    dropped.append(f"{key} {state[key]!r}")
+                    state[key] = ""
+            best_k = state.get("best_k_models")
+            for name in [name for name in best_k if not self._own(name)] if isinstance(best_k, dict) else []:
+                dropped.append(f"best_k_models {name!r}")
+                del best_k[name]
+        if dropped:
+            warnings.warn(
+                f"{path}: its ModelCheckpoint state names {', '.join(dropped)}, not files in this run's "
+                f"{self.checkpoints}; not restored (they would be replaced or removed as superseded)",
+                stacklevel=2,
+            )
+        return checkpoint
+
+    def remove_checkpoint(self, path: Any) -> None:
+        """Remove a superseded checkpoint: a regular ``*.ckpt`` file directly in ``checkpoints``, never a
+        folder or a link; anything else is left where it is, with a warning."""
+        try:
+            regular = stat.S_ISREG(os.lstat(path).st_mode)
+        except (OSError, TypeError, ValueError):
+            return  # already gone (or no local path: nothing of this run)
+        if regular and self._own(path):
+            os.remove(path)
+            return
+        warnings.warn(
+            f"{path}: not removed as a superseded checkpoint: only a *.ckpt file directly in "
+            f"{self.checkpoints or 'the checkpoint folder'} is",
+            stacklevel=2,
+        )
 
 
 def checkpoint_callbacks(

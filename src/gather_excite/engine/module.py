@@ -21,6 +21,7 @@ __all__ = [
     "MODEL_KEYS",
     "NORM_LAYERS",
     "ClassificationModule",
+    "JSONValue",
     "SGDModule",
     "Schedule",
     "describe_model_mismatch",
@@ -28,6 +29,11 @@ __all__ = [
 ]
 
 Schedule = Literal["plateau", "step", "multistep", "cosine", "constant"]
+
+# The type of keyword-argument mappings a config gives (arch_kwargs, detector_kwargs, ...): plain JSON data.
+# jsonargparse builds the class named by a ``class_path`` it finds in an argument typed ``Any``, and leaves
+# a ``class_path`` in this type as the string it is (cli/_config_guard.py refuses it besides).
+JSONValue = str | int | float | bool | None | list["JSONValue"] | dict[str, "JSONValue"]
 
 # Hyperparameters that decide the network's architecture; a checkpoint must agree on all of them.
 MODEL_KEYS: tuple[str, ...] = ("arch", "num_classes", "in_chans", "input_size", "arch_kwargs")
@@ -217,7 +223,7 @@ class ClassificationModule(SGDModule):
         num_classes: int = 10,
         in_chans: int = 3,
         input_size: int | tuple[int, int] = 32,
-        arch_kwargs: dict[str, Any] | None = None,
+        arch_kwargs: dict[str, JSONValue] | None = None,
         pretrained: str | None = None,
         context_init: str | None = None,
         lr: float = 0.1,
