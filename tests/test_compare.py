@@ -228,6 +228,17 @@ def test_resume_after_a_killed_sweep_redoes_nothing_finished(tmp_path: Path, mon
         run_sweep(config, out, jobs=1)
     with pytest.raises(FileExistsError, match=r"holds a different sweep \(epochs: folder 2, this command 3\)"):
         run_sweep(SweepConfig(**{**config.__dict__, "epochs": 3}), out, jobs=1, resume=True)
+    # A folder from before the thread count was recorded: it reports, it is not continued (its runs'
+    # thread count is unknown, and the numbers depend on it).
+    marker = out / "sweep.json"
+    saved = marker.read_text()
+    older = json.loads(saved)
+    del older["identity"]["threads"]
+    marker.write_text(json.dumps(older))
+    assert summarize_finished(config, out)[1] == 3
+    with pytest.raises(FileExistsError, match=r"holds a different sweep \(threads: folder None, this command 1\)"):
+        run_sweep(config, out, jobs=1, resume=True)
+    marker.write_text(saved)
     trained.clear()
     monkeypatch.setattr(
         sweep_module, "train_run", lambda spec, *a, **k: (trained.append(spec.model), real(spec, *a, **k))[1]
@@ -340,11 +351,11 @@ from gather_excite.compare import sweep
 
 real_execute_run = sweep.execute_run
 
-def execute_run(config, spec, out, threads, on_epoch=None):
+def execute_run(config, spec, out, on_epoch=None):
     (Path(os.environ["GEX_TEST_MARKS"]) / f"{spec.model}.{spec.seed}.{os.getpid()}").touch()
     if spec.seed == 0 and os.environ.get("GEX_TEST_TRAIN_SEED0"):
         extra = {} if on_epoch is None else {"on_epoch": on_epoch}
-        return real_execute_run(config, spec, out, threads, **extra)
+        return real_execute_run(config, spec, out, **extra)
     time.sleep(120)
     raise RuntimeError("a sleeping run was not stopped")
 
@@ -494,6 +505,19 @@ def test_sweep_reports_every_epoch_while_runs_train(tmp_path: Path) -> None:
     assert seen == []
 
 
+def _failing_on(model: str, error: BaseException | type[BaseException], *, wait: float = 0.0):
+    """``train_run`` that raises ``error`` for the runs of ``model`` (after ``wait`` seconds) and trains the others."""
+    real = sweep_module.train_run
+
+    def train_run(spec, *args, **kwargs):
+        if spec.model == model:
+            time.sleep(wait)
+            raise error
+        return real(spec, *args, **kwargs)
+
+    return train_run
+
+
 def test_wall_clock_sums_over_invocations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """Issue 3: ``results.json``'s ``wall_seconds`` is the sum over every invocation into the folder.
 
@@ -506,14 +530,8 @@ def test_wall_clock_sums_over_invocations(tmp_path: Path, monkeypatch: pytest.Mo
     argv = ["--data-root", str(root), "--out", str(out), "--variants", "baseline,SE", "--seeds", "1", "--epochs", "1"]
     argv += ["--train-size", "0", "--curve-size", "10", "--width", "4", "--batch-size", "16", "--jobs", "1"]
     real = sweep_module.train_run
-
-    def interrupted_second_run(spec, *args, **kwargs):
-        if spec.model == "se_cifar_resnet20":
-            time.sleep(0.3)  # some wall time that only the interrupted invocation spent
-            raise KeyboardInterrupt
-        return real(spec, *args, **kwargs)
-
-    monkeypatch.setattr(sweep_module, "train_run", interrupted_second_run)
+    # some wall time that only the interrupted invocation spent
+    monkeypatch.setattr(sweep_module, "train_run", _failing_on("se_cifar_resnet20", KeyboardInterrupt, wait=0.3))
     try:
         assert compare_cli.main(argv) == 130
     except KeyboardInterrupt:  # not as an interrupt of pytest itself
@@ -580,3 +598,241 @@ def test_sweep_records_of_the_wrong_kind_are_one_line(tmp_path: Path, capsys: py
     for flag in ("--report-only", "--resume"):
         assert compare_cli.main([*argv, flag]) == 2
         assert f"--out {str(out)!r}: its sweep.json holds a JSON list; expected an object" in error_line()
+
+
+# ---------------------------------------------------------------- the review of gex compare's runs and folder
+
+
+def test_the_thread_count_is_part_of_every_run_and_of_the_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's losses and errors depend on torch's thread count (the order of float sums), so it is fixed
+    per run (default 1, whatever --jobs and the cores) and a --resume with another count is refused.
+
+    Failed before: the thread count was ``cores // jobs`` (2 with --jobs 1 on 2 cores, 1 with the
+    default --jobs 2) and not part of the sweep's identity, so a --resume with another --jobs mixed
+    runs trained with 1 and 2 threads; SweepConfig had no ``threads``.
+    """
+    for extra in ([], ["--jobs", "1"], ["--jobs", "15"]):
+        config = compare_cli._config(compare_cli._parser().parse_args(["--out", str(tmp_path / "x"), *extra]))
+        assert config.threads == 1 and config.identity()["threads"] == 1
+        assert {spec.threads for spec in config.runs()} == {1}
+    root = write_fashion_idx(tmp_path / "data", train=16, test=8)
+    config = SweepConfig(
+        variants=(("baseline", "cifar_resnet20"),), seeds=(0,), data_root=str(root), threads=2,
+        **{**_TINY, "epochs": 1},
+    )  # fmt: skip
+    seen: list[int] = []
+    real = sweep_module.train_run
+    monkeypatch.setattr(
+        sweep_module, "train_run", lambda spec, *a, **k: (seen.append(torch.get_num_threads()), real(spec, *a, **k))[1]
+    )
+    (record,) = run_sweep(config, tmp_path / "out", jobs=1)
+    assert seen == [2] and record["threads"] == 2 and record["spec"]["threads"] == 2
+    assert torch.get_num_threads() == 1  # the caller's count is back
+    with pytest.raises(RunExistsError, match=r"holds a different sweep \(threads: folder 2, this command 1\)"):
+        run_sweep(SweepConfig(**{**config.__dict__, "threads": 1}), tmp_path / "out", jobs=1, resume=True)
+
+
+def test_paper_preset_resume_into_a_new_folder_still_asks_for_yes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--preset paper --resume`` skips the estimate and --yes only where the folder holds this very sweep.
+
+    Failed before: any --resume skipped them, so ``--resume`` into a new folder started the ~37
+    CPU-hour sweep at once (here: ``run_compare``, which stands in for the training, was called).
+    """
+
+    def started(*args, **kwargs):
+        raise KeyboardInterrupt  # the sweep would start training here
+
+    monkeypatch.setattr(compare_cli, "run_compare", started)
+    out = tmp_path / "paper"
+    argv = ["--preset", "paper", "--variants", "baseline", "--width", "4", "--out", str(out), "--resume"]
+    assert compare_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "estimated" in err and "--preset paper starts only with --yes" in err and not out.exists()
+    # The folder of this paper sweep (its estimate was shown when it started): --resume continues it.
+    sweep_module.prepare_folder(out, compare_cli._config(compare_cli._parser().parse_args(argv)), resume=False)
+    assert compare_cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "estimated" not in err and "interrupted" in err
+
+
+def test_a_last_batch_of_one_image_joins_the_batch_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """33 images in batches of 16: 16 + 17, not 16 + 16 + 1 (GE-θ's BatchNorm on its gathered 1x1 map
+    cannot train on one image). Other partial batches stay: 34 images give 16 + 16 + 2, and the default
+    6000 in batches of 128 give 46 full batches and one of 112, as before.
+
+    Failed before: the batch of one raised "Expected more than 1 value per channel when training".
+    """
+    from gather_excite.compare.data import load_fashion_mnist
+    from gather_excite.compare.run import RunSpec
+
+    root = write_fashion_idx(tmp_path / "data", train=33, test=8)
+    train, test = load_fashion_mnist(root, train=True), load_fashion_mnist(root, train=False)
+    sizes: list[int] = []
+    monkeypatch.setattr(run_module, "augment_batch", lambda raw, g: (sizes.append(len(raw)), augment_batch(raw, g))[1])
+    spec = RunSpec(label="GE-θ", model="ge_theta_cifar_resnet20", seed=0, epochs=1, batch_size=16, width=4)
+    record = run_module.train_run(spec, train, test, curve_size=None).record
+    assert sizes == [16, 17] and record["steps"] == 2 and record["train_images"] == 33
+    from gather_excite.compare.run import batch_bounds
+
+    assert len(batch_bounds(6000, 128)) == 47 and batch_bounds(6000, 128)[-1] == (5888, 6000)
+    assert batch_bounds(34, 16) == [(0, 16), (16, 32), (32, 34)]
+
+
+def test_batch_size_one_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every batch of one image: GE-θ's BatchNorm cannot train. Failed before: accepted (exit 0 here,
+    with the baseline alone; GE-θ crashed on its first batch)."""
+    root = write_fashion_idx(tmp_path / "data", train=4, test=4)
+    out = tmp_path / "out"
+    argv = ["--data-root", str(root), "--out", str(out), "--epochs", "1", "--seeds", "1", "--train-size", "0"]
+    argv += ["--width", "4", "--curve-size", "4", "--variants", "baseline", "--jobs", "1", "--batch-size", "1"]
+    assert compare_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == ("gex compare: error: --batch-size must be >= 2, got 1: BatchNorm cannot train on one image a batch\n")
+        and not out.exists()
+    )
+
+
+def test_a_failed_run_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that raises ends the command in one line naming the run (exit 2); the runs finished before
+    it are kept and counted. The run's exception stays the error's ``__cause__`` for library callers.
+
+    Failed before: the run's exception reached the terminal as a traceback of about 100 lines.
+    """
+    root = write_fashion_idx(tmp_path / "data", train=16, test=8)
+    out = tmp_path / "out"
+    argv = ["--data-root", str(root), "--out", str(out), "--epochs", "1", "--seeds", "1", "--train-size", "0"]
+    argv += ["--width", "4", "--curve-size", "4", "--variants", "baseline,SE", "--jobs", "1", "--batch-size", "8"]
+    monkeypatch.setattr(sweep_module, "train_run", _failing_on("se_cifar_resnet20", RuntimeError("boom\nin two lines")))
+    try:
+        assert compare_cli.main(argv) == 2
+    except RuntimeError:
+        pytest.fail("gex compare let the run's exception through")
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and [line for line in err.splitlines() if "error" in line] == [
+        f"gex compare: error: run SE seed 0 (se_cifar_resnet20) failed: RuntimeError: boom in two lines; "
+        f"finished runs are kept in {out}"
+    ], err
+    invocations = json.loads((out / "sweep.json").read_text())["invocations"]
+    assert [(i["outcome"], i["runs_trained"]) for i in invocations] == [("failed", 1)]
+
+
+def test_a_diverged_run_is_strict_json_marked_and_flagged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """At lr 1e6 the weights go to nan: run.json and results.json hold null for the non-finite numbers
+    (strict JSON), the record says ``diverged`` and the table marks the variant ``†`` with a note.
+
+    Failed before: bare ``NaN`` in both files (``JSON.parse`` and other strict parsers reject it) and
+    the run's chance-level error averaged in without a word.
+    """
+    root = write_fashion_idx(tmp_path / "data", train=32, test=10)
+    out = tmp_path / "out"
+    argv = ["--data-root", str(root), "--out", str(out), "--epochs", "1", "--seeds", "1", "--train-size", "0"]
+    argv += ["--width", "4", "--batch-size", "16", "--curve-size", "10", "--variants", "baseline", "--jobs", "1"]
+    assert compare_cli.main([*argv, "--lr", "1e6"]) == 0
+
+    def strict(path: Path) -> dict:
+        return json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in {path}"))
+
+    record = strict(out / "runs" / "cifar_resnet20" / "seed0" / "run.json")
+    results = strict(out / "results.json")
+    validate_results(results)
+    assert record["diverged"] is True and record["test_loss"] is None and results["runs"][0]["diverged"] is True
+    printed = capsys.readouterr()
+    assert "| baseline † | `cifar_resnet20` |" in printed.out
+    assert (
+        "`†`: diverged (non-finite loss; its chance-level error is in the mean and difference above): " in printed.out
+    )
+    assert "baseline seed 0." in printed.out and "try a lower --lr" in printed.err
+    # A run that trained normally says so.
+    (good,) = run_sweep(SweepConfig(variants=(("baseline", "cifar_resnet20"),), seeds=(0,), data_root=str(root),
+                                    **{**_TINY, "epochs": 1}), tmp_path / "good")  # fmt: skip
+    assert good["diverged"] is False and "†" not in format_table(
+        build_results([good], variants=(("baseline", "cifar_resnet20"),),
+                      complexity={"cifar_resnet20": {"params": 1, "macs": 1}}, settings={}, wall_seconds=1.0)
+    )  # fmt: skip
+
+
+def test_each_curve_row_records_the_rate_its_epoch_trained_with(tmp_path: Path) -> None:
+    """Cosine over 3 epochs from 0.1: epoch e trains at 0.05 (1 + cos(pi (e - 1) / 3)) = 0.1, 0.075, 0.025.
+
+    Failed before: the row was built after the scheduler's step, so it held the next epoch's
+    rate: 0.075, 0.025, 0.0.
+    """
+    from gather_excite.compare.data import load_fashion_mnist
+    from gather_excite.compare.run import RunSpec
+
+    root = write_fashion_idx(tmp_path / "data", train=16, test=8)
+    train, test = load_fashion_mnist(root, train=True), load_fashion_mnist(root, train=False)
+    spec = RunSpec(label="baseline", model="cifar_resnet20", seed=0, epochs=3, batch_size=8, width=4)
+    curve = run_module.train_run(spec, train, test, curve_size=4).record["curve"]
+    assert [row["lr"] for row in curve] == pytest.approx([0.1, 0.075, 0.025])
+
+
+def test_a_variant_named_twice_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--variants baseline,SE,baseline`` would train the baseline's runs twice at once into the same
+    folders. Failed before: accepted (here it went on to the data, and failed on the missing folder)."""
+    argv = [
+        "--variants",
+        "baseline,SE,baseline",
+        "--data-root",
+        str(tmp_path / "nowhere"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert compare_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "gex compare: error: --variants: baseline given more than once; name each variant once\n", err
+
+
+def test_runs_that_finish_after_a_failure_are_counted(tmp_path: Path) -> None:
+    """With --jobs 2, a run that fails (GE-θ, on batches of one image) lets the run in flight beside it
+    finish: its run.json is kept, and the invocation counts it in ``runs_trained``.
+
+    Failed before: those runs finished while the pool shut down and were not counted (0 here).
+    """
+    root = write_fashion_idx(tmp_path / "data", train=24, test=8)
+    config = SweepConfig(
+        variants=(("GE-θ", "ge_theta_cifar_resnet20"), ("baseline", "cifar_resnet20")), seeds=(0,),
+        data_root=str(root), **{**_TINY, "epochs": 1, "batch_size": 1},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match="Expected more than 1 value per channel"):
+        run_sweep(config, out, jobs=2)
+    assert [p.parent.parent.name for p in out.glob("runs/*/seed0/run.json")] == ["cifar_resnet20"]
+    invocations = json.loads((out / "sweep.json").read_text())["invocations"]
+    assert [(i["outcome"], i["runs_trained"]) for i in invocations] == [("failed", 1)]
+
+
+def test_refused_commands_print_their_error_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A command refused for its folder or data prints one line, no progress bar before it.
+
+    Failed before: an empty progress bar came first (it opened before the folder and data were checked).
+    """
+    from gather_excite.compare.sweep import _lock_folder
+
+    root = write_fashion_idx(tmp_path / "data", train=16, test=8)
+    argv = ["--epochs", "1", "--seeds", "1", "--train-size", "0", "--width", "4", "--batch-size", "8"]
+    argv += ["--curve-size", "4", "--variants", "baseline", "--jobs", "1"]
+    held, full, a_file = tmp_path / "held", tmp_path / "full", tmp_path / "file"
+    a_file.write_text("x")
+    config = compare_cli._config(compare_cli._parser().parse_args([*argv, "--data-root", str(root)]))
+    sweep_module.prepare_folder(full, config, resume=False)
+    lock = _lock_folder(held)
+    try:
+        for where, data, expected in (
+            (full, root, "already holds files"),
+            (a_file, root, "is a file"),
+            (tmp_path / "o", tmp_path / "nowhere", "does not exist"),
+            (held, root, "another gex compare is training into this folder now"),
+        ):
+            assert compare_cli.main([*argv, "--data-root", str(data), "--out", str(where)]) == 2
+            err = capsys.readouterr().err
+            assert len(err.splitlines()) == 1 and err.startswith("gex compare: error: ") and expected in err, err
+    finally:
+        os.close(lock)

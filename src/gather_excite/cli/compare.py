@@ -1,6 +1,8 @@
 """`gex compare`: train baseline, SE, GE-θ−, GE-θ and GE-θ+ ResNet-20s on Fashion-MNIST with several seeds.
 
-Every variant is trained once per seed, in parallel processes (one per CPU core). The table gives
+Every variant is trained once per seed, in parallel processes (one per CPU core) of one torch
+thread each: a run's numbers depend on its thread count (--threads, kept with the sweep's
+settings), never on --jobs or the machine's core count. The table gives
 each variant's test error ± standard error and its difference to the baseline paired by seed,
 marking differences larger than twice their standard error. Each finished run is kept under
 OUT/runs/<model>/seed<k>/ (last.ckpt for gex eval and gex analyze, run.json). The defaults
@@ -32,7 +34,8 @@ from ..compare import (
     run_compare,
     summarize_finished,
 )
-from ..compare.sweep import SweepInterrupted, calibrate, estimate_cpu_hours, finished_records
+from ..compare.report import diverged_runs
+from ..compare.sweep import SweepInterrupted, calibrate, check_folder, estimate_cpu_hours
 from ..data import DEFAULT_FASHION_MNIST_ROOT
 from ..errors import ConfigError, GexError, one_line
 from ._outputs import check_writable_folder
@@ -85,7 +88,12 @@ def _parser() -> argparse.ArgumentParser:
         "--compile", action="store_true", help="torch.compile each network (eager where it fails; slower on CPU)"
     )
     parser.add_argument("--jobs", type=int, default=None, help="runs trained at once (default: CPU cores; GPU: 1)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per run (default 1); the numbers depend on it, so it is one of the sweep's settings",
+    )
     parser.add_argument("--accelerator", default="cpu", help="cpu (default), gpu or auto")
     parser.add_argument(
         "--variants",
@@ -107,12 +115,21 @@ def _config(args: argparse.Namespace) -> SweepConfig:
     epochs = _at_least("epochs", args.epochs if args.epochs is not None else preset["epochs"], 1)
     seeds = _at_least("seeds", args.seeds if args.seeds is not None else preset["seeds"], 1)
     train_size = preset["train_size"] if args.train_size is None else _at_least("train-size", args.train_size, 0)
+    if train_size == 1:
+        raise ConfigError("--train-size must be 0 (all) or >= 2, got 1: BatchNorm cannot train on one image a batch")
+    if args.batch_size < 2:
+        raise ConfigError(
+            f"--batch-size must be >= 2, got {args.batch_size}: BatchNorm cannot train on one image a batch"
+        )
     curve_size = preset["curve_size"] if args.curve_size is None else _at_least("curve-size", args.curve_size, 0)
     by_label = dict(VARIANTS)
     wanted = [label.strip() for label in args.variants.split(",") if label.strip()]
     unknown = [label for label in wanted if label not in by_label]
     if unknown or not wanted:
         raise ConfigError(f"--variants: unknown {unknown or wanted!r}; choose from {', '.join(by_label)}")
+    twice = sorted({label for label in wanted if wanted.count(label) > 1}, key=wanted.index)
+    if twice:  # the same runs, trained at once into the same folders
+        raise ConfigError(f"--variants: {', '.join(twice)} given more than once; name each variant once")
     if not args.lr > 0:
         raise ConfigError(f"--lr must be > 0, got {args.lr}")
     return SweepConfig(
@@ -122,7 +139,7 @@ def _config(args: argparse.Namespace) -> SweepConfig:
         train_size=train_size or None,
         curve_size=curve_size or None,
         width=_at_least("width", args.width, 1),
-        batch_size=_at_least("batch-size", args.batch_size, 1),
+        batch_size=args.batch_size,
         lr=args.lr,
         augment=not args.no_augment,
         channels_last=args.memory_format == "channels_last",
@@ -130,6 +147,7 @@ def _config(args: argparse.Namespace) -> SweepConfig:
         data_root=args.data_root,
         download=args.download,
         device=str(resolve_device(args.accelerator)),
+        threads=_at_least("threads", args.threads, 1),
     )
 
 
@@ -142,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
         cores = available_cores()
         runs = len(config.variants) * len(config.seeds)
         jobs = _at_least("jobs", args.jobs, 1) if args.jobs is not None else (1 if on_gpu else min(cores, runs))
-        threads = _at_least("threads", args.threads, 1) if args.threads is not None else max(1, cores // jobs)
         out = Path(args.out)
         if args.report_only:
             results, total = summarize_finished(config, out)
@@ -154,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not out.is_file():  # a file there is the sweep's own check (its message names the sweep)
             check_writable_folder(out, "--out")
-        if args.preset == "paper" and not args.resume:
+        # Only a folder that holds this very sweep (--resume) skips the paper preset's estimate and --yes.
+        if args.preset == "paper" and not check_folder(out, config, resume=args.resume):
             hours = estimate_cpu_hours(config, calibrate(config))
             print(
                 f"gex compare --preset paper: {runs} runs of {config.epochs} epochs over "
@@ -165,37 +183,44 @@ def main(argv: list[str] | None = None) -> int:
             if not on_gpu and not args.yes:
                 print("gex compare: error: --preset paper starts only with --yes (estimate above)", file=sys.stderr)
                 return 2
-        # The bar counts epochs over all runs (a run's epochs are reported while it trains); a resumed
-        # sweep starts at the epochs of its finished runs. A broken folder is reported by the sweep itself.
-        try:
-            finished = len(finished_records(out, config.runs())) if args.resume and out.is_dir() else 0
-        except GexError:
-            finished = 0
-        with tqdm(
-            total=runs * config.epochs,
-            initial=finished * config.epochs,
-            desc="gex compare",
-            unit="epoch",
-            dynamic_ncols=True,
-            file=sys.stderr,
-        ) as bar:
+        # The bar counts epochs over all runs (a run's epochs are reported while it trains); it opens once
+        # the sweep has checked the folder and the data (a refused command prints its error alone), at
+        # the epochs of the runs finished before (--resume).
+        bars: list[tqdm] = []
 
-            def on_epoch(event: dict, done: int, total: int) -> None:
-                bar.set_postfix_str(
-                    f"{event['label']} seed {event['seed']} epoch {event['epoch']}/{event['epochs']}", refresh=False
+        def on_start(done: int, total: int) -> None:
+            bars.append(
+                tqdm(
+                    total=total * config.epochs,
+                    initial=done * config.epochs,
+                    desc="gex compare",
+                    unit="epoch",
+                    dynamic_ncols=True,
+                    file=sys.stderr,
                 )
-                bar.update(done - bar.n)
-
-            def on_done(record: dict, done: int, total: int) -> None:
-                bar.write(
-                    f"[{done}/{total}] {record['label']:>9} seed {record['seed']}: test top-1 error "
-                    f"{record['test_top1_err']:.2f}%  {record['train_images_per_s']:.0f} train images/s  "
-                    f"({record['wall_seconds']:.0f} s)"
-                )
-
-            results = run_compare(
-                config, out, jobs=jobs, threads=threads, resume=args.resume, on_done=on_done, on_epoch=on_epoch
             )
+
+        def on_epoch(event: dict, done: int, total: int) -> None:
+            bar = bars[0]
+            bar.set_postfix_str(
+                f"{event['label']} seed {event['seed']} epoch {event['epoch']}/{event['epochs']}", refresh=False
+            )
+            bar.update(done - bar.n)
+
+        def on_done(record: dict, done: int, total: int) -> None:
+            bars[0].write(
+                f"[{done}/{total}] {record['label']:>9} seed {record['seed']}: test top-1 error "
+                f"{record['test_top1_err']:.2f}%  {record['train_images_per_s']:.0f} train images/s  "
+                f"({record['wall_seconds']:.0f} s){'  DIVERGED (non-finite loss)' if record.get('diverged') else ''}"
+            )
+
+        try:
+            results = run_compare(
+                config, out, jobs=jobs, resume=args.resume, on_start=on_start, on_done=on_done, on_epoch=on_epoch
+            )
+        finally:
+            for bar in bars:
+                bar.close()
     except KeyboardInterrupt as err:
         # Ctrl-C, or SIGTERM/SIGHUP (SweepInterrupted): the workers are gone; exit as the signal's 128 + n.
         signum = err.signum if isinstance(err, SweepInterrupted) else signal.SIGINT
@@ -218,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         wall += f" over {len(invocations)} invocations (this one {invocations[-1]['wall_seconds'] / 60:.1f} min)"
     print(
         f"\n{wall}, {cpu_minutes:.1f} CPU-minutes in the runs, "
-        f"{jobs} process(es) x {threads} thread(s); wrote {out / 'results.json'} and {out / 'curves.png'}"
+        f"{jobs} process(es) x {config.threads} thread(s); wrote {out / 'results.json'} and {out / 'curves.png'}"
     )
+    if diverged_runs(results):
+        print("gex compare: some runs diverged (non-finite loss, marked † above); try a lower --lr", file=sys.stderr)
     return 0

@@ -14,18 +14,19 @@ from typing import Any
 
 import torch
 
+from .._atomic import write_json
 from ..analysis import epoch_curves_report, plot_curves, save_png
 from ..complexity import complexity
-from ..engine import write_eval_json
 from ..errors import RunExistsError
 from ..models import create_model
-from .report import RESULTS_SCHEMA, build_results, curves_title, format_table, validate_results
+from .report import RESULTS_SCHEMA, build_results, curves_title, format_table, json_safe, validate_results
 from .run import RunSpec, train_run
 from .stats import mean_se, paired_difference, resolved
 from .sweep import (
     DEFAULT_PRESET,
     PAPER_PRESET,
     VARIANTS,
+    RunFailedError,
     SweepConfig,
     SweepInterrupted,
     available_cores,
@@ -44,6 +45,7 @@ __all__ = [
     "PAPER_PRESET",
     "RESULTS_SCHEMA",
     "VARIANTS",
+    "RunFailedError",
     "RunSpec",
     "SweepConfig",
     "SweepInterrupted",
@@ -73,9 +75,7 @@ def variant_complexity(model: str, *, width: int) -> dict[str, int]:
     return {"params": int(counts["params"]), "macs": int(counts["macs"])}
 
 
-def _aggregate(
-    config: SweepConfig, records: list[dict[str, Any]], *, jobs: int, threads: int, wall_seconds: float
-) -> dict[str, Any]:
+def _aggregate(config: SweepConfig, records: list[dict[str, Any]], *, jobs: int, wall_seconds: float) -> dict[str, Any]:
     """``results.json``'s object from the run records (variants without a finished run left out)."""
     finished = {record["model"] for record in records}
     variants = tuple((label, model) for label, model in config.variants if model in finished)
@@ -89,7 +89,7 @@ def _aggregate(
         "schedule": "SGD (Nesterov momentum 0.9, weight decay 5e-4), cosine learning rate over the epochs",
         "augmentation": "pad 2 + random 28x28 crop + horizontal flip" if config.augment else "none",
         "jobs": jobs,
-        "threads_per_job": threads,
+        "threads_per_job": config.threads,
         "torch": torch.__version__,
     }
     return build_results(
@@ -106,8 +106,8 @@ def run_compare(
     out: Path,
     *,
     jobs: int,
-    threads: int,
     resume: bool = False,
+    on_start: Callable[[int, int], None] | None = None,
     on_done: Callable[[dict[str, Any], int, int], None] | None = None,
     on_epoch: Callable[[dict[str, Any], int, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -115,12 +115,14 @@ def run_compare(
 
     ``wall_seconds`` is the sweep's wall-clock time summed over every invocation into ``out``, this
     one included (interrupted ones too; :func:`sweep_wall_seconds`); ``invocations`` lists them.
+    ``results.json`` is strict JSON: a diverged run's non-finite losses are null.
     """
-    records = run_sweep(config, out, jobs=jobs, threads=threads, resume=resume, on_done=on_done, on_epoch=on_epoch)
+    records = run_sweep(config, out, jobs=jobs, resume=resume, on_start=on_start, on_done=on_done, on_epoch=on_epoch)
     invocations = sweep_invocations(out)
-    results = _aggregate(config, records, jobs=jobs, threads=threads, wall_seconds=sweep_wall_seconds(out))
+    results = _aggregate(config, records, jobs=jobs, wall_seconds=sweep_wall_seconds(out))
     results["invocations"] = invocations
-    write_eval_json(results, out / "results.json")
+    results = json_safe(results)
+    write_json(results, out / "results.json", allow_nan=False)
     report = epoch_curves_report([out / "results.json"], title=curves_title(results))
     save_png(plot_curves(report), out / "curves.png")
     return results
@@ -135,12 +137,11 @@ def summarize_finished(config: SweepConfig, out: Path) -> tuple[dict[str, Any], 
     """
     if not (out / "sweep.json").is_file():
         raise RunExistsError(f"--out {str(out)!r} holds no sweep (no sweep.json) to report on")
-    check_folder(out, config, resume=True)
+    check_folder(out, config, resume=True, reading=True)
     runs = config.runs()
     done = finished_records(out, runs)
     records = [done[(spec.model, spec.seed)] for spec in runs if (spec.model, spec.seed) in done]
     if not records:
         raise RunExistsError(f"--out {str(out)!r}: no run has finished yet")
     wall = sum(record["wall_seconds"] for record in records)
-    first = records[0]
-    return _aggregate(config, records, jobs=0, threads=first["threads"], wall_seconds=wall), len(runs)
+    return _aggregate(config, records, jobs=0, wall_seconds=wall), len(runs)

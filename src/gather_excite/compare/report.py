@@ -8,22 +8,30 @@ from typing import Any
 
 from .stats import mean_se, paired_difference, resolved
 
-__all__ = ["RESULTS_FORMAT", "RESULTS_SCHEMA", "build_results", "curves_title", "format_table", "validate_results"]
+__all__ = [
+    "RESULTS_FORMAT",
+    "RESULTS_SCHEMA",
+    "build_results",
+    "curves_title",
+    "format_table",
+    "json_safe",
+    "validate_results",
+]
 
 RESULTS_FORMAT = "gex-compare-results/2"
 
 _NUMBER = {"type": "number"}
-_MAYBE_NUMBER = {"type": ["number", "null"]}  # null: unknown (the SE of one seed)
+_MAYBE_NUMBER = {"type": ["number", "null"]}  # null: unknown (the SE of one seed) or not finite (a diverged run)
 _CURVE_ROW = {
     "type": "object",
     "required": ["epoch", "lr", "train_loss", "train_top1_err", "curve_top1_err"],
     "properties": {
         "epoch": {"type": "integer", "minimum": 1},
-        "lr": _NUMBER,
-        "train_loss": _NUMBER,
+        "lr": _NUMBER,  # the rate the epoch trained with
+        "train_loss": _MAYBE_NUMBER,
         "train_top1_err": {"type": "number", "minimum": 0, "maximum": 100},
         "curve_top1_err": {"type": "number", "minimum": 0, "maximum": 100},
-        "curve_loss": _NUMBER,
+        "curve_loss": _MAYBE_NUMBER,
     },
 }
 RUN_SCHEMA: dict[str, Any] = {
@@ -56,12 +64,14 @@ RUN_SCHEMA: dict[str, Any] = {
         "spec": {"type": "object", "required": ["model", "seed", "epochs", "batch_size", "lr"]},
         "test_top1_err": {"type": "number", "minimum": 0, "maximum": 100},
         "test_top5_err": {"type": "number", "minimum": 0, "maximum": 100},
+        "test_loss": _MAYBE_NUMBER,
         "test_images": {"type": "integer", "minimum": 1},
         "train_images": {"type": "integer", "minimum": 1},
         "curve": {"type": "array", "minItems": 1, "items": _CURVE_ROW},
         "train_images_per_s": {"type": "number", "exclusiveMinimum": 0},
         "compiled": {"type": "boolean"},
         "compile_error": {"type": ["string", "null"]},
+        "diverged": {"type": "boolean"},  # a loss went non-finite (records before it have no such key)
     },
 }
 # A variant row: every property is required.
@@ -182,6 +192,27 @@ def build_results(
     }
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (nan, ±inf) as ``None``: strict JSON has no such numbers
+    (``NaN`` in a file breaks ``JSON.parse`` and other strict parsers), so they are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def diverged_runs(results: dict[str, Any]) -> dict[str, list[int]]:
+    """``{model: seeds}`` of the runs whose record says ``diverged``."""
+    seeds: dict[str, list[int]] = {}
+    for record in results["runs"]:
+        if record.get("diverged"):
+            seeds.setdefault(record["model"], []).append(record["seed"])
+    return seeds
+
+
 def _known(value: float) -> float | None:
     """``None`` for nan (JSON has no nan: an unknown value is null)."""
     return None if math.isnan(value) else value
@@ -192,7 +223,12 @@ def _pm(mean: float, se: float | None) -> str:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """Markdown table: test error mean ± SE over seeds, the paired difference to the baseline ± SE (* > 2 SE)."""
+    """Markdown table: test error mean ± SE over seeds, the paired difference to the baseline ± SE (* > 2 SE).
+
+    A variant with a diverged run (non-finite loss) is marked ``†`` and named in a note below: the
+    run's chance-level error stays in its mean and difference (it is what these settings gave), but
+    a reader must not take such a row for the architecture's error.
+    """
     counts = sorted({len(entry["seeds"]) for entry in results["variants"]})
     seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"  # a sweep still running
     lines = [
@@ -200,6 +236,7 @@ def format_table(results: dict[str, Any]) -> str:
         "| − baseline (paired by seed, ± SE) | train images/s per process |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
+    diverged = diverged_runs(results)
     for entry in results["variants"]:
         if entry["diff_to_baseline_mean"] is None:
             diff = "—"
@@ -209,12 +246,22 @@ def format_table(results: dict[str, Any]) -> str:
                 diff += f" ± {entry['diff_to_baseline_se']:.2f}"
             diff += " *" if entry["resolved"] else ""
         speed = sum(entry["train_images_per_s"]) / len(entry["train_images_per_s"])
+        label = f"{entry['label']} †" if entry["model"] in diverged else entry["label"]
         lines.append(
-            f"| {entry['label']} | `{entry['model']}` | {entry['params'] / 1e3:.1f} K | {entry['macs'] / 1e6:.2f} M "
+            f"| {label} | `{entry['model']}` | {entry['params'] / 1e3:.1f} K | {entry['macs'] / 1e6:.2f} M "
             f"| {_pm(entry['test_top1_err_mean'], entry['test_top1_err_se'])} | {diff} | {speed:.0f} |"
         )
     lines.append("")
     lines.append("`*`: the difference is larger than twice its standard error.")
+    if diverged:
+        runs = ", ".join(
+            f"{entry['label']} seed {seed}"
+            for entry in results["variants"]
+            for seed in diverged.get(entry["model"], [])
+        )
+        lines.append(
+            f"`†`: diverged (non-finite loss; its chance-level error is in the mean and difference above): {runs}."
+        )
     return "\n".join(lines)
 
 

@@ -41,6 +41,8 @@ class RunSpec:
     channels_last: bool = True
     compile: bool = False
     eval_batch_size: int = 1000
+    # Torch's intra-op threads: a run's losses and errors depend on them (the order of float sums).
+    threads: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +89,18 @@ def evaluate_split(
     return {name: torch.cat(parts).cpu() for name, parts in (("loss", losses), ("top1", top1), ("top5", top5))}
 
 
+def batch_bounds(images: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of each training batch of an epoch: ``batch_size`` images each, the last one partial.
+
+    A last batch of one image is merged into the one before: BatchNorm cannot train on one value per
+    channel (GE-θ's and GE-θ+'s gathered 1x1 maps). Other partial batches stay as they are.
+    """
+    starts = list(range(0, images, batch_size))
+    if len(starts) > 1 and images - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], images], strict=True))
+
+
 def _error(correct: torch.Tensor) -> float:
     """Top-1/top-5 error in percent from hit flags (counted exactly, then divided in double precision)."""
     return 100.0 * (1.0 - int(correct.sum()) / correct.numel())
@@ -114,8 +128,9 @@ def train_run(
 
     The curve subset is the first ``curve_size`` test images; its point after the last epoch is taken
     from the full test pass (same weights, same images), so the last epoch costs one test pass.
-    ``on_epoch`` gets each epoch's row of the curve (``epoch``, ``lr``, losses, errors) as soon as it
-    is scored: a run's progress while it runs. Threads are the caller's (one per process in a parallel sweep).
+    ``on_epoch`` gets each epoch's row of the curve (``epoch``, the ``lr`` it trained with, losses,
+    errors) as soon as it is scored: a run's progress while it runs. Threads are the caller's (the
+    sweep sets ``spec.threads``). A run whose training or test loss is not finite is ``diverged``.
     """
     device = train.device
     net = _build(spec, device)
@@ -127,7 +142,7 @@ def train_run(
     # The data stream: the same permutations, crops and flips for every variant of one seed.
     generator = torch.Generator().manual_seed(spec.seed)
     curve = test if curve_size is None or curve_size >= len(test) else TensorSplit(*_head(test, curve_size))
-    steps_per_epoch = math.ceil(len(train) / spec.batch_size)
+    batches = batch_bounds(len(train), spec.batch_size)
     history: list[dict[str, float]] = []
     train_seconds = train_cpu = 0.0
     started_wall, started_cpu = time.perf_counter(), time.process_time()
@@ -137,8 +152,9 @@ def train_run(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         wall, cpu = time.perf_counter(), time.process_time()
-        for step in range(steps_per_epoch):
-            index = order[step * spec.batch_size : (step + 1) * spec.batch_size]
+        lr = optimizer.param_groups[0]["lr"]  # this epoch's; the scheduler's step below sets the next one's
+        for start, end in batches:
+            index = order[start:end]
             images = augment_batch(train.images[index], generator) if spec.augment else train.normalised(index)
             if spec.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -163,7 +179,7 @@ def train_run(
         scheduler.step()
         row = {
             "epoch": epoch,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "train_loss": float(loss_sum) / len(train),
             "train_top1_err": 100.0 * (1.0 - float(correct) / len(train)),
         }
@@ -179,6 +195,7 @@ def train_run(
         history.append(row)
         if on_epoch is not None:
             on_epoch(dict(row))
+    test_loss = float(final["loss"].double().mean())
     record = {
         "label": spec.label,
         "model": spec.model,
@@ -186,12 +203,12 @@ def train_run(
         "spec": spec.to_dict(),
         "test_top1_err": _error(final["top1"]),
         "test_top5_err": _error(final["top5"]),
-        "test_loss": float(final["loss"].double().mean()),
+        "test_loss": test_loss,
         "test_images": len(test),
         "train_images": len(train),
         "curve_images": len(curve),
         "curve": history,
-        "steps": steps_per_epoch * spec.epochs,
+        "steps": len(batches) * spec.epochs,
         "train_images_per_s": len(train) * spec.epochs / train_seconds,
         "train_images_per_cpu_s": len(train) * spec.epochs / train_cpu if train_cpu > 0 else math.nan,
         "wall_seconds": time.perf_counter() - started_wall,
@@ -200,6 +217,8 @@ def train_run(
         "device": str(device),
         "compiled": model is not net,
         "compile_error": compile_error,
+        # Weights gone to nan/inf: the errors are then chance level, not the variant's (see format_table).
+        "diverged": not all(math.isfinite(value) for value in [test_loss, *(row["train_loss"] for row in history)]),
     }
     return RunOutcome(record, {key: value.detach().cpu() for key, value in net.state_dict().items()})
 

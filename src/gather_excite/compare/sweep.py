@@ -9,8 +9,10 @@ Folder layout (``out``)::
 
 A run counts as finished only once its ``run.json`` exists; ``resume=True`` skips those and redoes
 the others (a killed run leaves at most a checkpoint without ``run.json``). Independent runs go to
-``jobs`` processes with ``threads`` torch threads each: on a few CPU cores, one single-threaded
-process per core trains a small network faster than one process using every core.
+``jobs`` processes with ``SweepConfig.threads`` torch threads each (default 1): on a few CPU cores,
+one single-threaded process per core trains a small network faster than one process using every
+core. The thread count is part of every run's spec and of the sweep's identity, since a run's
+numbers depend on it (the order of floating-point sums); ``jobs`` is not.
 
 Stopping: Ctrl-C (SIGINT, which a terminal sends to the worker processes too) and SIGTERM/SIGHUP to
 the main process stop the sweep within seconds: the workers ignore SIGINT, the main process
@@ -43,16 +45,18 @@ import torch
 
 from .._atomic import lock_folder, write_json
 from ..engine import atomic_torch_save
-from ..errors import ConfigError, DataError, RunExistsError
+from ..errors import ConfigError, DataError, GexError, RunExistsError, describe
 from ..layers.context_spec import TABLE_VARIANTS, ContextSpec
 from ..serialization import load_json_file
 from .data import TensorSplit, load_fashion_mnist
+from .report import json_safe
 from .run import RunSpec, lightning_checkpoint, train_run
 
 __all__ = [
     "DEFAULT_PRESET",
     "PAPER_PRESET",
     "VARIANTS",
+    "RunFailedError",
     "SweepConfig",
     "SweepInterrupted",
     "available_cores",
@@ -98,6 +102,7 @@ class SweepConfig:
     download: bool = False
     device: str = "cpu"
     subset_seed: int = 0
+    threads: int = 1  # torch threads per run: the numbers depend on it, so it is part of the identity
 
     def identity(self) -> dict[str, Any]:
         """What decides the numbers (not where the data lives or how many processes run)."""
@@ -148,11 +153,14 @@ def run_dir(out: Path, spec: RunSpec) -> Path:
     return out / "runs" / spec.model / f"seed{spec.seed}"
 
 
-def check_folder(out: Path, config: SweepConfig, *, resume: bool) -> bool:
+def check_folder(out: Path, config: SweepConfig, *, resume: bool, reading: bool = False) -> bool:
     """Whether ``out`` already holds this very sweep (only with ``resume``); changes nothing.
 
     Raises :class:`~gather_excite.errors.RunExistsError` for a non-empty folder without ``resume`` and
     for a folder that holds another sweep (or other files); ``ConfigError`` when ``out`` is a file.
+    ``reading`` (a report, no training): settings that a folder written by an older version does not
+    record (``threads``) are not compared; continuing such a sweep is refused, since its runs' value is
+    unknown.
     """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; expected a folder for the sweep")
@@ -169,7 +177,7 @@ def check_folder(out: Path, config: SweepConfig, *, resume: bool) -> bool:
         differences = [
             f"{key}: folder {identity.get(key)!r}, this command {value!r}"
             for key, value in config.identity().items()
-            if identity.get(key) != value
+            if identity.get(key) != value and not (reading and key not in identity)
         ]
         if differences:
             raise RunExistsError(
@@ -204,7 +212,8 @@ def prepare_folder(out: Path, config: SweepConfig, *, resume: bool) -> None:
 
 
 def finished_records(out: Path, runs: Sequence[RunSpec]) -> dict[tuple[str, int], dict[str, Any]]:
-    """``{(model, seed): run record}`` of every run in ``runs`` whose ``run.json`` holds that run's spec."""
+    """``{(model, seed): run record}`` of every run in ``runs`` whose ``run.json`` holds that run's spec
+    (its thread count included: a run.json of another thread count is not this run)."""
     done = {}
     for spec in runs:
         path = run_dir(out, spec) / "run.json"
@@ -236,30 +245,43 @@ def _load_data(config: SweepConfig, device: torch.device) -> tuple[TensorSplit, 
     return _DATA[key], _DATA[key + "|test"]
 
 
+class RunFailedError(GexError, RuntimeError):
+    """A run of the sweep raised: one line naming the run and the error, so that ``gex compare`` prints it
+    as one line (the finished runs are kept). The run's own exception is its ``__cause__`` (from a
+    worker process: its traceback as text)."""
+
+
 def execute_run(
     config: SweepConfig,
     spec: RunSpec,
     out: Path,
-    threads: int,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train one run and keep it: checkpoint first, then ``run.json`` (both atomic). Returns the record.
+    """Train one run with ``spec.threads`` torch threads and keep it: checkpoint first, then ``run.json``
+    (both atomic; non-finite numbers as null, so that the file is strict JSON). Returns the record as
+    written; any failure as :class:`RunFailedError`.
 
     ``on_epoch`` gets each epoch's curve row while the run trains (see :func:`train_run`).
     """
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(spec.threads)
     try:
         device = torch.device(config.device)
         train, test = _load_data(config, device)
         outcome = train_run(spec, train, test, curve_size=config.curve_size, on_epoch=on_epoch)
+        record = json_safe(outcome.record)
+        folder = run_dir(out, spec)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(lightning_checkpoint(record, outcome.state_dict, config.data_root), folder / "last.ckpt")
+        write_json(record, folder / "run.json", indent=1, allow_nan=False)
+    except Exception as err:
+        raise RunFailedError(
+            f"run {spec.label} seed {spec.seed} ({spec.model}) failed: {describe(err, limit=300)}; finished runs "
+            f"are kept in {out}"
+        ) from err
     finally:
         torch.set_num_threads(previous)
-    folder = run_dir(out, spec)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(lightning_checkpoint(outcome.record, outcome.state_dict, config.data_root), folder / "last.ckpt")
-    write_json(outcome.record, folder / "run.json", indent=1)
-    return outcome.record
+    return record
 
 
 def _epoch_event(label: str, model: str, seed: int, epochs: int, row: dict[str, Any]) -> dict[str, Any]:
@@ -305,14 +327,14 @@ def _worker_init(threads: int, parent_pid: int | None = None, progress: Any = No
     torch.set_num_interop_threads(1)
 
 
-def _execute_in_worker(config: SweepConfig, spec: RunSpec, out: Path, threads: int) -> dict[str, Any]:
+def _execute_in_worker(config: SweepConfig, spec: RunSpec, out: Path) -> dict[str, Any]:
     """:func:`execute_run` in a worker process, each finished epoch sent to the main process."""
 
     def report(row: dict[str, float]) -> None:
         if _PROGRESS is not None:
             _PROGRESS.put(_epoch_event(spec.label, spec.model, spec.seed, spec.epochs, row))
 
-    return execute_run(config, spec, out, threads, on_epoch=report)
+    return execute_run(config, spec, out, on_epoch=report)
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -415,7 +437,8 @@ def _record_invocation(out: Path, entry: dict[str, Any]) -> None:
 
 def sweep_invocations(out: Path) -> list[dict[str, Any]]:
     """``sweep.json``'s record of every :func:`run_sweep` into ``out``: ``started``, ``wall_seconds``,
-    ``outcome`` (finished, interrupted, failed), ``runs_trained``, ``jobs``, ``threads``."""
+    ``outcome`` (finished, interrupted, failed), ``runs_trained`` (runs whose ``run.json`` it wrote),
+    ``jobs``, ``threads``."""
     if not (out / "sweep.json").is_file():
         return []
     return list(_read_sweep(out).get("invocations", []))
@@ -436,17 +459,21 @@ def run_sweep(
     out: Path,
     *,
     jobs: int = 1,
-    threads: int = 1,
     resume: bool = False,
+    on_start: Callable[[int, int], None] | None = None,
     on_done: Callable[[dict[str, Any], int, int], None] | None = None,
     on_epoch: Callable[[dict[str, Any], int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every unfinished run of ``config`` into ``out``; return all run records in :meth:`SweepConfig.runs` order.
 
-    ``jobs`` > 1 trains that many runs at once in spawned processes (``threads`` torch threads each);
-    ``jobs`` = 1 trains them here, one after the other. Each run's numbers depend on its spec only,
-    not on ``jobs`` or on which runs were done before (tests check both).
+    ``jobs`` > 1 trains that many runs at once in spawned processes (``config.threads`` torch threads
+    each); ``jobs`` = 1 trains them here, one after the other. Each run's numbers depend on its spec
+    (the thread count included) only, not on ``jobs`` or on which runs were done before (tests check both).
 
+    ``on_start(runs_done, runs_total)`` comes once the folder and the data are checked and the folder
+    is locked: after it, no mistake of the user's stops the sweep (``gex compare`` opens its progress
+    bar there, so that a refused command prints only its error). A run that fails raises
+    :class:`RunFailedError` (the runs that finished meanwhile are kept and counted).
     ``on_done(record, runs_done, runs_total)`` follows each finished run; ``on_epoch(event,
     epochs_done, epochs_total)`` each finished epoch of a run (``event``: the run's ``label``,
     ``model``, ``seed``, ``epochs`` and that epoch's curve row), every epoch once and before its run's
@@ -454,8 +481,8 @@ def run_sweep(
     thread) stop the sweep within seconds and raise ``KeyboardInterrupt`` (see the module's notes);
     each invocation's wall time is appended to ``sweep.json`` however it ends.
     """
-    if jobs < 1 or threads < 1:
-        raise ConfigError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
+    if jobs < 1 or config.threads < 1:
+        raise ConfigError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={config.threads}")
     started, started_at = time.perf_counter(), datetime.now(UTC)
     with _stop_signals_interrupt():
         # Check the folder, then read the data, before writing anything: a wrong --data-root leaves nothing behind.
@@ -473,7 +500,9 @@ def run_sweep(
         before = len(done)
         outcome = "failed"
         try:
-            _train_pending(config, out, runs, done, jobs=jobs, threads=threads, on_done=on_done, on_epoch=on_epoch)
+            if on_start is not None:
+                on_start(before, len(runs))
+            _train_pending(config, out, runs, done, jobs=jobs, on_done=on_done, on_epoch=on_epoch)
             outcome = "finished"
         except KeyboardInterrupt:
             outcome = "interrupted"
@@ -486,7 +515,7 @@ def run_sweep(
                     "outcome": outcome,
                     "runs_trained": len(done) - before,
                     "jobs": jobs,
-                    "threads": threads,
+                    "threads": config.threads,
                 }
                 try:
                     _record_invocation(out, entry)
@@ -504,7 +533,6 @@ def _train_pending(
     done: dict[tuple[str, int], dict[str, Any]],
     *,
     jobs: int,
-    threads: int,
     on_done: Callable[[dict[str, Any], int, int], None] | None,
     on_epoch: Callable[[dict[str, Any], int, int], None] | None,
 ) -> None:
@@ -537,7 +565,7 @@ def _train_pending(
 
     if jobs == 1 or len(pending) <= 1 or config.device != "cpu":
         for spec in pending:
-            finish(execute_run(config, spec, out, threads, on_epoch=reporter(spec)))
+            finish(execute_run(config, spec, out, on_epoch=reporter(spec)))
         return
     context = multiprocessing.get_context("spawn")
     progress = context.SimpleQueue()
@@ -545,21 +573,28 @@ def _train_pending(
     # The workers start with SIGINT ignored (an ignored signal stays so across exec, and Python keeps
     # it): a Ctrl-C while they import torch does not print their tracebacks. The pool starts them in submit().
     pool = ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_worker_init, initargs=(threads, os.getpid(), progress)
+        workers, mp_context=context, initializer=_worker_init, initargs=(config.threads, os.getpid(), progress)
     )
+    futures: set[Any] = set()  # the runs whose result is not yet taken
     try:
         try:
             with _signals_ignored("SIGINT"):
-                futures = {pool.submit(_execute_in_worker, config, spec, out, threads) for spec in pending}
+                futures = {pool.submit(_execute_in_worker, config, spec, out) for spec in pending}
             while futures:
-                finished, futures = wait(futures, timeout=0.25, return_when=FIRST_COMPLETED)
+                finished, _ = wait(futures, timeout=0.25, return_when=FIRST_COMPLETED)
                 _drain(progress, epoch_done)  # a run's epochs before its record (sent before its result)
                 for future in finished:
+                    futures.discard(future)
                     finish(future.result())
         except Exception:
-            # A run failed (as before): the runs not yet handed to the workers are dropped; those in
-            # flight and the few already in the pool's call queue finish and are kept. Ctrl-C stops them.
+            # A run failed: the runs not yet handed to the workers are dropped; those in flight and the
+            # few already in the pool's call queue finish and are kept (Ctrl-C stops them), so they are
+            # counted too, as the runs of this invocation whose run.json is there.
             pool.shutdown(wait=True, cancel_futures=True)
+            _drain(progress, epoch_done)
+            for future in futures:
+                if not future.cancelled() and future.exception() is None:
+                    finish(future.result())
             raise
     except BaseException:
         # Ctrl-C, SIGTERM (also during the wait above): end the workers now.
