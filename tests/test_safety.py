@@ -869,3 +869,22 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(
     assert export_cli.main(argv) == 2
     assert f"--out {inside}: the folder {locked} is not writable" in _error_line(capsys, "gex export")
     assert os.listdir(locked) == ["export"]
+
+
+def test_a_config_checkpoint_callback_that_clashes_with_the_runs_own_is_one_line(
+    tmp_path: Path, tiny_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config's ModelCheckpoint with the settings of the run's own last-checkpoint callback (Lightning's
+    defaults) is one line, before anything is written (it was Lightning's "more than one stateful
+    callback" traceback at the Trainer's construction); one with its own schedule is accepted."""
+    callback = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"}
+    config = _with_trainer(tiny_config, {"callbacks": [callback]}, tmp_path / "handed.yaml")
+    assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "run"), "--eval_after", "false"]) == 2
+    assert "a ModelCheckpoint with the settings of the run's own" in _error_line(capsys, "gex train")
+    assert not (tmp_path / "run").exists()
+    callback["init_args"] = {"every_n_train_steps": 2, "filename": "{step}"}
+    config = _with_trainer(tiny_config, {"callbacks": [callback]}, tmp_path / "own.yaml")
+    assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "run"), "--eval_after", "false"]) == 0
+    # 48 images in batches of 12: 4 steps, kept every 2 (in the first logger's folder, as Lightning places it)
+    saved = sorted(str(p.relative_to(tmp_path / "run")) for p in (tmp_path / "run").rglob("step=*"))
+    assert saved == ["tensorboard/checkpoints/step=2.ckpt", "tensorboard/checkpoints/step=4.ckpt"]

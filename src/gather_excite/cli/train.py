@@ -204,6 +204,7 @@ class GexCLI(LightningCLI):
                 TensorBoardLogger(str(out), name="", version="tensorboard", default_hp_metric=False),
                 ResumableCSVLogger(str(out), name="", version="csv"),
             ]
+        _check_checkpoint_states(callbacks)
         plugins = _as_list(kwargs.pop("plugins", None) or configured.get("plugins"))
         plugins.append(AtomicCheckpointIO(out / "checkpoints"))
         try:
@@ -215,6 +216,21 @@ class GexCLI(LightningCLI):
         _check_writes_inside(trainer, out)
         _check_processes(trainer, sync_batchnorm=bool((self.config.get("trainer") or {}).get("sync_batchnorm")))
         return trainer
+
+
+def _check_checkpoint_states(callbacks: list[Any]) -> None:
+    """Lightning keeps one checkpointed state per ModelCheckpoint setting (its ``state_key``): a config's
+    ModelCheckpoint with the settings of one of the run's own raised Lightning's traceback."""
+    seen: set[str] = set()
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            if callback.state_key in seen:
+                raise ConfigError(
+                    f"trainer.callbacks: a ModelCheckpoint with the settings of the run's own ({callback.state_key}); "
+                    "the run already keeps last.ckpt and best.ckpt in OUT/checkpoints: give yours another monitor "
+                    "or every_n_epochs/every_n_train_steps"
+                )
+            seen.add(callback.state_key)
 
 
 def _check_writes_inside(trainer: Any, out: Path) -> None:
