@@ -222,6 +222,8 @@ def test_resume_after_a_killed_sweep_redoes_nothing_finished(tmp_path: Path, mon
     # --report-only: the table of what finished, 1 of the 3 runs.
     partial, total = summarize_finished(config, out)
     assert total == 3 and [v["model"] for v in partial["variants"]] == ["cifar_resnet20"]
+    # The folder's own settings (sweep.json) give the same report without restating them.
+    assert summarize_finished(None, out) == (partial, total)
     assert partial["variants"][0]["test_top1_err"] == [json.loads(kept[0])["test_top1_err"]]
     # The same command again without --resume is refused; another sweep in that folder too.
     with pytest.raises(FileExistsError, match="pass --resume"):

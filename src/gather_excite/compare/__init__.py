@@ -34,6 +34,7 @@ from .sweep import (
     check_folder,
     estimate_cpu_hours,
     finished_records,
+    folder_config,
     resolve_device,
     run_sweep,
     sweep_invocations,
@@ -54,6 +55,7 @@ __all__ = [
     "calibrate",
     "curves_title",
     "estimate_cpu_hours",
+    "folder_config",
     "format_table",
     "mean_se",
     "paired_difference",
@@ -128,8 +130,9 @@ def run_compare(
     return results
 
 
-def summarize_finished(config: SweepConfig, out: Path) -> tuple[dict[str, Any], int]:
-    """The results of the runs of ``config`` finished so far in ``out`` (no training, nothing written).
+def summarize_finished(config: SweepConfig | None, out: Path) -> tuple[dict[str, Any], int]:
+    """The results of the runs of ``config`` (``None``: the folder's own sweep, :func:`folder_config`)
+    finished so far in ``out`` (no training, nothing written).
 
     Returns the results object (as :func:`run_compare` would, over those runs; ``wall_seconds`` is
     the sum of the runs' own) and the number of runs the sweep has in all. Raises like ``--resume``
@@ -137,6 +140,7 @@ def summarize_finished(config: SweepConfig, out: Path) -> tuple[dict[str, Any], 
     """
     if not (out / "sweep.json").is_file():
         raise RunExistsError(f"--out {str(out)!r} holds no sweep (no sweep.json) to report on")
+    config = folder_config(out) if config is None else config
     check_folder(out, config, resume=True, reading=True)
     runs = config.runs()
     done = finished_records(out, runs)

@@ -63,6 +63,7 @@ __all__ = [
     "check_folder",
     "estimate_cpu_hours",
     "finished_records",
+    "folder_config",
     "prepare_folder",
     "resolve_device",
     "run_sweep",
@@ -125,6 +126,23 @@ class SweepConfig:
             for seed in self.seeds
             for label, model in self.variants
         ]
+
+
+def folder_config(out: Path) -> SweepConfig:
+    """The settings of the sweep in ``out``, from its ``sweep.json`` (what ``--report-only`` reports on).
+
+    Settings a folder written by an older version does not record keep their defaults."""
+    saved = _read_sweep(out)
+    own = {field.name for field in fields(SweepConfig)} - {"data_root", "download"}
+    settings = {key: value for key, value in saved["identity"].items() if key in own}
+    if isinstance(saved.get("data_root"), str):
+        settings["data_root"] = saved["data_root"]
+    try:
+        settings["variants"] = tuple((str(label), str(model)) for label, model in settings.get("variants", VARIANTS))
+        settings["seeds"] = tuple(int(seed) for seed in settings.get("seeds", (0, 1, 2)))
+        return SweepConfig(**settings)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"--out {str(out)!r}: its sweep.json has settings this version cannot read: {err}") from None
 
 
 def available_cores() -> int:
