@@ -13,6 +13,7 @@ Without a CUDA device it prints one line and exits with status 1 (nothing was ch
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -29,9 +30,26 @@ EAGER_MODELS = ["resnet50", "ge_theta_minus_resnet50", "ge_theta_resnet50", "ge_
 COMPILED_MODELS = ["resnet50", "ge_theta_minus_resnet50", "ge_theta_resnet50", "ge_theta_plus_resnet50"]
 
 
-def _out_path(argv: list[str]) -> Path:
-    if argv:
-        return Path(argv[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scripts/gpu-check",
+        description="One GPU session's checks in under 8 minutes (GPU_CHECK_BUDGET_S seconds where set): "
+        "tests/test_cuda.py, then gex bench net --device cuda --bf16 --channels-last eager and under "
+        "torch.compile, written as one JSON file. Without a CUDA device it says so and exits 1.",
+    )
+    parser.add_argument(
+        "out",
+        nargs="?",
+        default=None,
+        metavar="OUT.json",
+        help="the JSON file to write (default: $OUT/gpu-check.json where $OUT is set, else ./gpu-check.json)",
+    )
+    return parser
+
+
+def _out_path(out: str | None) -> Path:
+    if out:
+        return Path(out)
     return Path(os.environ["OUT"]) / "gpu-check.json" if os.environ.get("OUT") else Path("gpu-check.json")
 
 
@@ -62,13 +80,14 @@ def _bench(extra: list[str], models: list[str], limit_s: float) -> dict[str, obj
 
 
 def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)  # --help: the usage, before torch is imported or anything is run
     import torch
 
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU on this machine (torch.cuda.is_available() is False); nothing was run",
               file=sys.stderr)  # fmt: skip
         return 1
-    out = _out_path(argv)
+    out = _out_path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + BUDGET_S
     report: dict[str, object] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,

@@ -5,6 +5,7 @@ Usage: ``python benchmarks/report.py op.json [net.json ...]``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -52,10 +53,24 @@ def render(doc: dict) -> str:
     return "\n".join([f"`{' '.join(doc['command'])}` ({env})", "", *table, ""])
 
 
-def main(paths: list[str]) -> int:
-    for path in paths:
-        with open(path) as f:
-            print(render(json.load(f)))
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/report.py",
+        description="Render the JSON of `gex bench op|net --json` as the Markdown tables of the README.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="JSON", help="files written by gex bench op|net --json")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = _parser()
+    for path in parser.parse_args(argv).paths:
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError) as err:
+            parser.error(f"{path}: {err}")
+        print(render(doc))
     return 0
 
 

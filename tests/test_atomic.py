@@ -144,3 +144,21 @@ def test_a_folder_replaced_in_place_keeps_its_mode_and_dot_works(
     with atomic_folder(".") as folder:
         (folder / "weights").write_text("newer")
     assert (out / "weights").read_text() == "newer" and _hidden(tmp_path) == [] and _hidden(out) == []
+
+
+def test_a_folders_files_get_a_plain_files_mode(tmp_path: Path) -> None:
+    """safetensors' save_file makes 0600 files: an exported model.safetensors was private while the
+    config.json and README.md beside it had the mode open() gives (0644 under umask 022)."""
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    expected = stat.S_IMODE(plain.stat().st_mode)
+    out = tmp_path / "export"
+    with atomic_folder(out) as folder:
+        for name in ("model.safetensors", "sub/private"):
+            file = folder / name
+            file.parent.mkdir(exist_ok=True)
+            file.write_bytes(b"weights")
+            os.chmod(file, 0o600)  # as save_file leaves it
+        (folder / "config.json").write_text("{}")
+    modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert modes == {"model.safetensors": expected, "sub/private": expected, "config.json": expected}

@@ -20,3 +20,12 @@ def test_gpu_check_without_gpu_says_so_in_one_line(tmp_path):
         "gpu-check: no CUDA GPU on this machine (torch.cuda.is_available() is False); nothing was run"
     ]
     assert not out.exists()
+
+
+def test_gpu_check_help_shows_the_usage_and_runs_nothing(tmp_path):
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "gpu-check"), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0 and not done.stderr
+    assert done.stdout.startswith("usage: scripts/gpu-check [-h] [OUT.json]")
+    assert list(tmp_path.iterdir()) == []  # no gpu-check.json: nothing ran

@@ -159,7 +159,8 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     flushed to disk, then it takes ``path``'s place (see :func:`_swap_in`) and the old folder, with
     everything in it, is removed. A crash leaves the old complete folder or the new complete one at
     ``path`` (and at most a hidden ``.<name>.*`` folder beside it). ``path`` may be a link to a folder:
-    the folder it names is replaced.
+    the folder it names is replaced. Its files get the mode a plain ``open()`` gives them (0666 less the
+    umask), whatever mode their writer gave them.
     """
     path = Path(os.path.abspath(path))  # "." has no sibling to be swapped with
     if path.is_symlink() and path.is_dir():
@@ -173,6 +174,9 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
         for file in temporary.rglob("*"):
             if file.is_file() and not file.is_symlink():
                 _fsync(file)
+                # As atomic_path's: the mode open() gives; some writers make private files (safetensors'
+                # save_file 0600), which would leave an export unreadable to the group.
+                os.chmod(file, _FILE_MODE)
         for folder in [*(f for f in temporary.rglob("*") if f.is_dir() and not f.is_symlink()), temporary]:
             _fsync_folder(folder)
         # The replaced folder's mode (e.g. a group's setgid 2775), else what mkdir would give.

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-__all__ = ["int_at_least"]
+__all__ = ["ACCELERATORS", "add_accelerator_argument", "int_at_least"]
+
+# The devices gex eval, gex detect eval and gex analyze run on (Lightning's accelerator names).
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -22,3 +25,8 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
     parse.__name__ = f"int >= {minimum}"  # argparse names the type in its errors
     return parse
+
+
+def add_accelerator_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--accelerator {auto,cpu,gpu,cuda,mps}`` (default ``auto``), the same option in every command that takes it."""
+    parser.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="device (default %(default)s)")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._args import int_at_least
+from ._args import add_accelerator_argument, int_at_least
 from ._outputs import add_overwrite_argument, check_not_an_input, check_output_file, next_free_path
 
 __all__ = ["add_evaluation_arguments", "checked_output_path", "data_overrides", "write_result"]
@@ -33,9 +33,7 @@ def add_evaluation_arguments(
     parser.add_argument("--batch-size", type=int_at_least(1), default=None, help=batch_size_help)
     parser.add_argument("--num-workers", type=int_at_least(0), default=None, help="data loader processes")
     parser.add_argument("--subset", type=int_at_least(1), default=None, help=subset_help)
-    parser.add_argument(
-        "--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda", "mps"), help="device (default auto)"
-    )
+    add_accelerator_argument(parser)
 
 
 def data_overrides(args: argparse.Namespace) -> dict[str, object]:

@@ -23,7 +23,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from ..errors import ConfigError, DataError, DataNotFoundError, GexError, one_line
-from ._args import int_at_least
+from ._args import add_accelerator_argument, int_at_least
 from ._evaluation import data_overrides
 from ._outputs import add_overwrite_argument, check_not_an_input, check_output_file
 
@@ -40,7 +40,7 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--subset", type=int_at_least(1), default=None, help="analyse a fixed random subset of this many images"
     )
-    group.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"), help="device (default auto)")
+    add_accelerator_argument(group)
 
 
 def _add_output_flags(parser: argparse.ArgumentParser, name: str) -> None:
@@ -106,9 +106,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _device(accelerator: str) -> torch.device:
-    if accelerator == "gpu" and not torch.cuda.is_available():
-        raise ConfigError("--accelerator gpu: no CUDA device is available")
-    use_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    """The device of ``--accelerator`` (gex eval's names): ``gpu`` and ``cuda`` a CUDA GPU, ``mps`` Apple's
+    GPU, ``auto`` a CUDA GPU where there is one, else the CPU."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--accelerator {accelerator}: no CUDA device is available")
+    if accelerator == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("--accelerator mps: no MPS device is available")
+        return torch.device("mps")
+    use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     return torch.device("cuda" if use_gpu else "cpu")
 
 
@@ -162,6 +168,11 @@ def _selectivity(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     if args.labels is not None and len(args.labels) != len(args.checkpoints):
         raise ConfigError(f"--labels needs one label per checkpoint ({len(args.checkpoints)}), got {len(args.labels)}")
     device = _device(args.accelerator)
+    if device.type == "mps":  # before any checkpoint is read
+        raise ConfigError(
+            "--accelerator mps: the selectivity statistics are summed in float64, which MPS does not support; "
+            "use --accelerator cpu"
+        )
     first, loader, data = _load(args.checkpoints[0], args)
     modules = [first] + [_load_other(c, first, data["num_classes"], "checkpoint") for c in args.checkpoints[1:]]
     # "is not None": --stage "" is refused as an unknown stage, not read as the default.

@@ -46,7 +46,7 @@ def _print_net(row: dict) -> None:
 
 # Training steps: BatchNorm in training mode needs more than one value per channel, and a global
 # gather's BatchNorm (GE-θ, GE-θ+) sees one value per image.
-_BATCH_HELP = "images per training step (GE-θ/GE-θ+ at global extent need 2 or more)"
+_BATCH_HELP = "images per training step (default %(default)s; GE-θ/GE-θ+ at global extent need 2 or more)"
 _ONE_VALUE = "Expected more than 1 value per channel when training"
 
 
@@ -57,27 +57,55 @@ def build_parser() -> argparse.ArgumentParser:
         description="`gex bench op|net`: time and saved-activation memory of the operators and networks.",
     )
     sub = parser.add_subparsers(dest="what", required=True)
-    op = sub.add_parser("op", help="operators at ResNet-50's four stage shapes: ours vs plain vs timm")
-    op.add_argument("--variants", nargs="+", default=list(OP_VARIANTS), help="context spec strings")
+    op = sub.add_parser(
+        "op",
+        help="operators at ResNet-50's four stage shapes: ours vs plain vs timm",
+        description="`gex bench op`: forward+backward time and saved-activation memory of BatchNorm followed by "
+        "each context operator, at ResNet-50's four stage shapes (224 px input): our implementation against the "
+        "plain composition of PyTorch ops and timm's, with BatchNorm alone as the reference.",
+    )
+    op.add_argument("--variants", nargs="+", default=list(OP_VARIANTS), help="context spec strings (default: all)")
     op.add_argument("--batch", type=int_at_least(1), default=8, help=_BATCH_HELP)
-    op.add_argument("--repeats", type=int_at_least(1), default=7)
+    op.add_argument("--repeats", type=int_at_least(1), default=7,
+                    help="timed rounds of each operator; the median is reported (default %(default)s)")  # fmt: skip
     op.add_argument("--stages", type=int_at_least(1), nargs="+", default=None,
                     help="stage indices 1..4 (conv2_x..conv5_x) to run; default all")  # fmt: skip
-    op.add_argument("--channels-last", action="store_true")
-    net = sub.add_parser("net", help="ResNet-50 training step: baseline vs GE/SE variants, plain vs ours")
-    net.add_argument("--models", nargs="+", default=list(NET_MODELS), help="model names; the first is the baseline")
+    op.add_argument("--channels-last", action="store_true",
+                    help="NHWC (torch.channels_last) inputs instead of contiguous NCHW")  # fmt: skip
+    net = sub.add_parser(
+        "net",
+        help="a network's training step: baseline vs GE/SE variants, plain vs ours",
+        description="`gex bench net`: time and saved-activation memory (peak memory on CUDA) of a training step "
+        "(forward, loss, backward, SGD) of each model on random images, plain and with the memory-lean path of "
+        "the context modules (ours), relative to the first model (by default ResNet-50 and its GE/SE variants; any "
+        "registered model name works).",
+    )
+    net.add_argument("--models", nargs="+", default=list(NET_MODELS),
+                     help="registered model names; the first is the baseline (default: resnet50 and its GE/SE "
+                     "variants)")  # fmt: skip
     net.add_argument("--batch", type=int_at_least(1), default=16, help=_BATCH_HELP)
-    net.add_argument("--image-size", type=int_at_least(1), default=224)
-    net.add_argument("--repeats", type=int_at_least(1), default=3)
-    net.add_argument("--channels-last", action="store_true")
+    net.add_argument("--image-size", type=int_at_least(1), default=224,
+                     help="side in pixels of the square random input images; the global gathers are sized for it "
+                     "(default %(default)s)")  # fmt: skip
+    net.add_argument(
+        "--repeats",
+        type=int_at_least(1),
+        default=3,
+        help="timed training steps of each model; the median is reported (default %(default)s)",
+    )
+    net.add_argument("--channels-last", action="store_true",
+                     help="NHWC (torch.channels_last) models and inputs instead of contiguous NCHW")  # fmt: skip
     net.add_argument("--compile", action="store_true", help="torch.compile each model (plain path only)")
-    net.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1 (use --clock wall off the CPU)")
+    net.add_argument(
+        "--device", default="cpu", help="e.g. cpu, cuda, cuda:1 (default %(default)s; use --clock wall off the CPU)"
+    )
     net.add_argument("--bf16", action="store_true", help="forward and loss under torch.autocast(bfloat16)")
     for p in (op, net):
         p.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads (default: torch's choice)")
         p.add_argument("--json", action="store_true", help="print the figures as JSON")
         p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                       help="wall-clock time, or the process's CPU time (steadier on a shared machine)")  # fmt: skip
+                       help="wall-clock time, or the process's CPU time (steadier on a shared machine; "
+                       "default %(default)s)")  # fmt: skip
     return parser
 
 

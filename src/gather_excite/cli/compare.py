@@ -74,9 +74,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--curve-size", type=int, default=None, help="test images scored after every epoch (default 2000; 0: all)"
     )
-    parser.add_argument("--width", type=int, default=16, help="channels of the first stage (16: ResNet-20)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument(
+        "--width", type=int, default=16, help="channels of the first stage (default %(default)s: ResNet-20's)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=128, help="training images per SGD step, >= 2 (default %(default)s)"
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=0.1,
+        help="initial learning rate, > 0, annealed to zero by a cosine over the epochs (SGD with Nesterov "
+        "momentum 0.9, weight decay 5e-4; default %(default)s)",
+    )
     parser.add_argument("--no-augment", action="store_true", help="no random crops and flips")
     parser.add_argument(
         "--memory-format",

@@ -89,6 +89,8 @@ def _train(argv: list[str]) -> int:
             model_class=DetectionModule,
             data_class=CocoDetectionData,
             prog="gex detect train",
+            description="Train a Faster R-CNN detector on a GE backbone from a YAML recipe (--config NAME: "
+            "configs/detection/NAME.yaml), then evaluate it (COCO AP) into OUT/eval.json.",
         )
         return run_held(cli, "gex detect train", _fit_and_evaluate)
     except SystemExit as exit_:
@@ -244,22 +246,27 @@ def _data_parser() -> argparse.ArgumentParser:
         "(train: Fashion-MNIST's training images, val: its test images). Deterministic for a seed.",
     )
     parser.add_argument("--out", required=True, help="folder to write train/, val/ and annotations/ into")
-    parser.add_argument("--data-root", default=DEFAULT_FASHION_MNIST_ROOT, help="Fashion-MNIST IDX files")
+    parser.add_argument(
+        "--data-root", default=DEFAULT_FASHION_MNIST_ROOT, help="Fashion-MNIST IDX files (default %(default)s)"
+    )
     parser.add_argument("--download", action="store_true", help="fetch Fashion-MNIST into --data-root if missing")
-    parser.add_argument("--canvas-size", type=int, default=spec.canvas_size, help="canvas side in pixels")
-    parser.add_argument("--train-count", type=int, default=spec.train_count, help="training canvases")
-    parser.add_argument("--val-count", type=int, default=spec.val_count, help="validation canvases")
-    parser.add_argument("--min-items", type=int, default=spec.min_items, help="fewest items a canvas")
-    parser.add_argument("--max-items", type=int, default=spec.max_items, help="most items a canvas")
-    parser.add_argument("--min-scale", type=float, default=spec.min_scale, help="smallest item scale (x 28 px)")
-    parser.add_argument("--max-scale", type=float, default=spec.max_scale, help="largest item scale (x 28 px)")
+    default = " (default %(default)s)"  # CanvasSpec's
+    parser.add_argument("--canvas-size", type=int, default=spec.canvas_size, help="canvas side in pixels" + default)
+    parser.add_argument("--train-count", type=int, default=spec.train_count, help="training canvases" + default)
+    parser.add_argument("--val-count", type=int, default=spec.val_count, help="validation canvases" + default)
+    parser.add_argument("--min-items", type=int, default=spec.min_items, help="fewest items a canvas" + default)
+    parser.add_argument("--max-items", type=int, default=spec.max_items, help="most items a canvas" + default)
+    parser.add_argument(
+        "--min-scale", type=float, default=spec.min_scale, help="smallest item scale, x 28 px" + default
+    )
+    parser.add_argument("--max-scale", type=float, default=spec.max_scale, help="largest item scale, x 28 px" + default)
     parser.add_argument(
         "--max-overlap",
         type=float,
         default=spec.max_overlap,
-        help="largest intersection of two items' boxes over the smaller box",
+        help="largest intersection of two items' boxes over the smaller box" + default,
     )
-    parser.add_argument("--seed", type=int, default=spec.seed, help="random seed")
+    parser.add_argument("--seed", type=int, default=spec.seed, help="random seed" + default)
     add_overwrite_argument(parser)
     return parser
 

@@ -386,6 +386,12 @@ def _check_model_matches_data(model: ClassificationModule, data: ImageClassifica
         raise ConfigError("model and data disagree: " + "; ".join(differences))
 
 
+TRAIN_DESCRIPTION = (
+    "Train a classification network from a YAML recipe (--config; --list-recipes names the paper's rows), "
+    "then evaluate it into OUT/eval.json."
+)
+
+
 def _parse(
     argv: list[str],
     *,
@@ -393,6 +399,7 @@ def _parse(
     model_class: type = ClassificationModule,
     data_class: type = ImageClassificationData,
     prog: str = "gex train",
+    description: str = TRAIN_DESCRIPTION,
 ) -> GexCLI:
     """The parsed config with the model, data and trainer built (nothing run yet)."""
     install_loader()  # every YAML text read below is checked for class paths before anything is imported
@@ -415,7 +422,13 @@ def _parse(
             save_config_callback=_SaveConfigAfterRestore,
             save_config_kwargs={"overwrite": True},
             # exit_on_error=False: what jsonargparse rejects raises (GexCLI.parse_arguments words it as one line).
-            parser_kwargs={"prog": prog, "default_env": False, "allow_abbrev": False, "exit_on_error": False},
+            parser_kwargs={
+                "prog": prog,
+                "description": description,  # Lightning's default is "Lightning Trainer command line tool"
+                "default_env": False,
+                "allow_abbrev": False,
+                "exit_on_error": False,
+            },
         )
     finally:
         sys.argv = saved_argv  # the DDP launcher starts the other processes with sys.argv

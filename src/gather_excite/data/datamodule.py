@@ -72,10 +72,20 @@ class ImageClassificationData(L.LightningDataModule):
         eval_batch_size: global validation batch (default: ``batch_size``).
         num_workers: loader processes per device; ``persistent_workers`` keeps them between epochs.
         pin_memory: page-locked batches for fast host-to-GPU copies (default: on when CUDA is there).
+        persistent_workers: keep the loader processes alive between epochs instead of starting them
+            anew each epoch (only with ``num_workers`` > 0).
         download: let torchvision fetch CIFAR / Fashion-MNIST into ROOT when missing.
         augment: random crops and flips for training (``False``: the evaluation transform).
-        crop_size, resize_size: ImageNet recipe sizes (224 crop of the image resized to 256 by default).
-        train_subset, val_subset: use a fixed random subset of this many images (``subset_seed``).
+        crop_size: side in pixels of the random training crops (and, for ``imagefolder``, of the
+            evaluation centre crop); default: the dataset's, 224 ``imagefolder``, 32 CIFAR, 28 Fashion-MNIST.
+        resize_size: ``imagefolder`` only: the evaluation images' shorter side is resized to this many
+            pixels before the centre crop (default: ``crop_size * 256 / 224``, 256 for a 224 crop).
+        train_split: ``imagefolder`` only: the sub-folder of ROOT holding the training images.
+        val_split: ``imagefolder`` only: the sub-folder of ROOT holding the validation images.
+        train_subset: train on a fixed random subset of this many training images (default: all).
+        val_subset: validate on a fixed random subset of this many validation images (default: all).
+        subset_seed: the seed that draws ``train_subset`` and ``val_subset`` (independent of the
+            run's seed, so runs of several seeds see the same images).
         drop_last: drop the last incomplete training batch (every step sees the full batch).
 
     The training order is a function of the run's seed and the epoch (a resumed run draws the

@@ -304,14 +304,21 @@ class CocoDetectionData(L.LightningDataModule):
 
     Args:
         root: the folder that the four paths below are relative to.
-        train_images, train_annotations, val_images, val_annotations: image folders and
-            instances JSONs (COCO 2014: ``train2014``, ``annotations/instances_train2014.json``, ...).
+        train_images: the folder of the training images, relative to ``root`` (COCO 2014: ``train2014``).
+        train_annotations: the training split's COCO instances JSON, relative to ``root`` (COCO 2014:
+            ``annotations/instances_train2014.json``); its categories become the detector's classes.
+        val_images: the folder of the validation images, relative to ``root`` (COCO 2014: ``val2014``).
+        val_annotations: the validation split's COCO instances JSON, relative to ``root`` (COCO 2014:
+            ``annotations/instances_val2014.json``): COCOeval's ground truth.
         batch_size: global training batch size (split over the processes).
         eval_batch_size: per-process evaluation batch size (default: ``batch_size``), >= 1.
         num_workers: data loader processes per training process (0: load in the process).
-        min_size, max_size: training images are resized so that the shorter side is
-            ``min_size`` unless the longer would exceed ``max_size`` (the detector resizes
-            evaluation images the same way and maps the boxes back).
+        min_size: training images are resized so that their shorter side is this many pixels,
+            unless the longer side would then exceed ``max_size`` (the detector resizes evaluation
+            images the same way and maps the boxes back; ``gex detect train`` passes it to
+            ``model.min_size``).
+        max_size: the largest longer side in pixels after that resize (``gex detect train`` passes
+            it to ``model.max_size``).
         hflip: probability of a horizontal flip of a training image (and its boxes).
         invalid_boxes: ``"refuse"`` a degenerate or out-of-image box (naming its annotation
             id) or ``"drop"`` it from training (printing the count); COCOeval's ground truth is

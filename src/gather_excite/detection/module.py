@@ -123,15 +123,37 @@ class DetectionModule(SGDModule):
             torchvision's ``trainable_backbone_layers`` (ResNet-50: 0..5); default 3 with
             ``backbone_init`` (conv1 and conv2_x frozen), all without. The checkpoint records the
             value used.
-        backbone_kwargs, feature_levels, fpn_channels, representation_size, anchor_sizes,
-            aspect_ratios: see :func:`~gather_excite.detection.fasterrcnn_ge_resnet`.
-        min_size, max_size: the detector's resize (linked to the data's by ``gex detect train``).
+        backbone_kwargs: further keyword arguments of the backbone, passed to
+            :func:`~gather_excite.create_model` (e.g. ``{"input_size": 224}``, which sizes the
+            global-extent gathers; ``{"stride_in_1x1": false}`` for torchvision's ResNet weights).
+        feature_levels: ``fpn`` only: the backbone's stage labels that feed the FPN, e.g.
+            ``[conv3_x, conv4_x, conv5_x]`` of a ResNet (default: every stage after the stem); a max-pooled level
+            is added on top, as in torchvision.
+        fpn_channels: ``fpn`` only: channels of the FPN's feature maps.
+        representation_size: ``fpn`` only: width of the box head's two fully connected layers.
+        anchor_sizes: anchor sizes in pixels, one list per feature map (``c4``: one list;
+            ``fpn``: one per level plus the pooled one). Default: ``c4`` ``[[32, 64, 128, 256, 512]]``,
+            ``fpn`` 8x each level's stride, as in torchvision.
+        aspect_ratios: anchor height/width ratios, the same on every feature map (default
+            ``[0.5, 1.0, 2.0]``).
+        min_size: the detector resizes every image so that its shorter side is this many pixels,
+            unless its longer side would exceed ``max_size`` (``gex detect train`` sets it from
+            ``data.min_size``).
+        max_size: the largest longer side in pixels after the detector's resize (``gex detect train``
+            sets it from ``data.max_size``).
         detector_kwargs: further ``FasterRCNN`` arguments (RPN/RoI sampling, ``image_mean``, ...);
             an unknown key, or one that another argument sets, is refused naming it.
-        lr, momentum, weight_decay: SGD, lr for the global batch.
+        lr: SGD's peak learning rate (> 0) for the global batch, not rescaled with the number of
+            devices (torchvision's references: 0.02 for 16 images a step).
+        momentum: SGD momentum, >= 0.
+        weight_decay: SGD's L2 weight decay, >= 0.
         warmup_steps: linear warm-up from ``lr * warmup_factor`` over this many steps.
+        warmup_factor: the fraction of ``lr``, in (0, 1], that the warm-up starts from.
         schedule: ``"multistep"`` divides by ``1/gamma`` at the ``milestones`` (epochs),
             ``"cosine"`` decays to zero over the run, ``"constant"``.
+        milestones: the epochs at which the ``multistep`` schedule multiplies the rate by ``gamma``
+            (default: none, a constant rate after the warm-up).
+        gamma: the factor, in (0, 1], of each ``multistep`` drop (0.1: divide by 10).
     """
 
     # The hyperparameters that decide the detector's parameters, their shapes (aspect_ratios: the

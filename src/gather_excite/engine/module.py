@@ -188,26 +188,47 @@ class ClassificationModule(SGDModule):
 
     Args:
         arch: a registered model name (``gather_excite.list_models()``), e.g. ``ge_theta_resnet50``.
-        num_classes, in_chans, input_size: passed to :func:`~gather_excite.create_model`
-            (``input_size`` sizes the global-extent gathers: 224 for ImageNet, 32 for CIFAR).
+        num_classes: classifier outputs, passed to :func:`~gather_excite.create_model`; must equal the
+            data's class count (ImageNet 1000, CIFAR-10 10, CIFAR-100 100, Fashion-MNIST 10).
+        in_chans: input image channels (3: RGB; 1: Fashion-MNIST); must equal the data's.
+        input_size: the image size in pixels the network is built for, ``N`` or ``[H, W]``: it sizes
+            the global-extent GE-θ gathers (224 for ImageNet, 32 for CIFAR, 28 for Fashion-MNIST).
         arch_kwargs: further keyword arguments of the backbone (e.g. ``{"width": 8}``).
-        pretrained, context_init: start from weights (``create_model``'s arguments: a file, a
-            ``gex export`` folder, a URL, ``hf-hub:ORG/REPO``, ``torchvision``) and initialise the
-            context modules they lack (``"identity"``). Only read when the module is built for
-            training: loading a checkpoint of this module passes ``pretrained=None``.
-        lr, momentum, weight_decay, nesterov: SGD (the paper: 0.1 and 0.9; its weight decay is the
-            authors' release's, 1e-4). The learning rate is for the global batch; it is not rescaled
-            with the number of devices.
-        norm_weight_decay, bias_weight_decay: the weight decay of normalisation layers' scales and
-            shifts and of biases (torchvision's options of these names; ``None``: ``weight_decay``).
-            The ImageNet recipes set both to 0, as the authors' Caffe models do.
+        pretrained: weights to start from, as ``create_model``'s argument: a ``.safetensors`` file, a
+            ``torch.save``'d state dict, a ``gex train`` checkpoint, a ``gex export`` folder, an
+            ``http(s)://`` URL, ``hf-hub:ORG/REPO[@REVISION]`` or ``torchvision[:TAG]`` (ResNet-50/101/152).
+            ``None``: random initialisation. Only read when the module is built for training: loading
+            a checkpoint of this module passes ``None``.
+        context_init: how to start the context modules that ``pretrained`` lacks (all of them without
+            weights): ``"identity"`` (the only value) makes the network compute the baseline's function;
+            ``None`` keeps their random initialisation.
+        lr: SGD learning rate (> 0) for the global batch, not rescaled with the number of devices
+            (the paper: 0.1).
+        momentum: SGD momentum, >= 0 (the paper: 0.9).
+        weight_decay: SGD's L2 weight decay, >= 0 (the authors' release: 1e-4).
+        norm_weight_decay: the weight decay of normalisation layers' scales and shifts (torchvision's
+            option of this name; ``None``: ``weight_decay``). The ImageNet recipes set 0, as the
+            authors' Caffe models do.
+        bias_weight_decay: the weight decay of every bias (torchvision's option of this name; ``None``:
+            ``weight_decay``). The ImageNet recipes set 0, as the authors' Caffe models do.
         bn_momentum: the running-statistics momentum of every BatchNorm (``None``: each module's own,
             PyTorch's 0.1 in the backbones, 0.05 in the gathers). The ImageNet recipes set 0.05: the
             authors' Caffe BN averages with decay 0.95 everywhere.
+        nesterov: Nesterov momentum in SGD (needs ``momentum`` > 0).
         schedule: ``"plateau"`` divides the rate by ``1/gamma`` when ``plateau_monitor`` has not
             improved for ``plateau_patience`` epochs, at most ``plateau_drops`` times (the paper's
             ImageNet recipe); ``"step"`` every ``step_size`` epochs (Figure 4: 30); ``"multistep"``
             at ``milestones``; ``"cosine"`` to zero over ``max_epochs``; ``"constant"``.
+        gamma: the factor, in (0, 1], that multiplies the learning rate at each drop of the
+            ``plateau``, ``step`` and ``multistep`` schedules (0.1: divide by 10).
+        step_size: epochs between two drops of the ``step`` schedule.
+        milestones: the epochs at which the ``multistep`` schedule drops the rate (required by it;
+            ignored by the others).
+        plateau_monitor: the logged metric that the ``plateau`` schedule watches, lower is better
+            (e.g. ``val/loss``, ``val/top1_err``).
+        plateau_patience: epochs without improvement of ``plateau_monitor`` before a ``plateau`` drop.
+        plateau_drops: the most drops of the ``plateau`` schedule; the rate then stays at
+            ``lr * gamma ** plateau_drops`` (the paper: 3).
         label_smoothing: of the cross-entropy (0 in the paper).
         channels_last: NHWC memory layout for the network and its inputs (faster convs on GPUs).
         compile: ``torch.compile`` the network in place (state-dict keys unchanged).
