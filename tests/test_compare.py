@@ -555,6 +555,9 @@ def test_wall_clock_sums_over_invocations(tmp_path: Path, monkeypatch: pytest.Mo
     assert walls[0] >= 0.3 and results["wall_seconds"] == pytest.approx(sum(walls))
     assert results["wall_seconds"] >= first["wall_seconds"] == pytest.approx(walls[0] + walls[1])
     assert f"{sum(walls) / 60:.1f} min wall clock over 3 invocations (this one " in printed
+    # --report-only reads the sweep's settings from the folder: --out alone is enough.
+    assert compare_cli.main(["--out", str(out), "--report-only"]) == 0
+    assert "2 of 2 runs finished" in capsys.readouterr().out
 
 
 def test_a_second_invocation_into_a_running_sweep_is_refused(tmp_path: Path) -> None:

@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--report-only",
         action="store_true",
-        help="train nothing: print the table of the runs of this sweep in --out finished so far",
+        help="train nothing: print the table of the runs of the sweep in --out finished so far (its settings are "
+        "read from --out/sweep.json; the other options are not needed)",
     )
     parser.add_argument(
         "--preset",
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = _at_least("jobs", args.jobs, 1) if args.jobs is not None else (1 if on_gpu else min(cores, runs))
         out = Path(args.out)
         if args.report_only:
-            results, total = summarize_finished(config, out)
+            results, total = summarize_finished(None, out)
             print(format_table(results))
             print(
                 f"\n{len(results['runs'])} of {total} runs finished; {results['cpu_seconds'] / 60:.1f} CPU-minutes "
