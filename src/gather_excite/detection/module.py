@@ -162,13 +162,7 @@ class DetectionModule(SGDModule):
     # detector_kwargs holds none such (model.DETECTOR_KWARGS: thresholds, sampling, sizes).
     architecture_keys = (
         *DETECTOR_KEYS,
-        "frozen_bn",
-        "trainable_layers",
-        "backbone_kwargs",
-        "feature_levels",
-        "fpn_channels",
-        "representation_size",
-        "anchor_sizes",
+        *(key for key in _DETECTOR_ARGUMENTS if key not in (*DETECTOR_KEYS, "min_size", "max_size")),
         "aspect_ratios",
     )
     architecture_noun = "detector"
