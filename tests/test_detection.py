@@ -19,7 +19,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from gather_excite import GatherExcite, create_model
 from gather_excite.detection import check_coco_instances, fasterrcnn_ge_resnet
-from gather_excite.errors import DataError
+from gather_excite.errors import CheckpointError, DataError
 from gather_excite.models import BACKBONES
 from test_detect_cli import LAYOUTS, one_json_data, write_coco  # the tiny COCO folder of coloured rectangles
 
@@ -631,3 +631,23 @@ def test_evaluation_size_is_torchvisions_resized_and_padded_batch(one_thread_pri
     assert batch.image_sizes == [(600, 900)]
     assert evaluation_size(module, 500, 333) == (3, 608, 928)
     assert evaluation_size(module, 96, 96) == (3, 608, 608)  # upscaled to 600, padded
+
+
+def test_a_checkpoint_from_before_trainable_layers_resumes_as_what_it_trained() -> None:
+    """A detector checkpoint saved before ``trainable_layers`` and the default ``aspect_ratios`` were recorded
+    (no ``trainable_layers``; ``aspect_ratios: null`` from a recipe that left them unset) is the architecture
+    that version trained: every backbone unit (4 for the CIFAR ResNet-20: stem and 3 stages) and ratios
+    0.5/1/2. Resuming it with those settings is accepted; with 2 trainable units it is refused, naming
+    the 4 that checkpoint trained. (Every such checkpoint was refused before.)"""
+    from gather_excite.detection import DetectionModule
+
+    settings = dict(layout="fpn", frozen_bn=False, backbone_kwargs={"input_size": 96}, fpn_channels=64,
+                    feature_levels=["stage2", "stage3"], representation_size=256,
+                    categories=[{"id": 1, "name": "a"}], min_size=96, max_size=96)  # fmt: skip
+    module = DetectionModule("cifar_resnet20", **settings)
+    assert module.model.backbone_units == 4 and module.hparams["trainable_layers"] == 4
+    older = {key: value for key, value in dict(module.hparams).items() if key != "trainable_layers"}
+    older["aspect_ratios"] = None
+    module.check_checkpoint({"hyper_parameters": older})
+    with pytest.raises(CheckpointError, match=r"trainable_layers: checkpoint 4, this run 2"):
+        DetectionModule("cifar_resnet20", trainable_layers=2, **settings).check_checkpoint({"hyper_parameters": older})

@@ -568,15 +568,21 @@ def test_the_checkpoint_io_removes_only_a_checkpoint_file_of_its_run(tmp_path: P
     (victim / "eval.json").write_text("precious")
     (folder / "folder.ckpt").mkdir()
     (folder / "link.ckpt").symlink_to(victim / "eval.json")
-    checkpoint_io = AtomicCheckpointIO(folder)
-    for path in (f"{folder}/../../victim", victim / "eval.json", folder / "folder.ckpt", folder / "link.ckpt"):
+    (victim / "outside.ckpt").write_bytes(b"another run's")
+    checkpoint_io = AtomicCheckpointIO(tmp_path / "run")
+    for path in (f"{folder}/../../victim", victim / "eval.json", victim / "outside.ckpt", folder / "folder.ckpt",
+                 folder / "link.ckpt"):  # fmt: skip
         with pytest.warns(UserWarning, match="not removed as a superseded checkpoint"):
             checkpoint_io.remove_checkpoint(path)
-    assert (victim / "eval.json").read_text() == "precious"
+    assert (victim / "eval.json").read_text() == "precious" and (victim / "outside.ckpt").is_file()
     assert (folder / "folder.ckpt").is_dir() and (folder / "link.ckpt").is_symlink()
-    (folder / "epoch=0.ckpt").write_bytes(b"superseded")
-    checkpoint_io.remove_checkpoint(folder / "epoch=0.ckpt")
-    assert not (folder / "epoch=0.ckpt").exists()
+    # A superseded checkpoint of the run's own callbacks, or of a config's ModelCheckpoint with a folder of
+    # its own inside the run (Lightning's rule: its dirpath), is removed.
+    (tmp_path / "run" / "topk").mkdir()
+    for superseded in (folder / "epoch=0.ckpt", tmp_path / "run" / "topk" / "epoch=1.ckpt"):
+        superseded.write_bytes(b"superseded")
+        checkpoint_io.remove_checkpoint(superseded)
+        assert not superseded.exists()
 
 
 def test_a_handed_run_folder_with_a_link_out_of_it_is_refused(
@@ -885,6 +891,7 @@ def test_a_config_checkpoint_callback_that_clashes_with_the_runs_own_is_one_line
     callback["init_args"] = {"every_n_train_steps": 2, "filename": "{step}"}
     config = _with_trainer(tiny_config, {"callbacks": [callback]}, tmp_path / "own.yaml")
     assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "run"), "--eval_after", "false"]) == 0
-    # 48 images in batches of 12: 4 steps, kept every 2 (in the first logger's folder, as Lightning places it)
+    # 48 images in batches of 12: 4 steps, saved at steps 2 and 4 in the first logger's folder (where Lightning
+    # places it); save_top_k=1 keeps the newest, so step 2's file was removed as superseded (inside the run).
     saved = sorted(str(p.relative_to(tmp_path / "run")) for p in (tmp_path / "run").rglob("step=*"))
-    assert saved == ["tensorboard/checkpoints/step=2.ckpt", "tensorboard/checkpoints/step=4.ckpt"]
+    assert saved == ["tensorboard/checkpoints/step=4.ckpt"]

@@ -206,7 +206,7 @@ class GexCLI(LightningCLI):
             ]
         _check_checkpoint_states(callbacks)
         plugins = _as_list(kwargs.pop("plugins", None) or configured.get("plugins"))
-        plugins.append(AtomicCheckpointIO(out / "checkpoints"))
+        plugins.append(AtomicCheckpointIO(out))
         try:
             trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
         # Lightning's words for an unknown accelerator, strategy or precision name (ValueError) and for one

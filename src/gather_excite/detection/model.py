@@ -216,7 +216,7 @@ def fasterrcnn_ge_resnet(
             ``trainable_backbone_layers``: the units are the stem (conv1) and the stages (ResNet-50:
             5 units; 3 freezes conv1 and conv2_x, 0 the whole backbone). Default: 3 with
             ``backbone_weights``, all without (torchvision's rule). The detector records the value
-            used as ``backbone_trainable_layers``.
+            used as ``backbone_trainable_layers`` (of ``backbone_units``).
         backbone_weights: a classification state dict of the same backbone to start from
             (``fc.*`` keys are ignored): a ``gex train`` network or a torchvision ResNet.
         backbone_kwargs: passed to :func:`~gather_excite.create_model` (``input_size`` sizes the
@@ -249,6 +249,7 @@ def fasterrcnn_ge_resnet(
     if frozen_bn:
         freeze_batchnorm(net)
     trainable_layers = _freeze_stages(net, backbone, trainable_layers, pretrained=backbone_weights is not None)
+    backbone_units = len(_stage_units(net))
     ratios = tuple(float(r) for r in aspect_ratios)
     infos = list(net.feature_info)
 
@@ -288,7 +289,7 @@ def fasterrcnn_ge_resnet(
             box_predictor=FastRCNNPredictor(representation_size, num_classes),
             **detector_kwargs,
         )
-        detector.backbone_trainable_layers = trainable_layers
+        detector.backbone_trainable_layers, detector.backbone_units = trainable_layers, backbone_units
         return detector
 
     children = OrderedDict(net.named_children())
@@ -315,5 +316,5 @@ def fasterrcnn_ge_resnet(
         box_predictor=FastRCNNPredictor(infos[-1]["num_chs"], num_classes),
         **detector_kwargs,
     )
-    detector.backbone_trainable_layers = trainable_layers
+    detector.backbone_trainable_layers, detector.backbone_units = trainable_layers, backbone_units
     return detector

@@ -335,9 +335,16 @@ class DetectionModule(SGDModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """As :meth:`SGDModule.check_checkpoint`, for a detector checkpoint. One saved before ``trainable_layers``
+        and the default ``aspect_ratios`` were recorded is read as what that version used: every backbone unit
+        trained, ratios (0.5, 1, 2)."""
         if not is_detector_checkpoint(checkpoint):
             raise CheckpointError(
                 "checkpoint is not a detector checkpoint (gex detect train): it lacks "
                 f"{[k for k in DETECTOR_KEYS if k not in (checkpoint.get('hyper_parameters') or {})]}"
             )
-        super().check_checkpoint(checkpoint)
+        saved = dict(checkpoint["hyper_parameters"])
+        saved.setdefault("trainable_layers", self.model.backbone_units)
+        if saved.get("aspect_ratios") is None:
+            saved["aspect_ratios"] = [0.5, 1.0, 2.0]
+        super().check_checkpoint({**checkpoint, "hyper_parameters": saved})

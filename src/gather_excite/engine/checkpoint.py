@@ -68,27 +68,28 @@ def read_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint I/O for local paths that writes every checkpoint with :func:`atomic_torch_save`,
-    and touches no file outside the run's checkpoint folder ``checkpoints``.
+    and touches no file outside the run folder ``root``.
 
-    A checkpoint's ModelCheckpoint state names the files Lightning later removes as superseded (the
+    A checkpoint's ModelCheckpoint states name the files Lightning later removes as superseded (the
     previous best, last, top-k); a handed checkpoint naming ``OUT/checkpoints/../../victim`` made Lightning
-    ``rm -r`` that folder (it does not resolve ``..``, and removes recursively). So names outside
-    ``checkpoints`` are dropped from the state on loading (:meth:`load_checkpoint`; a checkpoint of another
-    run continued in a new folder names that run's files, so this is said and not refused), and only a
-    regular ``*.ckpt`` file directly in ``checkpoints`` is ever removed (:meth:`remove_checkpoint`).
+    ``rm -r`` that folder (it does not resolve ``..``, and removes recursively). So names outside ``root``
+    are dropped from those states on loading (:meth:`load_checkpoint`; a checkpoint of another run continued
+    in a new folder names that run's files, so this is said and not refused), and only a regular ``*.ckpt``
+    file inside ``root`` is ever removed (:meth:`remove_checkpoint`). Inside ``root`` any folder is fine: a
+    config's own ModelCheckpoint may keep its files in a folder of its own (its ``dirpath``).
     """
 
-    def __init__(self, checkpoints: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         super().__init__()
-        self.checkpoints = None if checkpoints is None else Path(checkpoints)
+        self.root = None if root is None else Path(root)
 
     def _own(self, path: Any) -> bool:
-        """Whether ``path`` names a ``*.ckpt`` file directly in ``checkpoints``, links and ``..`` resolved."""
+        """Whether ``path`` names a ``*.ckpt`` file inside ``root``, links and ``..`` resolved."""
         if not isinstance(path, str | os.PathLike) or "://" in str(path):
             return False
         real = Path(os.path.realpath(path))
         return real.suffix == ".ckpt" and (
-            self.checkpoints is None or real.parent == Path(os.path.realpath(self.checkpoints))
+            self.root is None or real.parent.is_relative_to(Path(os.path.realpath(self.root)))
         )
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -101,7 +102,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(path, *args, **kwargs)
-        if self.checkpoints is None:
+        if self.root is None:
             return checkpoint
         dropped = []
         for state in (checkpoint.get("callbacks") or {}).values():
@@ -117,15 +118,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 del best_k[name]
         if dropped:
             warnings.warn(
-                f"{path}: its ModelCheckpoint state names {', '.join(dropped)}, not files in this run's "
-                f"{self.checkpoints}; not restored (they would be replaced or removed as superseded)",
+                f"{path}: its ModelCheckpoint state names {', '.join(dropped)}, not files in this run's folder "
+                f"{self.root}; not restored (they would be replaced or removed as superseded)",
                 stacklevel=2,
             )
         return checkpoint
 
     def remove_checkpoint(self, path: Any) -> None:
-        """Remove a superseded checkpoint: a regular ``*.ckpt`` file directly in ``checkpoints``, never a
-        folder or a link; anything else is left where it is, with a warning."""
+        """Remove a superseded checkpoint: a regular ``*.ckpt`` file inside ``root``, never a folder or a
+        link; anything else is left where it is, with a warning."""
         try:
             regular = stat.S_ISREG(os.lstat(path).st_mode)
         except (OSError, TypeError, ValueError):
@@ -134,8 +135,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.remove(path)
             return
         warnings.warn(
-            f"{path}: not removed as a superseded checkpoint: only a *.ckpt file directly in "
-            f"{self.checkpoints or 'the checkpoint folder'} is",
+            f"{path}: not removed as a superseded checkpoint: only a *.ckpt file in {self.root or 'the run folder'} is",
             stacklevel=2,
         )
 
