@@ -45,10 +45,11 @@ __all__ = [
 # The classes a config may build, by the import path jsonargparse records for them: Lightning's callbacks,
 # loggers, profilers, precision plugins, cluster environments and strategies that take only values. Not
 # LambdaCallback (it calls what it is given) nor loggers that send data elsewhere; where these write is
-# checked against --out when the Trainer is built (cli/train.py).
+# checked against --out when the Trainer is built (cli/train.py). Not Timer: jsonargparse cannot write its
+# enum default into the run's saved config (a traceback); trainer.max_time does its job.
 _CALLBACKS = (
     "DeviceStatsMonitor", "EarlyStopping", "GradientAccumulationScheduler", "LearningRateMonitor", "ModelCheckpoint",
-    "ModelSummary", "RichModelSummary", "RichProgressBar", "TQDMProgressBar", "Timer",
+    "ModelSummary", "RichModelSummary", "RichProgressBar", "TQDMProgressBar",
 )  # fmt: skip
 ALLOWED_CLASSES = frozenset(
     {
